@@ -1,0 +1,118 @@
+"""User images -> the one tensor form every model takes: [B,3,H,W] float32 in 0..1.
+
+Rules (documented in README "Image input"):
+- torch tensors are channels-first ([C,H,W] or [B,C,H,W]); numpy arrays and PIL images are
+  channels-last ([H,W], [H,W,C] or [B,H,W,C]), as those libraries store them.
+- uint8 is divided by 255, uint16 by 65535; float must already be in 0..1 (a drift of 1e-3 is
+  clamped, anything further is an error that says how to convert).
+- 1 channel is repeated to RGB; 4 channels (RGBA) are composited over `background` (white by
+  default); 2 channels (grey + alpha) likewise.
+- NaN or Inf anywhere is an error, never propagated.
+- Sides must lie in [MIN_SIDE, MAX_SIDE]; size changes (to the encoder's grid) are the encoder's
+  documented resize, never done silently here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+MIN_SIDE = 8
+MAX_SIDE = 8192
+RANGE_TOLERANCE = 1e-3
+_INTEGER_SCALES = {torch.uint8: 255.0, **({torch.uint16: 65535.0} if hasattr(torch, "uint16") else {})}
+
+
+class ImageInputError(ValueError):
+    """An image the models cannot take; the message says what is wrong and how to fix it."""
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    if array.ndim == 2:
+        array = array[None, :, :, None]
+    elif array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise ImageInputError(f"a numpy image must be [H,W], [H,W,C] or [B,H,W,C]; got shape {array.shape}")
+    return torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)  # np.array: a writable copy
+
+
+def _as_tensor(images: Any) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        x = images
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4:
+            raise ImageInputError(f"a tensor image must be [C,H,W] or [B,C,H,W]; got shape {tuple(images.shape)}")
+        return x
+    if isinstance(images, np.ndarray):
+        return _from_numpy(images)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(images, Image.Image):
+        mode = images.mode if images.mode in ("L", "LA", "RGB", "RGBA") else "RGBA"
+        return _from_numpy(np.asarray(images.convert(mode)))
+    if isinstance(images, (list, tuple)) and images:
+        parts = [_as_tensor(im) for im in images]
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) != 1:
+            raise ImageInputError(f"images in one batch must share channels and size; got {sorted(shapes)}. "
+                                  "Resize them to one size first or encode them separately.")
+        return torch.cat(parts)
+    raise ImageInputError(f"unsupported image type {type(images).__name__}; pass a torch tensor, numpy array or PIL image")
+
+
+def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype in _INTEGER_SCALES:
+        return x.float() / _INTEGER_SCALES[x.dtype]
+    if x.dtype == torch.bool or not x.is_floating_point():
+        raise ImageInputError(f"image dtype {x.dtype} is not supported; pass uint8 (0..255) or float (0..1)")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ImageInputError(f"the image contains {bad} NaN/Inf value(s); fix the upstream step that produced them")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        hint = "divide by 255 (or pass uint8)" if hi > 2 else "map [-1,1] to [0,1] with (x + 1) / 2"
+        raise ImageInputError(f"float images must be in 0..1, got values in [{lo:.4g}, {hi:.4g}]; {hint}")
+    return x.clamp(0.0, 1.0)
+
+
+def to_model_images(images: Any, *, background: float = 1.0) -> torch.Tensor:
+    """Validate and convert `images` to [B,3,H,W] float32 in 0..1 (see the module rules)."""
+    x = _to_unit_float(_as_tensor(images))
+    channels = x.shape[1]
+    if channels in (2, 4):  # colour + alpha: composite over the background
+        colour, alpha = x[:, :-1], x[:, -1:]
+        x = colour * alpha + background * (1.0 - alpha)
+        channels -= 1
+    if channels == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif channels != 3:
+        raise ImageInputError(f"images need 1, 2, 3 or 4 channels (channels-first for tensors); got {channels}. "
+                              "A ComfyUI IMAGE is [B,H,W,C]: move the channel axis first.")
+    h, w = x.shape[-2:]
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
+        raise ImageInputError(f"image size {h}x{w} is outside the supported {MIN_SIDE}..{MAX_SIDE} px per side; "
+                              "resize it first")
+    if x.shape[0] == 0:
+        raise ImageInputError("the image batch is empty")
+    return x.contiguous()
+
+
+def resize_center_crop(image, size: int):
+    """PIL image -> `size`x`size` RGB: shorter side resized to `size` (bicubic), centre crop.
+
+    The data rule of the trainer and the demo (ImageNet-style); models never crop on their own.
+    """
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
