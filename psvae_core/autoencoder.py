@@ -1,0 +1,167 @@
+"""PSVAE: the autoencoder, shaped like diffusers' AutoencoderKL (encode returns a posterior).
+
+    image -> RepresentationEncoder -> f_h [B,D,16,16]
+          -> E_s -> posterior over z [B,C,16,16]   (mode "psvae"; in mode "rae" z = f_h)
+    z -> PixelDecoder -> image [B,3,256,256]
+    z -> D_s -> f_h'' (semantic reconstruction, trained against the frozen encoder)
+
+The generator works on normalised latents (`normalize_latents`); the pixel decoder on raw ones.
+The per-channel latent stats are buffers, so they travel inside every checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import PSVAEConfig
+from .distributions import DiagonalGaussian
+from .encoders import RepresentationEncoder
+from .images import to_model_images
+from .pixel_decoder import build_pixel_decoder
+from .semantic import SemanticDecoder, SemanticEncoder
+
+CHECKPOINT_KIND = "vae"
+
+
+@dataclass
+class AutoencoderOutput:
+    """Everything one training step needs from a forward pass."""
+
+    features: torch.Tensor  # f_h from the (possibly trainable) encoder
+    posterior: DiagonalGaussian
+    latents: torch.Tensor  # z fed to the decoders
+    images: torch.Tensor  # pixel reconstruction, 0..1 space, not clamped
+    reconstructed_features: Optional[torch.Tensor]  # D_s(z); None in RAE mode
+
+
+class PSVAE(nn.Module):
+    def __init__(self, config: PSVAEConfig, encoder: Optional[RepresentationEncoder] = None):
+        super().__init__()
+        self.encoder = encoder if encoder is not None else RepresentationEncoder(config.encoder)
+        self.config = config.replace(encoder=self.encoder.config)
+        width = self.encoder.hidden_size
+        self.semantic_encoder = self.semantic_decoder = None
+        if config.mode == "psvae":
+            sem = config.semantic
+            self.semantic_encoder = SemanticEncoder(
+                width, config.latent_channels, self.encoder.make_blocks(sem.depth, sem.block_init), sem.proj_hidden)
+            self.semantic_decoder = SemanticDecoder(
+                width, config.latent_channels, self.encoder.make_blocks(sem.depth, sem.block_init), sem.proj_hidden)
+        channels = self.latent_channels
+        self.pixel_decoder = build_pixel_decoder(config.pixel_decoder, channels)
+        self.register_buffer("latents_mean", torch.zeros(channels))
+        self.register_buffer("latents_std", torch.ones(channels))
+
+    @classmethod
+    def from_pretrained_encoder(cls, config: PSVAEConfig, source: str) -> "PSVAE":
+        """A new autoencoder around real encoder weights (hub id or local folder)."""
+        enc = config.encoder
+        encoder = RepresentationEncoder.from_pretrained(
+            source, family=enc.family, image_size=enc.image_size, feature_norm=enc.feature_norm)
+        return cls(config, encoder=encoder)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels if self.config.mode == "psvae" else self.encoder.hidden_size
+
+    @property
+    def upsample_factor(self) -> int:
+        return self.config.pixel_decoder.upsample_factor
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        return self.encoder.grid_size(height, width)
+
+    # --- the AutoencoderKL-shaped API -------------------------------------------------------
+    def semantic_features(self, images) -> torch.Tensor:
+        return self.encoder(to_model_images(images))
+
+    def posterior_from_features(self, features: torch.Tensor) -> DiagonalGaussian:
+        if self.semantic_encoder is None:
+            return DiagonalGaussian(features)  # RAE: the features are the latent
+        return self.semantic_encoder(features)
+
+    def encode(self, images) -> DiagonalGaussian:
+        """Images ([B,3,H,W] 0..1, or anything `to_model_images` takes) -> posterior over z."""
+        return self.posterior_from_features(self.semantic_features(images))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> images in 0..1 space (not clamped, so losses see the true output)."""
+        self._check_latents(latents)
+        return self.pixel_decoder(latents) * 0.5 + 0.5
+
+    def decode_features(self, latents: torch.Tensor) -> torch.Tensor:
+        """D_s: latents -> reconstructed encoder features."""
+        if self.semantic_decoder is None:
+            return latents
+        return self.semantic_decoder(latents)
+
+    @torch.no_grad()
+    def reconstruct(self, images, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        posterior = self.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z).clamp(0.0, 1.0)
+
+    def forward(self, images, sample: bool = True, generator: Optional[torch.Generator] = None,
+                detach_pixel_input: bool = False) -> AutoencoderOutput:
+        """One full pass. `detach_pixel_input` is stage 1's `f_l.detach()` (PAPER.md §2)."""
+        features = self.semantic_features(images)
+        posterior = self.posterior_from_features(features)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        recon_features = self.semantic_decoder(z) if self.semantic_decoder is not None else None
+        pixels = self.decode(z.detach() if detach_pixel_input else z)
+        return AutoencoderOutput(features, posterior, z, pixels, recon_features)
+
+    # --- latent normalisation (the generator's space) ---------------------------------------
+    def _stats(self, latents):
+        shape = (1, -1) + (1,) * (latents.ndim - 2)
+        return (self.latents_mean.view(shape).to(latents.dtype), self.latents_std.view(shape).to(latents.dtype))
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latents)
+        return (latents - mean) / std
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latents)
+        return latents * std + mean
+
+    @torch.no_grad()
+    def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        if mean.shape != self.latents_mean.shape or std.shape != self.latents_std.shape:
+            raise ValueError(f"latent stats must have shape [{self.latent_channels}]")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("latent stats must be finite with a positive std")
+        self.latents_mean.copy_(mean)
+        self.latents_std.copy_(std)
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"this VAE takes latents [B,{self.latent_channels},h,w]; got {tuple(latents.shape)}. "
+                "The latent was probably made by another VAE: encode with this one.")
+
+    # --- files -------------------------------------------------------------------------------
+    def save(self, path, provenance: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> None:
+        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                   for k, v in self.state_dict().items()}
+        stats = {"mean": self.latents_mean.tolist(), "std": self.latents_std.tolist()}
+        checkpoint.save_component(path, kind=CHECKPOINT_KIND, config=self.config.to_dict(), tensors=tensors,
+                                  latent_stats=stats, provenance=provenance)
+
+    @classmethod
+    def from_file(cls, path, device="cpu") -> "PSVAE":
+        """Load an exported VAE file; every problem raises `checkpoint.CheckpointError`."""
+        component = checkpoint.load_component(path, expected_kind=CHECKPOINT_KIND)
+        try:
+            config = PSVAEConfig.from_dict(component.config)
+        except (TypeError, ValueError) as err:
+            raise checkpoint.CheckpointError(f"{path}: the stored config is not valid ({err}); re-export the file") from err
+        # Built normally (not on the meta device): encoders keep non-persistent buffers (RoPE
+        # frequencies, position ids) that a state dict does not carry.
+        model = cls(config)
+        checkpoint.load_state_dict_checked(model, component.tensors, source=str(path))
+        model.provenance = component.provenance
+        return model.to(device).eval()

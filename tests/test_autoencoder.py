@@ -1,0 +1,145 @@
+"""PSVAE end to end on tiny real transformers encoders: shapes, gradients, files, bad input."""
+import pytest
+import torch
+
+from psvae_core.autoencoder import PSVAE
+from psvae_core.checkpoint import CheckpointError
+from psvae_core.config import PRESETS, EncoderConfig, PixelDecoderConfig, PSVAEConfig, SemanticConfig
+from psvae_core.images import ImageInputError
+from psvae_core.losses import semantic_loss
+
+TINY = PRESETS["tiny"]
+SMALL_DECODER = PixelDecoderConfig(base_channels=8, channel_mult=(1, 1, 1, 1, 1), num_res_blocks=1)
+
+
+def tiny(mode="psvae", channels=16, image_size=224, **kw) -> PSVAE:
+    torch.manual_seed(0)
+    enc = TINY.encoder.replace(image_size=image_size)
+    return PSVAE(TINY.replace(mode=mode, latent_channels=channels, encoder=enc, pixel_decoder=SMALL_DECODER, **kw))
+
+
+@pytest.mark.parametrize("mode", ["psvae", "rae"])
+@pytest.mark.parametrize("channels", [32, 96, 256])
+def test_shapes_for_224_and_448_inputs_batch_1_and_3(mode, channels):
+    fixed = tiny(mode, channels).eval()
+    native = tiny(mode, channels, image_size=None).eval()
+    expect_c = channels if mode == "psvae" else fixed.encoder.hidden_size
+    assert fixed.latent_channels == expect_c
+    with torch.no_grad():
+        for batch in (1, 3):
+            for size in (224, 448):
+                x = torch.rand(batch, 3, size, size)
+                post = fixed.encode(x)  # the paper's rule: every input resized to 224 -> 16x16
+                assert post.mean.shape == (batch, expect_c, 16, 16) and post.mean.dtype == torch.float32
+                assert fixed.decode(post.mode()).shape == (batch, 3, 256, 256)
+                z = native.encode(x).mode()  # native grid: 448 -> 32x32 -> 512 px
+                g = size // 14
+                assert z.shape == (batch, expect_c, g, g)
+                rec = native.reconstruct(x)
+                assert rec.shape == (batch, 3, g * 16, g * 16) and 0 <= rec.min() and rec.max() <= 1
+            assert post.deterministic == (mode == "rae")
+
+
+def test_bfloat16_model_keeps_its_dtype():
+    vae = tiny().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        z = vae.encode(torch.rand(1, 3, 224, 224).to(torch.bfloat16)).mode()
+        assert z.dtype == torch.bfloat16
+        assert vae.decode(z).dtype == torch.bfloat16
+
+
+def _combined_loss(vae, teacher, x):
+    out = vae(x, generator=torch.Generator().manual_seed(0))
+    l_s, _ = semantic_loss(out.reconstructed_features, teacher(x))
+    l_kl = out.posterior.kl().mean()
+    l_p = (out.images - x.new_zeros(1)).abs().mean()
+    return l_s + 1e-4 * l_kl + l_p
+
+
+# Parameters that no forward pass uses by design: DINOv2's mask token (masked pre-training only)
+# and the encoder's own affine final norm (kept for feature_norm="affine"; unused with "layernorm").
+def _used(name: str, vae: PSVAE) -> bool:
+    return "mask_token" not in name and not name.startswith("encoder.final_norm")
+
+
+def test_psvae_stage_gradients_reach_every_parameter():
+    vae = tiny().train()
+    vae.encoder.set_trainable(True)
+    teacher = vae.encoder.frozen_copy()
+    _combined_loss(vae, teacher, torch.rand(2, 3, 224, 224)).backward()
+    missing = [n for n, p in vae.named_parameters() if _used(n, vae) and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert missing == []
+    assert all(p.grad is None for p in teacher.parameters())
+    for part in ("encoder", "semantic_encoder", "semantic_decoder", "pixel_decoder"):
+        assert any(n.startswith(part) for n, p in vae.named_parameters() if p.grad is not None)
+
+
+def test_frozen_encoder_receives_no_gradient():
+    vae = tiny().train()
+    vae.encoder.set_trainable(False)
+    teacher = vae.encoder.frozen_copy()
+    _combined_loss(vae, teacher, torch.rand(2, 3, 224, 224)).backward()
+    assert all(p.grad is None for p in vae.encoder.parameters())
+    assert all(p.grad is not None for n, p in vae.named_parameters() if n.startswith(("semantic_", "pixel_")))
+
+
+def test_stage1_detach_keeps_pixel_loss_out_of_the_semantic_encoder():
+    vae = tiny().train()
+    out = vae(torch.rand(1, 3, 224, 224), detach_pixel_input=True)
+    out.images.mean().backward()
+    assert all(p.grad is None for p in vae.semantic_encoder.parameters())
+    assert all(p.grad is not None for p in vae.pixel_decoder.parameters())
+
+
+@pytest.mark.parametrize("mode", ["psvae", "rae"])
+def test_checkpoint_round_trip_is_bit_exact(tmp_path, mode):
+    vae = tiny(mode).eval()
+    vae.set_latent_stats(torch.linspace(-1, 1, vae.latent_channels), torch.linspace(0.5, 2, vae.latent_channels))
+    path = tmp_path / "vae.safetensors"
+    vae.save(path, provenance={"stage": "test", "step": 3})
+    loaded = PSVAE.from_file(path)
+    assert loaded.config == vae.config
+    a, b = vae.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.provenance["stage"] == "test"
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(vae.reconstruct(x), loaded.reconstruct(x))
+
+
+def test_loading_a_file_of_another_architecture_names_the_mismatch(tmp_path):
+    path = tmp_path / "vae.safetensors"
+    tiny(channels=16).save(path)
+    from psvae_core import checkpoint
+    comp = checkpoint.load_component(path)
+    bad = dict(comp.config, latent_channels=32)  # config no longer matches the tensors
+    checkpoint.save_component(tmp_path / "bad.safetensors", kind="vae", config=bad, tensors=comp.tensors)
+    with pytest.raises(CheckpointError, match="shape"):
+        PSVAE.from_file(tmp_path / "bad.safetensors")
+
+
+def test_latent_normalisation_round_trips_and_validates_stats():
+    vae = tiny()
+    c = vae.latent_channels
+    vae.set_latent_stats(torch.full((c,), 2.0), torch.full((c,), 4.0))
+    z = torch.randn(2, c, 16, 16)
+    torch.testing.assert_close(vae.normalize_latents(z), (z - 2) / 4)
+    torch.testing.assert_close(vae.denormalize_latents(vae.normalize_latents(z)), z)
+    with pytest.raises(ValueError, match="positive"):
+        vae.set_latent_stats(torch.zeros(c), torch.zeros(c))
+    with pytest.raises(ValueError, match="shape"):
+        vae.set_latent_stats(torch.zeros(c + 1), torch.ones(c + 1))
+
+
+def test_bad_inputs_give_clear_errors():
+    vae = tiny().eval()
+    x = torch.rand(1, 3, 224, 224)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ImageInputError, match="NaN"):
+        vae.encode(x)
+    with pytest.raises(ValueError, match="another VAE"):
+        vae.decode(torch.randn(1, vae.latent_channels + 1, 16, 16))
+    # uint8, grey and RGBA inputs, and sizes off the patch grid, are all taken.
+    with torch.no_grad():
+        for img in (torch.randint(0, 256, (1, 3, 100, 130), dtype=torch.uint8), torch.rand(2, 1, 64, 64), torch.rand(1, 4, 300, 200)):
+            assert vae.encode(img).mean.shape[-2:] == (16, 16)
