@@ -1,0 +1,296 @@
+"""`FusionDiffuser`: the paper's Transfusion-style generator (PAPER.md §5) on a Qwen2/Llama LM.
+
+Sequences: T2I [text (causal) ; noisy latent (bidirectional)]; editing [clean source latent ;
+instruction ; noisy latent]. Image tokens enter the LM's residual stream as
+    target: x_embedder(x_t) + 2-D sin-cos PE + t_emb + segment[1]
+    source: source_embedder(x_src) + 2-D sin-cos PE + segment[0]   (clean, so no timestep)
+RoPE positions: text 0..n-1 over its n real tokens; every source token shares position n and every
+target token n+1 (one position per image, as in Bagel): the 2-D PE carries the layout, RoPE only
+the order "text, source, target". The text never attends to images (`fusion_backbone`), so a prompt
+is encoded once and reused at every step. The backbone output at the target tokens drives the wide
+DDT head (`fusion_heads`), which predicts the velocity; the loss covers target tokens only, since
+nothing else is predicted.
+
+Null conditioning for classifier-free guidance: null text = zero text tokens (`null_text`, or
+`TextCache.drop` for rows of a batch); a dropped source = its keys hidden from the target
+(`source_keep=False`), the same as passing no source.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import flow
+from .config import _Serialisable
+from .fusion_backbone import SUPPORTED_MODEL_TYPES, LMBackbone, TextCache
+from .fusion_heads import DDTHead, LinearHead, TimestepEmbedder, sincos_2d
+from .tokenizer_state import tokenizer_from_state, tokenizer_to_state
+
+KIND = "generator"
+_TOKENIZER_PREFIX = "psvae.tokenizer."
+
+
+@dataclass(frozen=True)
+class FusionConfig(_Serialisable):
+    """The generator. `lm` is the LM's transformers config dict (it alone rebuilds the backbone).
+
+    latent_channels / latent_size: the (normalised) PS-VAE latent the model generates, [C, h, w].
+    head: False (or head_depth 0) replaces the DDT head by a linear layer (ablation).
+    head_width / head_depth / head_heads / head_mlp_ratio: the DDT head (RAE DiT^DH-XL: 2048 x 2, 16).
+    lm_source: where the LM weights came from (provenance only).
+    """
+
+    lm: dict = field(default_factory=dict)
+    latent_channels: int = 96
+    latent_size: tuple = (16, 16)
+    head: bool = True
+    head_width: int = 2048
+    head_depth: int = 2
+    head_heads: int = 16
+    head_mlp_ratio: float = 4.0
+    time_freq_dim: int = 256
+    lm_source: Optional[str] = None
+
+    def __post_init__(self):
+        if self.lm.get("model_type") not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"lm['model_type'] must be one of {SUPPORTED_MODEL_TYPES}, got {self.lm.get('model_type')!r}")
+        if self.latent_channels < 1 or len(self.latent_size) != 2:
+            raise ValueError("latent_channels must be >= 1 and latent_size a (h, w) pair")
+        if self.use_head and (self.head_width % self.head_heads or self.head_width % 4):
+            raise ValueError(f"head_width {self.head_width} must be divisible by head_heads {self.head_heads} and by 4")
+
+    @property
+    def use_head(self) -> bool:
+        return self.head and self.head_depth > 0
+
+
+# LM architectures (transformers config dicts; weights come from `from_pretrained_lm` or a checkpoint).
+QWEN25_0_5B = dict(
+    model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+    intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+)
+QWEN25_1_5B = {**QWEN25_0_5B, "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+               "intermediate_size": 8960}
+SMOLLM2_135M = dict(
+    model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+    rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu",
+)
+TINY_QWEN2 = dict(
+    model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, vocab_size=256, max_position_embeddings=512, rope_theta=10000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+)
+
+PRESETS: dict[str, FusionConfig] = {
+    # Qwen2.5-0.5B (494.0M) + embedders (1.2M) + DDT head 2048x2 (161.7M) = 656.9M; paper: 653M.
+    "paper-653m": FusionConfig(lm=QWEN25_0_5B, lm_source="Qwen/Qwen2.5-0.5B"),
+    # Qwen2.5-1.5B (1543.7M) + embedders (3.1M) + the same head (163.0M) = 1709.8M; paper: 1708M.
+    "paper-1708m": FusionConfig(lm=QWEN25_1_5B, lm_source="Qwen/Qwen2.5-1.5B"),
+    # The one real LM installable offline (OFFLINE.md §6): 134.5M + 0.6M + head 1024x2 (40.7M) = 175.8M.
+    "smollm2-135m": FusionConfig(lm=SMOLLM2_135M, head_width=1024, lm_source="HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # 0.2M parameters: trains on a 2-core CPU in seconds (tests, demo).
+    "tiny": FusionConfig(lm=TINY_QWEN2, latent_channels=8, latent_size=(4, 4), head_width=64, head_depth=1,
+                         head_heads=4),
+}
+
+
+def _tokens(latent: torch.Tensor) -> torch.Tensor:
+    return latent.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C], patch size 1
+
+
+class FusionDiffuser(nn.Module):
+    def __init__(self, config: FusionConfig, lm: Optional[nn.Module] = None, tokenizer=None):
+        """Random init from `config`; `lm` adopts an already loaded HF base model instead."""
+        super().__init__()
+        self.config = config
+        self.backbone = LMBackbone(config.lm, lm)
+        dim, channels = self.backbone.hidden_size, config.latent_channels
+        self.x_embedder = nn.Linear(channels, dim)
+        self.source_embedder = nn.Linear(channels, dim)  # its own embedder for the clean source (OmniGen, RAEv2)
+        self.segment = nn.Parameter(torch.randn(2, dim) * 0.02)  # 0: source, 1: target
+        self.t_embedder = TimestepEmbedder(dim, config.time_freq_dim)
+        if config.use_head:
+            self.head = DDTHead(channels, dim, config.head_width, config.head_depth, config.head_heads,
+                                config.head_mlp_ratio)
+        else:
+            self.head = LinearHead(channels, dim)
+        for embedder in (self.x_embedder, self.source_embedder):
+            nn.init.xavier_uniform_(embedder.weight)
+            nn.init.zeros_(embedder.bias)
+        self.tokenizer = tokenizer
+
+    # ---------------------------------------------------------------------------- construction
+    @classmethod
+    def from_preset(cls, name: str, **changes) -> "FusionDiffuser":
+        if name not in PRESETS:
+            raise ValueError(f"unknown generator preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(PRESETS[name].replace(**changes))
+
+    @classmethod
+    def from_pretrained_lm(cls, path_or_dir: str, gguf_file: Optional[str] = None, load_tokenizer: bool = True,
+                           **config) -> "FusionDiffuser":
+        """Backbone = the weights of a Qwen2/Llama causal LM (HF folder or hub id, or a GGUF file in
+        that folder, dequantised); the image parts are freshly initialised from `config`
+        (FusionConfig fields other than `lm`). Loaded in float32; cast with `.to()`."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        lm = AutoModelForCausalLM.from_pretrained(path_or_dir, dtype=torch.float32, **extra).get_decoder()
+        tokenizer = None
+        if load_tokenizer:  # kept in its serialised form, so the model uses exactly what it saves
+            tokenizer = tokenizer_from_state(tokenizer_to_state(AutoTokenizer.from_pretrained(path_or_dir, **extra)))
+        source = f"{path_or_dir}/{gguf_file}" if gguf_file else str(path_or_dir)
+        cfg = FusionConfig(**{"lm_source": source, **config, "lm": json.loads(lm.config.to_json_string(use_diff=False))})
+        return cls(cfg, lm=lm, tokenizer=tokenizer)
+
+    def save(self, path, provenance: Optional[dict] = None) -> None:
+        """One self-contained .safetensors file: weights, config, and the tokenizer as metadata."""
+        from .checkpoint import save_component
+
+        extra = {}
+        if self.tokenizer is not None:
+            extra = {_TOKENIZER_PREFIX + k: v for k, v in tokenizer_to_state(self.tokenizer).items()}
+        save_component(path, kind=KIND, config=self.config.to_dict(), tensors=self.state_dict(),
+                       provenance=provenance, extra_metadata=extra)
+
+    @classmethod
+    def from_file(cls, path, device="cpu") -> "FusionDiffuser":
+        from .checkpoint import CheckpointError, load_component, load_state_dict_checked
+
+        component = load_component(path, expected_kind=KIND, device=device)
+        try:
+            config = FusionConfig.from_dict(component.config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its generator config is not valid here ({e}); re-export it "
+                                  "with this version of the PS-VAE trainer") from None
+        state = {k[len(_TOKENIZER_PREFIX):]: v for k, v in component.metadata.items() if k.startswith(_TOKENIZER_PREFIX)}
+        model = cls(config, tokenizer=tokenizer_from_state(state) if state else None)
+        load_state_dict_checked(model, component.tensors, source=str(path))
+        return model.to(device)
+
+    @staticmethod
+    def parameter_count(config: FusionConfig) -> dict[str, int]:
+        """Parameters per part, counted on the meta device (nothing is allocated)."""
+        with torch.device("meta"):
+            model = FusionDiffuser(config)
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        parts = {"backbone": count(model.backbone), "head": count(model.head)}
+        parts["embedders"] = count(model) - parts["backbone"] - parts["head"]
+        parts["total"] = count(model)
+        return parts
+
+    # ---------------------------------------------------------------------------- text
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("this generator has no tokenizer; pass token ids, or load it with from_pretrained_lm/from_file")
+        batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        device = self.x_embedder.weight.device
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+    def encode_text(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> TextCache:
+        """The causal text prefix, computed once per prompt (per-layer K/V for the image tokens)."""
+        return self.backbone.encode_text(token_ids, attention_mask)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> TextCache:
+        return self.encode_text(*self.tokenize(prompts))
+
+    def null_text(self, batch_size: int = 1) -> TextCache:
+        """The unconditional text: no tokens at all."""
+        device = self.x_embedder.weight.device
+        return self.encode_text(torch.zeros(batch_size, 0, dtype=torch.long, device=device))
+
+    def _as_cache(self, text) -> TextCache:
+        if isinstance(text, TextCache):
+            return text
+        if isinstance(text, torch.Tensor):
+            return self.encode_text(text)
+        if isinstance(text, (tuple, list)) and len(text) == 2 and isinstance(text[0], torch.Tensor):
+            return self.encode_text(*text)
+        if isinstance(text, (tuple, list)) and all(isinstance(p, str) for p in text):
+            return self.encode_prompts(text)
+        raise TypeError("text must be a TextCache, token ids, (token ids, attention mask) or a list of prompts")
+
+    # ---------------------------------------------------------------------------- images
+    def forward(self, x_t: torch.Tensor, t, text, source: Optional[torch.Tensor] = None,
+                source_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Velocity [B, C, h, w] for noisy latents x_t at times t (scalar or [B]).
+
+        text: a TextCache (reused across steps), token ids, (ids, mask) or prompts.
+        source: clean source latent [B, C, h', w'] for editing; source_keep [B] bool drops it per row.
+        """
+        B, C, h, w = x_t.shape
+        dtype, device = self.x_embedder.weight.dtype, self.x_embedder.weight.device
+        cache = self._as_cache(text).expand(B)
+        t = torch.as_tensor(t, device=device, dtype=torch.float32).expand(B)
+        t_emb = self.t_embedder(t)
+        dim = self.backbone.hidden_size
+        after_text = cache.lengths.to(device)[:, None]
+
+        x_tokens = _tokens(x_t).to(dtype)
+        tokens = self.x_embedder(x_tokens) + sincos_2d(h, w, dim, device).to(dtype) + t_emb[:, None] + self.segment[1]
+        positions = (after_text + 1).expand(B, h * w)
+        image_mask = None
+        if source is not None:
+            hs, ws = source.shape[-2:]
+            src = self.source_embedder(_tokens(source.expand(B, -1, -1, -1)).to(dtype))
+            src = src + sincos_2d(hs, ws, dim, device).to(dtype) + self.segment[0]
+            tokens = torch.cat([src, tokens], 1)
+            positions = torch.cat([after_text.expand(B, hs * ws), positions], 1)
+            if source_keep is not None:
+                keep = source_keep.to(device, torch.bool)[:, None].expand(B, hs * ws)
+                image_mask = torch.cat([keep, torch.ones(B, h * w, dtype=torch.bool, device=device)], 1)
+
+        s = self.backbone.forward_images(tokens, positions, cache, image_mask)[:, -h * w:]
+        v = self.head(s, x_tokens, t_emb, (h, w))
+        return v.transpose(1, 2).reshape(B, C, h, w).to(x_t.dtype)
+
+    def training_loss(self, x0: torch.Tensor, text, source: Optional[torch.Tensor] = None,
+                      source_keep: Optional[torch.Tensor] = None, shift: Optional[float] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Flow-matching velocity loss on the target latents (paper §5.2); shift defaults to
+        sqrt(C/16) of this latent (2.449 for 96 channels)."""
+        shift = flow.shift_for_latent(self.config.latent_channels) if shift is None else shift
+        t = flow.sample_train_times(x0.shape[0], shift, generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        pred = self(flow.interpolate(x0, noise, t), t, text, source, source_keep)
+        return flow.flow_loss(pred, x0, noise)
+
+    def velocity_fn(self, text: TextCache, source: Optional[torch.Tensor] = None,
+                    null_text: Optional[TextCache] = None) -> flow.VelocityFn:
+        """The `flow.euler_sample` velocity function: every branch a step asks for ("cond": text and
+        source, "image": source only, "uncond": neither) goes through one batched forward."""
+        null = null_text if null_text is not None else self.null_text(1)
+
+        def fn(x, t, branches):
+            B, n = x.shape[0], len(branches)
+            cache = TextCache.cat([(text if b == flow.COND else null).expand(B) for b in branches])
+            src, keep = None, None
+            if source is not None:
+                src = source.expand(B, -1, -1, -1).repeat(n, 1, 1, 1)
+                keep = torch.tensor([b != flow.UNCOND for b in branches], device=x.device).repeat_interleave(B)
+            v = self(x.repeat(n, 1, 1, 1), t.repeat(n), cache, src, keep)
+            return v.chunk(n)
+
+        return fn
+
+    @torch.no_grad()
+    def sample(self, text, source: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
+               size: Optional[tuple] = None, seed=0, steps: int = flow.DEFAULT_STEPS,
+               shift: float = flow.DEFAULT_SHIFT, guidance: float = flow.DEFAULT_GUIDANCE,
+               image_guidance: Optional[float] = None, cfg_interval: Optional[tuple] = None,
+               callback: Optional[flow.Callback] = None) -> torch.Tensor:
+        """Latents [B, C, h, w] for prompts/ids/cache `text` (and a source to edit), same for a seed."""
+        cache = self._as_cache(text)
+        B = batch_size or max(cache.batch_size, 1 if source is None else source.shape[0])
+        h, w = size or (source.shape[-2:] if source is not None else self.config.latent_size)
+        weight = self.x_embedder.weight
+        noise = flow.make_noise((B, self.config.latent_channels, h, w), seed, weight.device, weight.dtype)
+        return flow.euler_sample(self.velocity_fn(cache, source), noise, steps=steps, shift=shift, guidance=guidance,
+                                 image_guidance=image_guidance, cfg_interval=cfg_interval, callback=callback)
+

@@ -1,0 +1,42 @@
+"""A text tokenizer as a few strings a checkpoint can carry, and back, with no file and no network.
+
+A fast tokenizer is fully described by its `tokenizer.json` (normaliser, pre-tokeniser, vocabulary,
+merges, post-processor such as an added BOS) plus transformers' special-token names and padding
+side. Both are plain strings, so they fit in a safetensors file's metadata, and the generator file
+alone rebuilds its tokenizer (`tokenizers.Tokenizer.from_str`).
+"""
+from __future__ import annotations
+
+import json
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
+
+
+def tokenizer_to_state(tokenizer) -> dict[str, str]:
+    """{"tokenizer_json": ..., "tokenizer_config": ...} for a transformers fast tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer; "
+                         "load the LM's tokenizer with use_fast=True")
+    special = {k: str(v) if not isinstance(v, list) else [str(x) for x in v]
+               for k, v in tokenizer.special_tokens_map.items() if k in _SPECIAL}
+    if "pad_token" not in special:  # batching needs one; padded keys are masked, so any token will do
+        for fallback in ("eos_token", "unk_token", "bos_token"):
+            if fallback in special:
+                special["pad_token"] = special[fallback]
+                break
+    config = {**special, "padding_side": tokenizer.padding_side}
+    return {"tokenizer_json": backend.to_str(), "tokenizer_config": json.dumps(config, sort_keys=True)}
+
+
+def tokenizer_from_state(state: dict[str, str]):
+    """The transformers fast tokenizer that `tokenizer_to_state` described."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        backend = Tokenizer.from_str(state["tokenizer_json"])
+        config = json.loads(state["tokenizer_config"])
+    except KeyError as e:
+        raise ValueError(f"tokenizer state lacks {e}; it needs 'tokenizer_json' and 'tokenizer_config'") from None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config)

