@@ -7,7 +7,13 @@ STAMP  := $(VENV)/.installed
 OUT    ?= outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+# Real ComfyUI 0.3.75 + headless Chromium for the `comfyui`-marked tests (tools/build_*.sh).
+COMFY_DIR     := .cache/comfyui
+COMFY_STAMP   := $(COMFY_DIR)/.installed
+BROWSER_DIR   := .cache/browser
+BROWSER_STAMP := $(BROWSER_DIR)/.installed
+
+.PHONY: demo test venv clean comfyui browser
 
 venv: $(STAMP)
 
@@ -22,7 +28,20 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constrai
 demo: $(STAMP)
 	$(PY) -m trainer.demo --out $(OUT)
 
-test: $(STAMP)
+# ComfyUI's requirements go into the project venv, so a rebuilt venv re-runs this (fast when cached).
+comfyui: $(COMFY_STAMP)
+
+$(COMFY_STAMP): $(STAMP) tools/build_comfyui.sh constraints.txt
+	tools/build_comfyui.sh $(COMFY_DIR) $(PY)
+	touch $(COMFY_STAMP)
+
+browser: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): tools/build_browser.sh tools/browser/package.json tools/browser/package-lock.json
+	tools/build_browser.sh $(BROWSER_DIR)
+	touch $(BROWSER_STAMP)
+
+test: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

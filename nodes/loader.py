@@ -1,0 +1,97 @@
+"""PSVAELoader: one loader, two files (the autoencoder and, optionally, the generator).
+
+One node rather than two so that the pair is checked together, before anything runs: a generator
+trained on another VAE's latents is refused with a message instead of producing noise.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import comfy.model_management as mm
+from comfy_api.latest import io
+
+from ..psvae_core import checkpoint
+from ..psvae_core.autoencoder import PSVAE
+from . import model_files, runtime
+from .generator import load_generator
+from .types import PSVAEGenerator, PSVAEVae
+
+_WHERE = "Files are listed from ComfyUI/models/psvae and any 'psvae:' folder in extra_model_paths.yaml."
+
+
+class PSVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = model_files.list_files()  # re-read on every /object_info: new files show after a refresh
+        return io.Schema(
+            node_id="PSVAELoader",
+            display_name="PS-VAE Loader",
+            category="PS-VAE",
+            description=(
+                "Loads a PS-VAE autoencoder file and, optionally, a PS-VAE generator file (single-file "
+                ".safetensors exports of the PS-VAE trainer; never pickles, never the network). When both "
+                "are chosen it checks that the generator was trained on this VAE's latents. " + _WHERE),
+            inputs=[
+                io.Combo.Input("vae_name", options=files, tooltip=(
+                    "The PS-VAE autoencoder file (kind 'vae'): encodes images to latents and decodes them. "
+                    + _WHERE)),
+                io.Combo.Input("generator_name", options=[model_files.NONE] + files, default=model_files.NONE,
+                               tooltip=("The PS-VAE generator file (kind 'generator') used by the T2I and Edit "
+                                        "samplers, or 'none' to load only the autoencoder. " + _WHERE)),
+                io.Combo.Input("dtype", options=runtime.DTYPE_CHOICES, default="auto", tooltip=(
+                    "Weight/compute precision. 'auto' follows ComfyUI (bf16 where the GPU supports it, else "
+                    "fp32; --fp16-vae / --bf16-vae / --fp32-vae and --fp16-unet / --bf16-unet override it). "
+                    "fp16 is never used on the CPU.")),
+            ],
+            outputs=[
+                PSVAEVae.Output("vae", display_name="vae", tooltip=(
+                    "The autoencoder, managed by ComfyUI's model management: connect it to PS-VAE Encode, "
+                    "PS-VAE Decode and the samplers.")),
+                PSVAEGenerator.Output("generator", display_name="generator", tooltip=(
+                    "The generator for the T2I / Edit samplers (empty when generator_name is 'none').")),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, vae_name):
+        # A header-only check, so a wrong file is flagged on the node before anything runs. Only
+        # vae_name is taken here: ComfyUI attaches the returned message to every input named in
+        # this signature, and those inputs skip its own "value not in list" check (so existence
+        # is checked here too). The generator file is checked when the node runs.
+        if not model_files.list_files():
+            return (f"no model files found in the 'psvae' model folder(s): {model_files.searched_folders()}. "
+                    "Put the PS-VAE .safetensors files there and refresh the page.")
+        return model_files.kind_problem(vae_name, model_files.KIND_VAE) or True
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name, generator_name, dtype):
+        # A file rewritten in place (e.g. a new trainer export) is reloaded on the next run.
+        stamp = []
+        for name in (vae_name, generator_name):
+            path = model_files.resolve(name, "model") if name != model_files.NONE else None
+            st = os.stat(path) if path else None
+            stamp.append((name, st.st_mtime_ns, st.st_size) if st else (name,))
+        return (tuple(stamp), dtype)
+
+    @classmethod
+    def execute(cls, vae_name, generator_name, dtype) -> io.NodeOutput:
+        if generator_name != model_files.NONE:  # cheap header check before any loading
+            problem = model_files.kind_problem(generator_name, model_files.KIND_GENERATOR)
+            if problem:
+                raise ValueError(f"PS-VAE Loader (generator_name): {problem}")
+        path = model_files.resolve(vae_name, "VAE")
+        try:
+            vae = PSVAE.from_file(path)
+        except checkpoint.CheckpointError as err:
+            raise checkpoint.CheckpointError(f"PS-VAE Loader (vae_name): {err}") from err
+        device, offload = mm.vae_device(), mm.vae_offload_device()
+        # auto: bf16 where the device runs it natively, else fp32 (fp16 only when forced: the conv
+        # decoder can overflow in fp16).
+        vae_dtype = runtime.choose_dtype(dtype, device, lambda: mm.vae_dtype(device, [torch.bfloat16, torch.float32]))
+        handle = runtime.PSVAEHandle(vae, vae_name, vae_dtype, device, offload)
+        generator = None
+        if generator_name != model_files.NONE:
+            generator = load_generator(model_files.resolve(generator_name, "generator"), generator_name, handle, dtype)
+        return io.NodeOutput(handle, generator)

@@ -1,0 +1,77 @@
+"""Where PS-VAE model files live inside ComfyUI, and cheap header-only checks on them.
+
+`models/psvae` is registered under the folder key "psvae" (COMFYUI.md §2.5): folders that
+`extra_model_paths.yaml` already added under that key are kept, the default folder goes first,
+and the extension set is fixed (a new key would otherwise list every file, READMEs included).
+Pickle-based extensions are listed on purpose: picking one gives an error that explains why it
+cannot be loaded, instead of a file that silently never shows up.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+
+from ..psvae_core import checkpoint
+
+FOLDER = "psvae"
+EXTENSIONS = {".safetensors", ".pt", ".pth", ".ckpt"}
+NONE = "none"
+KIND_VAE = "vae"
+KIND_GENERATOR = "generator"
+
+
+def default_folder() -> str:
+    return os.path.join(folder_paths.models_dir, FOLDER)
+
+
+def register_model_folder() -> None:
+    paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
+    paths = list(paths)
+    default = default_folder()
+    if default not in paths:
+        paths.insert(0, default)
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
+    try:  # so users see where files go; harmless if it already exists or cannot be made
+        os.makedirs(default, exist_ok=True)
+    except OSError as err:
+        logging.debug("PS-VAE: could not create %s: %s", default, err)
+
+
+def searched_folders() -> str:
+    return ", ".join(folder_paths.get_folder_paths(FOLDER)) or default_folder()
+
+
+def list_files() -> list[str]:
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def resolve(name: str, what: str) -> str:
+    """Full path of a listed file, or a FileNotFoundError that says where we looked."""
+    path = folder_paths.get_full_path(FOLDER, name) if name else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{what} file {name!r} was not found in the 'psvae' model folder(s): {searched_folders()}. "
+            "Put the .safetensors file there (or add a 'psvae:' entry to extra_model_paths.yaml) and "
+            "refresh the browser page (press R) so the list is re-read.")
+    return path
+
+
+def kind_problem(name: str, expected_kind: str) -> str | None:
+    """Header-only check of a chosen file; a user-facing message, or None when it looks right."""
+    label = "VAE" if expected_kind == KIND_VAE else "generator"
+    try:
+        path = resolve(name, label)
+        meta = checkpoint.read_metadata(path)
+    except (FileNotFoundError, checkpoint.CheckpointError) as err:
+        return str(err)
+    if meta.get("format") != checkpoint.FORMAT:
+        return (f"{name} is a safetensors file but not a PS-VAE file (no format={checkpoint.FORMAT!r} metadata); "
+                "pick a file exported by the PS-VAE trainer")
+    kind = meta.get("kind", "")
+    if kind != expected_kind:
+        other = {"vae": "vae_name", "generator": "generator_name"}.get(kind)
+        hint = f" It belongs in the loader's {other} slot." if other else ""
+        return f"{name} is a PS-VAE {kind or 'unknown-kind'} file, but this slot needs a {expected_kind} file.{hint}"
+    return None
