@@ -22,6 +22,7 @@ from .distributions import DiagonalGaussian
 from .encoders import RepresentationEncoder
 from .images import to_model_images
 from .pixel_decoder import build_pixel_decoder
+from .preview import fit_latent_to_rgb, latent_to_rgb
 from .semantic import SemanticDecoder, SemanticEncoder
 
 CHECKPOINT_KIND = "vae"
@@ -55,6 +56,9 @@ class PSVAE(nn.Module):
         self.pixel_decoder = build_pixel_decoder(config.pixel_decoder, channels)
         self.register_buffer("latents_mean", torch.zeros(channels))
         self.register_buffer("latents_std", torch.ones(channels))
+        # Live-preview colours (psvae_core.preview), fitted by the trainer at export; grey until then.
+        self.register_buffer("latent_rgb_weight", torch.zeros(3, channels))
+        self.register_buffer("latent_rgb_bias", torch.full((3,), 0.5))
 
     @classmethod
     def from_pretrained_encoder(cls, config: PSVAEConfig, source: str) -> "PSVAE":
@@ -136,6 +140,17 @@ class PSVAE(nn.Module):
             raise ValueError("latent stats must be finite with a positive std")
         self.latents_mean.copy_(mean)
         self.latents_std.copy_(std)
+
+    @torch.no_grad()
+    def fit_preview(self, latents: torch.Tensor, images: torch.Tensor) -> None:
+        """Fit the latent -> RGB preview map on raw latents and the images they came from."""
+        weight, bias = fit_latent_to_rgb(latents, images)
+        self.latent_rgb_weight.copy_(weight)
+        self.latent_rgb_bias.copy_(bias)
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> a [B,3,h,w] colour preview (one tiny matmul, no decoder)."""
+        return latent_to_rgb(latents, self.latent_rgb_weight, self.latent_rgb_bias)
 
     def _check_latents(self, latents: torch.Tensor) -> None:
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:

@@ -143,3 +143,20 @@ def test_bad_inputs_give_clear_errors():
     with torch.no_grad():
         for img in (torch.randint(0, 256, (1, 3, 100, 130), dtype=torch.uint8), torch.rand(2, 1, 64, 64), torch.rand(1, 4, 300, 200)):
             assert vae.encode(img).mean.shape[-2:] == (16, 16)
+
+
+def test_preview_map_is_fitted_by_least_squares_and_saved(tmp_path):
+    vae = tiny().eval()
+    c = vae.latent_channels
+    assert torch.all(vae.preview(torch.randn(1, c, 4, 4)) == 0.5)  # grey before fitting
+    # Colours that are an exact linear function of the latent are recovered exactly.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, c, 8, 8, generator=g)
+    true_w, true_b = torch.randn(3, c, generator=g) * 0.05, torch.tensor([0.4, 0.5, 0.6])
+    colours = torch.einsum("bchw,rc->brhw", z, true_w) + true_b[None, :, None, None]
+    images = colours.repeat_interleave(16, -1).repeat_interleave(16, -2)  # each cell = one flat patch
+    vae.fit_preview(z, images)
+    torch.testing.assert_close(vae.latent_rgb_weight, true_w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(vae.preview(z), colours.clamp(0, 1), atol=1e-4, rtol=1e-4)
+    vae.save(tmp_path / "v.safetensors")
+    assert torch.equal(PSVAE.from_file(tmp_path / "v.safetensors").latent_rgb_weight, vae.latent_rgb_weight)
