@@ -1,0 +1,521 @@
+"""Benchmark outputs for the external scorers (PAPER.md §5.4): GenEval, DPG-Bench, GEdit-Bench.
+
+    python -m trainer.benchmarks geneval --vae VAE --generator GEN --prompts evaluation_metadata.jsonl --out OUT
+    python -m trainer.benchmarks dpg     --vae VAE --generator GEN --prompts dpg_bench/prompts --out OUT
+    python -m trainer.benchmarks gedit   --vae VAE --generator GEN --prompts gedit.jsonl --out OUT
+
+Writes exactly the layout each scorer reads, then prints the scorer's command as a template (the
+scorers need their own environments: mmdet 2.x for GenEval, mPLUG via modelscope for DPG, a VLM
+judge for GEdit). Every image has its own seed, derived from (--seed, prompt index or id, sample
+index), so a run is reproducible whatever the batch size, sharding or interruptions. Runs resume:
+outputs already on disk are kept (after checking they were made with the same settings, which each
+PNG carries in a "psvae" text chunk). PNGs are written atomically.
+
+Sampling is the one sampler (`flow.euler_sample` through `FusionDiffuser.velocity_fn`), decoding is
+`PSVAE.decode` of denormalised latents, as in the ComfyUI nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from psvae_core import flow
+from psvae_core.autoencoder import PSVAE
+from psvae_core.checkpoint import read_header
+from psvae_core.fusion import FusionDiffuser
+
+from .text_data import DataError, load_image
+
+logger = logging.getLogger(__name__)
+
+BENCHMARKS = ("geneval", "dpg", "gedit")
+PNG_KEY = "psvae"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BenchmarkError(DataError):
+    """Bad prompts or an output folder that does not match this run."""
+
+
+def sample_seed(seed: int, index, sample: int) -> int:
+    """The noise seed of one image: a 63-bit hash of (run seed, prompt index or id, sample index)."""
+    digest = hashlib.sha256(f"{seed}:{index}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def model_id(path) -> str:
+    """A cheap identity of a model file: sha256 of its safetensors header (names, shapes, offsets,
+    config, provenance), so any re-export gives a new id without hashing gigabytes."""
+    return hashlib.sha256(json.dumps(read_header(path), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# =================================================================================== sampling
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    steps: int = flow.DEFAULT_STEPS
+    cfg: float = flow.DEFAULT_GUIDANCE
+    shift: float = flow.DEFAULT_SHIFT
+    image_cfg: Optional[float] = 1.5  # edits only; None = plain text CFG with the source always kept
+    batch_size: int = 8
+    seed: int = 0
+
+
+class BenchmarkSampler:
+    """A VAE + generator pair that turns (prompt, seed) or (source, instruction, seed) into images.
+
+    Each row's noise is drawn from its own seed (`flow.make_noise`), so an image does not depend on
+    which other rows share its batch (up to floating-point batching effects on the accelerator).
+    """
+
+    def __init__(self, vae: PSVAE, generator: FusionDiffuser, settings: SamplingSettings = SamplingSettings(),
+                 vae_id: str = "", generator_id: str = ""):
+        if generator.tokenizer is None:
+            raise BenchmarkError("the generator file carries no tokenizer; export it with one (from_pretrained_lm)")
+        if generator.config.latent_channels != vae.latent_channels:
+            raise BenchmarkError(f"the generator makes {generator.config.latent_channels}-channel latents but the VAE "
+                                 f"decodes {vae.latent_channels}; pick the VAE the generator was trained on")
+        self.vae, self.generator, self.settings = vae.eval(), generator.eval(), settings
+        self.ids = {"vae": vae_id, "generator": generator_id}
+        self.batches = 0  # sampler calls (tests, progress)
+
+    @classmethod
+    def from_files(cls, vae_file, generator_file, settings: SamplingSettings = SamplingSettings(),
+                   device="cpu", dtype: torch.dtype = torch.float32) -> "BenchmarkSampler":
+        vae = PSVAE.from_file(vae_file, device=device)
+        generator = FusionDiffuser.from_file(generator_file, device=device).to(dtype=dtype)
+        return cls(vae, generator, settings, model_id(vae_file), model_id(generator_file))
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.x_embedder.weight.device
+
+    def _noise(self, seeds: Sequence[int], size) -> torch.Tensor:
+        weight = self.generator.x_embedder.weight
+        shape = (1, self.generator.config.latent_channels, *size)
+        return torch.cat([flow.make_noise(shape, s, weight.device, weight.dtype) for s in seeds])
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self.vae.denormalize_latents(latents.float())
+        return self.vae.decode(z).clamp(0, 1)
+
+    @torch.no_grad()
+    def text_to_image(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """[B,3,H,W] in 0..1, one image per (prompt, seed)."""
+        s = self.settings
+        self.batches += 1
+        text = self.generator.encode_prompts(list(prompts))
+        noise = self._noise(seeds, self.generator.config.latent_size)
+        latents = flow.euler_sample(self.generator.velocity_fn(text), noise, steps=s.steps, shift=s.shift,
+                                    guidance=s.cfg)
+        return self._decode(latents)
+
+    @torch.no_grad()
+    def edit(self, sources: torch.Tensor, instructions: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """Edits of `sources` [B,3,S,S] (0..1); dual guidance (text cfg, image_cfg) as in training."""
+        s = self.settings
+        self.batches += 1
+        vae_weight = next(self.vae.parameters())
+        source = self.vae.encode(sources.to(vae_weight.device, vae_weight.dtype)).mode()
+        source = self.vae.normalize_latents(source).to(self.device, self.generator.x_embedder.weight.dtype)
+        text = self.generator.encode_prompts(list(instructions))
+        noise = self._noise(seeds, source.shape[-2:])
+        latents = flow.euler_sample(self.generator.velocity_fn(text, source), noise, steps=s.steps, shift=s.shift,
+                                    guidance=s.cfg, image_guidance=s.image_cfg)
+        return self._decode(latents)
+
+    def run_settings(self, benchmark: str) -> dict:
+        """What every output PNG of a run records, and what a resumed run must match."""
+        s = self.settings
+        out = {"benchmark": benchmark, **self.ids, "steps": s.steps, "cfg": s.cfg, "shift": s.shift, "seed": s.seed}
+        if benchmark == "gedit":
+            out["image_cfg"] = s.image_cfg
+        return out
+
+
+# =================================================================================== work items
+
+@dataclass
+class Job:
+    """One image to make: where it goes (unit = one output file or folder), and from what."""
+
+    unit: str
+    sample: int
+    seed: int
+    text: str
+    meta: dict
+    source: Optional[Path] = None
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+def save_png(image: Image.Image, path: Path, info: dict) -> None:
+    """Atomic PNG write (hidden temporary name, then rename) with `info` in a text chunk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunk = PngInfo()
+    chunk.add_text(PNG_KEY, json.dumps(info, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=chunk)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def png_info(path: Path) -> Optional[dict]:
+    try:
+        with Image.open(path) as image:
+            return json.loads(image.info.get(PNG_KEY, "null"))
+    except (OSError, ValueError):
+        return None
+
+
+class _Resume:
+    """Decides which outputs exist and were made with this run's settings."""
+
+    def __init__(self, settings: dict, overwrite: bool):
+        self.settings, self.overwrite = settings, overwrite
+        self.kept = 0
+
+    def done(self, path: Path) -> bool:
+        if self.overwrite or not path.is_file():
+            return False
+        info = png_info(path)
+        if info is None:  # unreadable (a crash outside our atomic write?): make it again
+            logger.warning("%s is unreadable; regenerating it", path)
+            return False
+        made = info.get("run", {})
+        if made != self.settings:
+            diff = {k: (made.get(k), v) for k, v in self.settings.items() if made.get(k) != v}
+            changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
+            raise BenchmarkError(f"{path} was made with other settings ({changes}); "
+                                 "use another --out, or --overwrite to replace the outputs")
+        self.kept += 1
+        return True
+
+
+def _run_jobs(sampler: BenchmarkSampler, jobs: list[Job], write: Callable[[Job, Image.Image], None],
+              size: int, log: Callable[[str], None]) -> int:
+    """Generate `jobs` in batches of the sampler's batch size and hand each image to `write`."""
+    bs = max(1, sampler.settings.batch_size)
+    start = time.time()
+    for i in range(0, len(jobs), bs):
+        batch = jobs[i:i + bs]
+        seeds = [j.seed for j in batch]
+        texts = [j.text for j in batch]
+        if batch[0].source is not None:
+            sources = torch.stack([load_image(j.source, size) for j in batch])
+            images = sampler.edit(sources, texts, seeds)
+        else:
+            images = sampler.text_to_image(texts, seeds)
+        for job, image in zip(batch, images):
+            write(job, _to_pil(image))
+        done = i + len(batch)
+        rate = done / max(time.time() - start, 1e-9)
+        log(f"  {done}/{len(jobs)} images ({rate:.2f}/s, ~{(len(jobs) - done) / max(rate, 1e-9):.0f}s left)")
+    return len(jobs)
+
+
+def _shard_filter(shard: tuple[int, int]) -> Callable[[int], bool]:
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {rank}/{world}: rank must be in 0..{world - 1}")
+    return lambda i: i % world == rank
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# =================================================================================== GenEval
+
+def read_geneval_prompts(path) -> list[tuple[str, dict]]:
+    """(raw line, parsed) per non-empty line of GenEval's evaluation_metadata(.jsonl / _long.jsonl)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BenchmarkError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise BenchmarkError(f'{path}:{n}: a GenEval line needs a "prompt" string')
+        out.append((line.strip(), row))
+    if not out:
+        raise BenchmarkError(f"{path} holds no prompt")
+    return out
+
+
+def run_geneval(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Optional[int] = None,
+                shard: tuple[int, int] = (0, 1), overwrite: bool = False, log=print) -> dict:
+    """`<out>/<index:05d>/metadata.jsonl` (the prompt's line) + `samples/<k:04d>.png`, k < samples."""
+    out = Path(out)
+    rows = read_geneval_prompts(prompts)[:limit]
+    mine = _shard_filter(shard)
+    settings = sampler.run_settings("geneval")
+    resume = _Resume(settings, overwrite)
+    jobs = []
+    for index, (line, row) in enumerate(rows):
+        if not mine(index):
+            continue
+        folder = out / f"{index:05d}"
+        meta = folder / "metadata.jsonl"
+        if meta.is_file() and meta.read_text(encoding="utf-8").strip() != line and not overwrite:
+            raise BenchmarkError(f"{meta} holds another prompt than line {index + 1} of {prompts}; "
+                                 "the outputs come from another prompt file: use another --out")
+        if overwrite or not meta.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            meta.write_text(line + "\n", encoding="utf-8")
+        for k in range(samples):
+            if not resume.done(folder / "samples" / f"{k:04d}.png"):
+                jobs.append(Job(f"{index:05d}", k, sample_seed(sampler.settings.seed, index, k), row["prompt"],
+                                {"index": index}))
+    log(f"GenEval: {len(rows)} prompts x {samples}; {resume.kept} images already there, {len(jobs)} to make")
+
+    def write(job: Job, image: Image.Image):
+        info = {"run": settings, "prompt": job.text, "index": job.meta["index"], "sample": job.sample, "seed": job.seed}
+        save_png(image, out / job.unit / "samples" / f"{job.sample:04d}.png", info)
+
+    made = _run_jobs(sampler, jobs, write, 256, log)
+    log(scorer_command("geneval", out))
+    return {"prompts": len(rows), "generated": made, "kept": resume.kept}
+
+
+# =================================================================================== DPG-Bench
+
+GRID_POSITIONS = ((0, 0), (1, 0), (0, 1), (1, 1))  # the scorer's crop order: TL, TR, BL, BR
+
+
+def read_dpg_prompts(folder) -> list[tuple[str, str]]:
+    """(id, prompt) for each `<id>.txt` in the folder, sorted by id."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BenchmarkError(f"DPG-Bench prompts must be a folder of <id>.txt files; {folder} is not a folder")
+    out = []
+    for path in sorted(folder.glob("*.txt")):
+        prompt = path.read_text(encoding="utf-8").strip()
+        if not prompt:
+            raise BenchmarkError(f"{path} is empty")
+        out.append((path.stem, prompt))
+    if not out:
+        raise BenchmarkError(f"no <id>.txt prompt file in {folder}")
+    return out
+
+
+def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Optional[int] = None,
+            shard: tuple[int, int] = (0, 1), overwrite: bool = False, log=print) -> dict:
+    """`<out>/<id>.png`: the `samples` (<= 4) images as a 2x2 grid (tile = the decoded size). Nothing
+    else is written into `out`: the scorer reads every file there as an image."""
+    if not 1 <= samples <= 4:
+        raise ValueError("DPG-Bench grids hold 1 to 4 samples")
+    out = Path(out)
+    rows = read_dpg_prompts(prompts)[:limit]
+    mine = _shard_filter(shard)
+    settings = {**sampler.run_settings("dpg"), "samples": samples}
+    resume = _Resume(settings, overwrite)
+    jobs = []
+    for index, (pid, prompt) in enumerate(rows):
+        if mine(index) and not resume.done(out / f"{pid}.png"):
+            jobs += [Job(pid, k, sample_seed(sampler.settings.seed, pid, k), prompt, {}) for k in range(samples)]
+    log(f"DPG-Bench: {len(rows)} prompts x {samples}; {resume.kept} grids already there, "
+        f"{len(jobs) // samples} to make")
+    tiles: dict[str, dict[int, Image.Image]] = {}
+    tile_size = {}
+
+    def write(job: Job, image: Image.Image):
+        parts = tiles.setdefault(job.unit, {})
+        parts[job.sample] = image
+        if len(parts) < samples:
+            return
+        side = image.width
+        tile_size["px"] = side
+        grid = Image.new("RGB", (side * 2, side * 2) if samples > 1 else (side, side))
+        for k, tile in sorted(parts.items()):
+            x, y = GRID_POSITIONS[k]
+            grid.paste(tile, (x * side, y * side))
+        seeds = [sample_seed(sampler.settings.seed, job.unit, k) for k in range(samples)]
+        info = {"run": settings, "prompt": job.text, "id": job.unit, "seeds": seeds}
+        save_png(grid, out / f"{job.unit}.png", info)
+        del tiles[job.unit]
+
+    made = _run_jobs(sampler, jobs, write, 256, log)
+    log(scorer_command("dpg", out, resolution=tile_size.get("px", 256), samples=samples))
+    return {"prompts": len(rows), "generated": made, "kept": resume.kept}
+
+
+# =================================================================================== GEdit-Bench
+
+def read_gedit_items(path) -> list[dict]:
+    """Lines `{"key", "source", "instruction", "task_type", "language"}` ("instruction_language" is
+    accepted for "language"); source paths relative to the file."""
+    path = Path(path)
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BenchmarkError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        row = dict(row)
+        row.setdefault("language", row.get("instruction_language"))
+        missing = [k for k in ("key", "source", "instruction", "task_type", "language") if not row.get(k)]
+        if missing:
+            raise BenchmarkError(f"{path}:{n}: missing {missing}")
+        for k in ("key", "task_type", "language"):
+            if "/" in str(row[k]) or str(row[k]) in (".", ".."):
+                raise BenchmarkError(f"{path}:{n}: {k} {row[k]!r} cannot be a file name")
+        source = Path(row["source"]).expanduser()
+        row["source"] = source if source.is_absolute() else path.parent / source
+        if not row["source"].is_file():
+            raise BenchmarkError(f"{path}:{n}: source image {row['source']} does not exist")
+        items.append(row)
+    if not items:
+        raise BenchmarkError(f"{path} holds no edit")
+    return items
+
+
+def run_gedit(sampler: BenchmarkSampler, prompts, out, samples: int = 1, limit: Optional[int] = None,
+              shard: tuple[int, int] = (0, 1), overwrite: bool = False, log=print) -> dict:
+    """`<out>/<task_type>/<language>/<key>.png`, one edit per item (the source is centre-cropped to 256)."""
+    out = Path(out)
+    items = read_gedit_items(prompts)[:limit]
+    mine = _shard_filter(shard)
+    settings = sampler.run_settings("gedit")
+    resume = _Resume(settings, overwrite)
+    jobs = []
+    for index, row in enumerate(items):
+        target = out / row["task_type"] / row["language"] / f"{row['key']}.png"
+        if mine(index) and not resume.done(target):
+            jobs.append(Job(str(target.relative_to(out)), 0, sample_seed(sampler.settings.seed, row["key"], 0),
+                            row["instruction"], {"key": row["key"]}, source=row["source"]))
+    if samples != 1:
+        log("GEdit-Bench scores one edit per item; --samples is ignored")
+    log(f"GEdit-Bench: {len(items)} edits; {resume.kept} already there, {len(jobs)} to make")
+
+    def write(job: Job, image: Image.Image):
+        info = {"run": settings, "instruction": job.text, "key": job.meta["key"], "seed": job.seed}
+        save_png(image, out / job.unit, info)
+
+    made = _run_jobs(sampler, jobs, write, 256, log)
+    log(scorer_command("gedit", out))
+    return {"prompts": len(items), "generated": made, "kept": resume.kept}
+
+
+# =================================================================================== scorers
+
+def scorer_command(benchmark: str, out, resolution: int = 256, samples: int = 4) -> str:
+    """The scorer's command line as a template: <ANGLE> parts are the user's to fill."""
+    out = Path(out).resolve()
+    if benchmark == "geneval":
+        return (
+            "Score with GenEval (djghosh13/geneval; its own Python 3.9 env, mmdet 2.x + mmcv-full 1.7, a GPU):\n"
+            "  cd <GENEVAL_REPO>\n"
+            f"  python evaluation/evaluate_images.py {out} --outfile {out}/results.jsonl --model-path <DETECTOR_DIR>\n"
+            f"  python evaluation/summary_scores.py {out}/results.jsonl\n"
+            "  (<DETECTOR_DIR> holds mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth, "
+            "from GenEval's evaluation/download_models.sh)")
+    if benchmark == "dpg":
+        return (
+            "Score with DPG-Bench (TencentQQGYLab/ELLA dpg_bench/; its own env with modelscope mPLUG, a GPU):\n"
+            "  cd <ELLA_REPO>\n"
+            f"  accelerate launch dpg_bench/compute_dpg_bench.py --image-root-path {out} --resolution {resolution} "
+            f"--pic-num {samples} --vqa-model mplug --res-path <RESULTS_DIR>/dpg_results.txt\n"
+            "  (give --res-path outside the image folder: the scorer reads every file in it as an image)")
+    if benchmark == "gedit":
+        if out.name == "fullset":
+            method, results = out.parent.name, str(out.parent.parent)
+        else:
+            method, results = "<METHOD>", "<RESULTS>"
+        note = "" if out.name == "fullset" else (
+            f"\n  (the scorer reads <RESULTS>/<METHOD>/fullset/<task_type>/<language>/<key>.png: generate with "
+            f"--out <RESULTS>/<METHOD>/fullset, or link {out} there)")
+        return (
+            "Score with GEdit-Bench VIEScore (stepfun-ai/Step1X-Edit GEdit-Bench/; GPT-4.1 or Qwen2.5-VL-72B judge):\n"
+            "  cd <STEP1X_EDIT_REPO>/GEdit-Bench\n"
+            f"  python test_gedit_score.py --model_name {method} --save_path {results} --backbone <gpt4o|qwen25vl>\n"
+            f"  python calculate_statistics.py --model_name {method} --save_path {results} --backbone <gpt4o|qwen25vl> "
+            "--language <en|cn>" + note + "\n"
+            "  The paper scores edits with EditReward (TIGER-AI-Lab/EditReward) on (source, instruction, output) "
+            "triplets: point it at the same files.")
+    raise ValueError(f"unknown benchmark {benchmark!r}; known: {BENCHMARKS}")
+
+
+# =================================================================================== CLI
+
+RUNNERS = {"geneval": run_geneval, "dpg": run_dpg, "gedit": run_gedit}
+
+
+def _parse_shard(text: Optional[str]) -> tuple[int, int]:
+    if text is None:  # torchrun / accelerate set these: one process per GPU, each its share
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        rank, world = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes RANK/WORLD, e.g. 0/8; got {text!r}") from None
+    return rank, world
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=BENCHMARKS)
+    parser.add_argument("--vae", required=True, help="PS-VAE .safetensors file")
+    parser.add_argument("--generator", required=True, help="generator .safetensors file (with its tokenizer)")
+    parser.add_argument("--prompts", required=True, help="geneval: evaluation_metadata(.jsonl|_long.jsonl); "
+                        "dpg: folder of <id>.txt; gedit: jsonl of {key, source, instruction, task_type, language}")
+    parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    parser.add_argument("--samples", type=int, default=None, help="images per prompt (default 4; gedit 1)")
+    parser.add_argument("--steps", type=int, default=flow.DEFAULT_STEPS, help="Euler steps (paper: 50)")
+    parser.add_argument("--cfg", type=float, default=flow.DEFAULT_GUIDANCE, help="text guidance (paper: 6.5)")
+    parser.add_argument("--shift", type=float, default=flow.DEFAULT_SHIFT, help="sampling time shift (paper: 3)")
+    parser.add_argument("--image-cfg", type=float, default=1.5, help="image guidance for gedit (dual guidance)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="generator precision")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard", default=None, help="RANK/WORLD: this process's share of the prompts "
+                        "(default: $RANK/$WORLD_SIZE, else all)")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate outputs that already exist")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    samples = args.samples if args.samples is not None else (1 if args.benchmark == "gedit" else 4)
+    if samples < 1:
+        raise SystemExit("--samples must be >= 1")
+    settings = SamplingSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, image_cfg=args.image_cfg,
+                                batch_size=args.batch_size, seed=args.seed)
+    sampler = BenchmarkSampler.from_files(args.vae, args.generator, settings, device=args.device,
+                                          dtype=DTYPES[args.dtype])
+    shard = _parse_shard(args.shard)
+    try:
+        return RUNNERS[args.benchmark](sampler, args.prompts, args.out, samples=samples, limit=args.limit,
+                                       shard=shard, overwrite=args.overwrite)
+    except BenchmarkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
