@@ -12,8 +12,11 @@ COMFY_DIR     := .cache/comfyui
 COMFY_STAMP   := $(COMFY_DIR)/.installed
 BROWSER_DIR   := .cache/browser
 BROWSER_STAMP := $(BROWSER_DIR)/.installed
+# comfy-cli 1.23.0 in its own venv, for the registry check of pyproject.toml (`make validate-pack`).
+COMFYCLI_DIR   := .cache/comfy-cli
+COMFYCLI_STAMP := $(COMFYCLI_DIR)/.installed
 
-.PHONY: demo test venv clean comfyui browser
+.PHONY: demo test venv clean comfyui browser comfy-cli validate-pack workflows
 
 venv: $(STAMP)
 
@@ -41,7 +44,21 @@ $(BROWSER_STAMP): tools/build_browser.sh tools/browser/package.json tools/browse
 	tools/build_browser.sh $(BROWSER_DIR)
 	touch $(BROWSER_STAMP)
 
-test: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP)
+comfy-cli: $(COMFYCLI_STAMP)
+
+$(COMFYCLI_STAMP): tools/build_comfycli.sh
+	tools/build_comfycli.sh $(COMFYCLI_DIR) $(PYTHON)
+	touch $(COMFYCLI_STAMP)
+
+# What the Comfy registry checks before publishing (offline; also run by tests/test_comfyui_package.py).
+validate-pack: $(COMFYCLI_STAMP)
+	HOME=$(CURDIR)/$(COMFYCLI_DIR)/home $(COMFYCLI_DIR)/bin/comfy --skip-prompt node validate
+
+# Regenerate workflows/*.json + .jpg through the real frontend (NAMES="a b" for only some).
+workflows: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP)
+	$(PY) tools/make_workflows.py $(NAMES)
+
+test: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP) $(COMFYCLI_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

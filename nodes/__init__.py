@@ -9,11 +9,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import model_files
 from .loader import PSVAELoader
+from .sampler_nodes import PSVAEEditSampler, PSVAET2ISampler
 from .vae_nodes import PSVAEDecode, PSVAEEncode
 
 model_files.register_model_folder()
 
-NODES: list[type[io.ComfyNode]] = [PSVAELoader, PSVAEEncode, PSVAEDecode]
+NODES: list[type[io.ComfyNode]] = [PSVAELoader, PSVAEEncode, PSVAEDecode, PSVAET2ISampler, PSVAEEditSampler]
 
 
 class PSVAEExtension(ComfyExtension):

@@ -1,7 +1,207 @@
-"""Generator files in the loader. Loading lands together with the samplers (psvae_core.fusion)."""
+"""Generator files in the loader, and the VAE <-> generator compatibility check.
+
+A generator (`psvae_core.fusion.FusionDiffuser`, kind "generator") makes *normalised* latents of
+one VAE's latent space. It is loaded into a ModelPatcher (ComfyUI's model management places and
+unloads it like any diffusion model) and checked against a VAE, in words, whenever the two meet:
+in the loader (both files chosen) and again in each sampler (whose `vae` socket may come from
+another loader). The rules, in order:
+
+1. latent channels: the generator's `latent_channels` must equal the VAE's;
+2. latent grid: when the VAE resizes every image to a fixed square (224 px -> 16x16), the
+   generator's `latent_size` must be that grid; a "native"-grid VAE (image_size None) makes any
+   grid, so this is not checked;
+3. the VAE it was trained with, when the generator file records one in its provenance (see
+   `recorded_vae`): its latent statistics must equal this VAE's (they define the normalisation the
+   generator learned); without recorded statistics its fingerprint (nodes/fingerprint.py) must
+   equal this VAE file's. Same statistics but another fingerprint (e.g. a re-export in another
+   dtype) is only logged. A file that records nothing is checked by 1 and 2 alone (logged once).
+"""
 from __future__ import annotations
 
+import json
+import logging
+import math
+from typing import Optional
 
-def load_generator(path: str, name: str, vae_handle, dtype_choice: str):
-    raise ValueError(f"PS-VAE Loader: {name} is a generator file, but this version of the pack cannot load "
-                     "generators yet; set generator_name to 'none'")
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+
+from ..psvae_core import checkpoint
+from ..psvae_core.fusion import FusionDiffuser
+from . import runtime
+
+log = logging.getLogger("PS-VAE")
+
+STATS_RTOL, STATS_ATOL = 5e-3, 1e-4  # passes stats rounded to bf16 (a VAE saved in bf16), not another VAE's
+
+
+def recorded_vae(provenance: dict) -> dict:
+    """What a generator file says about the VAE it was trained with:
+    {"name": str|None, "fingerprint": str|None, "latent_stats": {"mean": [...], "std": [...]}|None}.
+
+    Read from provenance["vae"] = {"file"|"name", "fingerprint", "latent_stats"} (the contract the
+    trainer's generator export writes), or provenance["vae_fingerprint"] / ["vae_latent_stats"], or
+    the fingerprint of its latent cache in provenance["data"]["vae_fingerprint"].
+    """
+    prov = provenance if isinstance(provenance, dict) else {}
+    rec = prov.get("vae") if isinstance(prov.get("vae"), dict) else {}
+    data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
+    fingerprint = rec.get("fingerprint") or prov.get("vae_fingerprint") or data.get("vae_fingerprint")
+    stats = rec.get("latent_stats") or prov.get("vae_latent_stats")
+    if not (isinstance(stats, dict) and isinstance(stats.get("mean"), list) and isinstance(stats.get("std"), list)):
+        stats = None
+    name = rec.get("file") or rec.get("name") or (prov.get("vae") if isinstance(prov.get("vae"), str) else None)
+    return {"name": name if isinstance(name, str) else None,
+            "fingerprint": fingerprint if isinstance(fingerprint, str) else None, "latent_stats": stats}
+
+
+class GeneratorHandle:
+    """What the loader's `generator` output carries: a FusionDiffuser in a ModelPatcher, its dtype,
+    and what its file records about the VAE it was trained with."""
+
+    def __init__(self, model: FusionDiffuser, name: str, dtype: torch.dtype, load_device, offload_device,
+                 provenance: Optional[dict] = None):
+        self.model = model.to(dtype=dtype).eval().requires_grad_(False)
+        self.name = name
+        self.dtype = dtype
+        self.config = model.config
+        self.provenance = provenance or {}
+        self.recorded_vae = recorded_vae(self.provenance)
+        self.patcher = comfy.model_patcher.ModelPatcher(self.model, load_device=load_device,
+                                                        offload_device=offload_device)
+        self._checked: set = set()
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.latent_channels)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        h, w = self.config.latent_size
+        return int(h), int(w)
+
+    @property
+    def load_device(self) -> torch.device:
+        return self.patcher.load_device
+
+    @property
+    def max_text_tokens(self) -> int:
+        return int(self.config.lm.get("max_position_embeddings", 2048)) - 2  # text, then one position per image
+
+    def memory_required(self, batch: int, text_tokens: int, image_tokens: int, branches: int) -> int:
+        """Activation memory of one guided step (bytes, generous); the weights are counted by ComfyUI."""
+        lm = self.config.lm
+        hidden, inter = int(lm.get("hidden_size", 1024)), int(lm.get("intermediate_size", 4096))
+        heads = int(lm.get("num_attention_heads", 16))
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        rows = batch * branches
+        tokens = image_tokens + text_tokens
+        per_row = (image_tokens * (hidden * 16 + inter * 4 + self.config.head_width * 12)
+                   + heads * image_tokens * tokens * 2) * elem
+        text = text_tokens * hidden * int(lm.get("num_hidden_layers", 24)) * 4 * elem  # cached K/V
+        return int(1.25 * (rows * per_row + text)) + 64 * 1024 * 1024
+
+    def load(self, memory_required: int) -> torch.device:
+        # Fully loaded (a plain torch module, see runtime.PSVAEHandle.load).
+        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
+        return self.load_device
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+def _stats_differ(recorded: dict, vae: runtime.PSVAEHandle) -> Optional[str]:
+    mean, std = vae.latent_stats
+    try:
+        r_mean = torch.tensor([float(v) for v in recorded["mean"]])
+        r_std = torch.tensor([float(v) for v in recorded["std"]])
+    except (TypeError, ValueError):
+        return None  # unreadable: treated as not recorded
+    if r_mean.numel() != mean.numel() or r_std.numel() != std.numel():
+        return f"{r_mean.numel()} recorded channels vs {mean.numel()}"
+    worst = max(((r_mean - mean).abs() / (STATS_ATOL + STATS_RTOL * mean.abs())).max().item(),
+                ((r_std - std).abs() / (STATS_ATOL + STATS_RTOL * std.abs())).max().item())
+    if worst > 1.0 or not math.isfinite(worst):
+        i = int(torch.argmax((r_mean - mean).abs() + (r_std - std).abs()))
+        return (f"channel {i}: recorded mean {r_mean[i].item():.4g} / std {r_std[i].item():.4g}, "
+                f"this VAE's {mean[i].item():.4g} / {std[i].item():.4g}")
+    return None
+
+
+def pair_problems(gen: GeneratorHandle, vae: runtime.PSVAEHandle) -> list[str]:
+    """Why `gen` cannot sample in `vae`'s latent space, in words (empty when they belong together)."""
+    problems = []
+    if gen.latent_channels != vae.latent_channels:
+        problems.append(
+            f"the generator {gen.name} makes {gen.latent_channels}-channel latents, but the VAE {vae.name} has "
+            f"{vae.latent_channels}-channel latents")
+    grid = vae.fixed_grid
+    if grid is not None and gen.latent_size != grid:
+        problems.append(
+            f"the generator {gen.name} makes {gen.latent_size[0]}x{gen.latent_size[1]} latents, but the VAE "
+            f"{vae.name} resizes every image to {vae.input_size} px, a {grid[0]}x{grid[1]} latent grid")
+    if problems:
+        return problems
+    rec = gen.recorded_vae
+    trained_with = f" (it was trained with {rec['name']})" if rec["name"] else ""
+    if rec["latent_stats"] is not None:
+        differ = _stats_differ(rec["latent_stats"], vae)
+        if differ:
+            problems.append(
+                f"the generator {gen.name} was trained on latents of another VAE{trained_with}: the latent "
+                f"statistics it records differ from those of the VAE {vae.name} ({differ})")
+        elif rec["fingerprint"] and vae.fingerprint and rec["fingerprint"] != vae.fingerprint:
+            log.warning("PS-VAE: %s records the same latent statistics as %s but another VAE file%s; assuming "
+                        "a re-export of the same VAE (e.g. in another dtype)", gen.name, vae.name, trained_with)
+    elif rec["fingerprint"] and vae.fingerprint and rec["fingerprint"] != vae.fingerprint:
+        problems.append(
+            f"the generator {gen.name} was trained with another VAE file{trained_with}: it records the VAE "
+            f"fingerprint {rec['fingerprint'][:12]}, the VAE {vae.name} has {vae.fingerprint[:12]}")
+    return problems
+
+
+def check_pair(gen: GeneratorHandle, vae: runtime.PSVAEHandle, who: str) -> None:
+    """Raise a ValueError in words when `gen` and `vae` do not belong together."""
+    problems = pair_problems(gen, vae)
+    if problems:
+        raise ValueError(
+            f"{who}: the generator and the VAE do not belong together: " + "; ".join(problems) + ". "
+            "Load the VAE the generator was trained with (same PS-VAE Loader, or connect that loader's vae).")
+    key = (id(vae), vae.fingerprint)
+    if key not in gen._checked:
+        gen._checked.add(key)
+        rec = gen.recorded_vae
+        if rec["latent_stats"] is None and rec["fingerprint"] is None:
+            log.info("PS-VAE: %s records no training VAE; only the latent channels and grid of %s were checked",
+                     gen.name, vae.name)
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def auto_dtype(device) -> torch.dtype:
+    """ComfyUI's diffusion-model choice (honours --bf16-unet / --fp16-unet / --fp32-unet): bf16 where
+    the device runs it natively, else fp32; fp8 choices are not used for this model."""
+    dtype = mm.unet_dtype(device=device, supported_dtypes=[torch.bfloat16, torch.float32])
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+    return dtype
+
+
+def load_generator(path: str, name: str, vae_handle: runtime.PSVAEHandle, dtype_choice: str) -> GeneratorHandle:
+    who = "PS-VAE Loader (generator_name)"
+    try:
+        model = FusionDiffuser.from_file(path)
+        provenance = json.loads(checkpoint.read_metadata(path).get("provenance", "{}"))
+    except checkpoint.CheckpointError as err:
+        raise checkpoint.CheckpointError(f"{who}: {err}") from err
+    except ValueError as err:  # the config itself (e.g. an unsupported LM type)
+        raise ValueError(f"{who}: {name}: {err}") from err
+    if model.tokenizer is None:
+        raise ValueError(f"{who}: {name} carries no tokenizer, so prompts cannot be read; export the generator "
+                         "with its tokenizer (FusionDiffuser.from_pretrained_lm keeps it)")
+    device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    dtype = runtime.choose_dtype(dtype_choice, device, lambda: auto_dtype(device))
+    handle = GeneratorHandle(model, name, dtype, device, offload, provenance)
+    check_pair(handle, vae_handle, "PS-VAE Loader")
+    return handle

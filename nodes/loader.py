@@ -32,14 +32,17 @@ class PSVAELoader(io.ComfyNode):
             description=(
                 "Loads a PS-VAE autoencoder file and, optionally, a PS-VAE generator file (single-file "
                 ".safetensors exports of the PS-VAE trainer; never pickles, never the network). When both "
-                "are chosen it checks that the generator was trained on this VAE's latents. " + _WHERE),
+                "are chosen it checks, before anything runs, that they belong together: the same latent channels, the "
+                "generator's latent grid equal to the VAE's, and (when the generator file records the VAE it was "
+                "trained with) the same latent statistics or VAE file. " + _WHERE),
             inputs=[
                 io.Combo.Input("vae_name", options=files, tooltip=(
                     "The PS-VAE autoencoder file (kind 'vae'): encodes images to latents and decodes them. "
                     + _WHERE)),
                 io.Combo.Input("generator_name", options=[model_files.NONE] + files, default=model_files.NONE,
                                tooltip=("The PS-VAE generator file (kind 'generator') used by the T2I and Edit "
-                                        "samplers, or 'none' to load only the autoencoder. " + _WHERE)),
+                                        "samplers, or 'none' to load only the autoencoder. It must belong to the "
+                                        "VAE above (checked). " + _WHERE)),
                 io.Combo.Input("dtype", options=runtime.DTYPE_CHOICES, default="auto", tooltip=(
                     "Weight/compute precision. 'auto' follows ComfyUI (bf16 where the GPU supports it, else "
                     "fp32; --fp16-vae / --bf16-vae / --fp32-vae and --fp16-unet / --bf16-unet override it). "
@@ -90,7 +93,7 @@ class PSVAELoader(io.ComfyNode):
         # auto: bf16 where the device runs it natively, else fp32 (fp16 only when forced: the conv
         # decoder can overflow in fp16).
         vae_dtype = runtime.choose_dtype(dtype, device, lambda: mm.vae_dtype(device, [torch.bfloat16, torch.float32]))
-        handle = runtime.PSVAEHandle(vae, vae_name, vae_dtype, device, offload)
+        handle = runtime.PSVAEHandle(vae, vae_name, vae_dtype, device, offload, path=path)
         generator = None
         if generator_name != model_files.NONE:
             generator = load_generator(model_files.resolve(generator_name, "generator"), generator_name, handle, dtype)

@@ -19,6 +19,8 @@ import comfy.model_patcher
 import comfy.utils
 
 from ..psvae_core import images as core_images
+from ..psvae_core.preview import latent_to_rgb
+from .fingerprint import vae_fingerprint
 
 MAX_SIDE = core_images.MAX_SIDE  # largest image side the pack produces or accepts (px)
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
@@ -59,14 +61,20 @@ def is_out_of_memory(err: BaseException) -> bool:
 class PSVAEHandle:
     """What the loader's `vae` output carries: a PSVAE in a ModelPatcher, plus its dtype."""
 
-    def __init__(self, model, name: str, dtype: torch.dtype, load_device, offload_device):
+    def __init__(self, model, name: str, dtype: torch.dtype, load_device, offload_device, path: Optional[str] = None):
         stats = {k: getattr(model, k).detach().float().clone() for k in ("latents_mean", "latents_std")}
+        # CPU float32 copies of the small per-channel tensors the samplers need on every step
+        # (normalisation and the latent -> RGB preview), wherever the weights are at the time.
+        self._small = {k: getattr(model, k).detach().float().cpu().clone()
+                       for k in ("latents_mean", "latents_std", "latent_rgb_weight", "latent_rgb_bias")}
         model = model.to(dtype=dtype).eval().requires_grad_(False)
         for k, v in stats.items():  # the latent stats stay fp32 whatever the weights are
             getattr(model, k).data = v
         self.model = model
         self.name = name
+        self.path = path
         self.dtype = dtype
+        self._fingerprint: Optional[str] = None
         self.patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
     # --- facts about the model ---------------------------------------------------------------
@@ -85,6 +93,49 @@ class PSVAEHandle:
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
         gh, gw = self.model.latent_grid(height, width)
         return int(gh), int(gw)
+
+    @property
+    def input_size(self) -> Optional[int]:
+        """The square size every image is resized to before the encoder, or None ("native" grid)."""
+        size = self.model.config.encoder.image_size
+        return int(size) if size is not None else None
+
+    @property
+    def fixed_grid(self) -> Optional[tuple[int, int]]:
+        """The one latent grid this VAE makes (16x16 for 224-px encoders), or None for a native grid."""
+        size = self.input_size
+        return self.latent_grid(size, size) if size is not None else None
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.encoder.patch_size)
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """sha256 identity of the file (nodes/fingerprint.py); None for a model not loaded from a file."""
+        if self._fingerprint is None and self.path is not None:
+            self._fingerprint = vae_fingerprint(self.path)
+        return self._fingerprint
+
+    @property
+    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._small["latents_mean"], self._small["latents_std"]
+
+    # --- the generator's space and the live preview (cheap; any device) ---------------------------
+    def _stat(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        return self._small[key].to(device=like.device, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latents (LATENT dicts, the decoder's input) -> the generator's normalised space (float32)."""
+        return (raw.float() - self._stat("latents_mean", raw)) / self._stat("latents_std", raw)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """The generator's normalised latents -> raw latents (float32)."""
+        return latents.float() * self._stat("latents_std", latents) + self._stat("latents_mean", latents)
+
+    def preview(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latents [B,C,h,w] -> [B,3,h,w] colours in 0..1 (PSVAE.preview; grey when not fitted)."""
+        return latent_to_rgb(raw.float(), self._small["latent_rgb_weight"], self._small["latent_rgb_bias"])
 
     # --- memory estimates (bytes per image; deliberately generous) ---------------------------------
     def _elem(self) -> int:
@@ -105,7 +156,10 @@ class PSVAEHandle:
         return int(3 * h * w * 4 * 4 + tokens * width * 24 * self._elem() + tokens * tokens * 16 * self._elem())
 
     def load(self, memory_required: int) -> torch.device:
-        mm.load_models_gpu([self.patcher], memory_required=memory_required)
+        # Fully loaded: psvae_core modules are plain torch modules without ComfyUI's cast-weight
+        # hooks, so a partial (lowvram) load would leave weights on the wrong device. Other models
+        # are unloaded to make room instead.
+        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
         return self.load_device
 
     def batch_size(self, per_item: int, total: int) -> int:
@@ -192,28 +246,53 @@ def encode_images(handle: PSVAEHandle, image: torch.Tensor, resize: str = "cente
 
 # --------------------------------------------------------------------------------------- decode
 
-def check_latent(handle: PSVAEHandle, latent) -> torch.Tensor:
+# LATENT dicts made by this pack carry the identity of the VAE whose latent space they are in
+# (core latent nodes copy the dict, so the keys survive upscales, batching, etc.).
+LATENT_VAE_KEY = "psvae_vae"  # the VAE file's fingerprint (nodes/fingerprint.py)
+LATENT_VAE_NAME_KEY = "psvae_vae_name"  # its file name, for messages
+
+
+def make_latent(handle: PSVAEHandle, samples: torch.Tensor) -> dict:
+    out = {"samples": samples}
+    if handle.fingerprint is not None:
+        out[LATENT_VAE_KEY] = handle.fingerprint
+        out[LATENT_VAE_NAME_KEY] = handle.name
+    return out
+
+
+def check_latent(handle: PSVAEHandle, latent, who: str = "PS-VAE Decode", what: str = "LATENT") -> torch.Tensor:
+    """The latent's samples [B,C,h,w] after checks that name the problem: another VAE's latent
+    (channel count, or the identity this pack records in its LATENT outputs), empty, oversized,
+    NaN/Inf."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor):
-        raise ValueError("PS-VAE Decode: the LATENT input has no 'samples' tensor")
+        raise ValueError(f"{who}: the {what} input has no 'samples' tensor")
     if samples.ndim != 4:
-        raise ValueError(f"PS-VAE Decode: expected a LATENT [batch, channels, height, width], got shape "
-                         f"{tuple(samples.shape)} (video or audio latents cannot be decoded by an image VAE)")
+        raise ValueError(f"{who}: expected a {what} [batch, channels, height, width], got shape "
+                         f"{tuple(samples.shape)} (video or audio latents cannot be used by an image VAE)")
     b, c, h, w = samples.shape
     if c != handle.latent_channels:
         raise ValueError(
-            f"PS-VAE Decode: this LATENT has {c} channels, but the VAE {handle.name} takes "
-            f"{handle.latent_channels}-channel latents. It was made by another VAE or latent node (for example ComfyUI's "
-            "VAE Encode or Empty Latent Image): encode the image with PS-VAE Encode using this same VAE, "
+            f"{who}: this {what} has {c} channels, but the VAE {handle.name} takes "
+            f"{handle.latent_channels}-channel latents. It was made by another VAE or latent node (for example "
+            "ComfyUI's VAE Encode or Empty Latent Image): encode the image with PS-VAE Encode using this same VAE, "
             "or load the VAE that made the latent.")
+    origin = latent.get(LATENT_VAE_KEY)
+    if isinstance(origin, str) and handle.fingerprint is not None and origin != handle.fingerprint:
+        made_by = latent.get(LATENT_VAE_NAME_KEY) or "another VAE file"
+        raise ValueError(
+            f"{who}: this {what} was made with the VAE {made_by}, which is another VAE than {handle.name} "
+            f"(the files differ: fingerprint {origin[:12]} vs {handle.fingerprint[:12]}). Latents of one VAE mean "
+            "nothing to another even with the same channel count: connect the VAE that made the latent, or "
+            "encode the image again with this VAE.")
     if b == 0 or h == 0 or w == 0:
-        raise ValueError(f"PS-VAE Decode: the LATENT is empty (shape {tuple(samples.shape)})")
+        raise ValueError(f"{who}: the {what} is empty (shape {tuple(samples.shape)})")
     f = handle.upsample_factor
     if h * f > MAX_SIDE or w * f > MAX_SIDE:
-        raise ValueError(f"PS-VAE Decode: a {h}x{w} latent decodes to {h * f}x{w * f} px, above the {MAX_SIDE} px "
+        raise ValueError(f"{who}: a {h}x{w} latent decodes to {h * f}x{w * f} px, above the {MAX_SIDE} px "
                          "limit per side; use a smaller latent")
     if not torch.isfinite(samples).all():
-        raise ValueError("PS-VAE Decode: the LATENT contains NaN or Inf values; the node that made it failed "
+        raise ValueError(f"{who}: the {what} contains NaN or Inf values; the node that made it failed "
                          "(with fp16, try bf16 or fp32)")
     return samples
 

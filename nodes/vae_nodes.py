@@ -38,7 +38,7 @@ class PSVAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, vae, resize) -> io.NodeOutput:
-        return io.NodeOutput({"samples": runtime.encode_images(vae, image, resize)})
+        return io.NodeOutput(runtime.make_latent(vae, runtime.encode_images(vae, image, resize)))
 
 
 class PSVAEDecode(io.ComfyNode):
@@ -53,8 +53,8 @@ class PSVAEDecode(io.ComfyNode):
                          "retries with smaller batches, then with overlapping tiles."),
             inputs=[
                 io.Latent.Input("latent", tooltip=(
-                    "Latents from PS-VAE Encode or a PS-VAE sampler, made with this same VAE (the channel "
-                    "count is checked).")),
+                    "Latents from PS-VAE Encode or a PS-VAE sampler, made with this same VAE (checked: the "
+                    "channel count, and the VAE file the pack's nodes record in their latents).")),
                 PSVAEVae.Input("vae", tooltip="The PS-VAE autoencoder from PS-VAE Loader."),
             ],
             outputs=[

@@ -70,6 +70,9 @@ class ComfyServer:
                "--disable-auto-launch", "--base-directory", str(self.base_dir),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # One torch thread: the tiny test models gain nothing from more, and on a busy 2-core box (the
+        # browser, other jobs) spinning OpenMP threads made a 50-step sampler run 4-5x slower.
+        env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("PYTHONPATH", None)  # the pack must work from custom_nodes alone
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -179,12 +182,13 @@ class ComfyServer:
 
 class EventStream:
     """Websocket events of one client id (/ws), collected in a background thread (aiohttp, which
-    ComfyUI itself depends on). Use as a context manager; `wait_for(pred)` blocks until an event
-    matches."""
+    ComfyUI itself depends on): JSON events in `events`, binary frames (live previews) in `binary`.
+    Use as a context manager; `wait_for(pred)` blocks until an event matches."""
 
     def __init__(self, server: "ComfyServer"):
         self.url = server.url.replace("http://", "ws://") + f"/ws?clientId={server.client_id}"
         self.events: list[dict] = []
+        self.binary: list[tuple[int, bytes]] = []
         self._cond = threading.Condition()
         self._stop = None
         self._thread = None
@@ -209,6 +213,10 @@ class EventStream:
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             with self._cond:
                                 self.events.append(json.loads(msg.data))
+                                self._cond.notify_all()
+                        elif msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) >= 4:
+                            with self._cond:  # (event type, payload): 1 = preview image, 4 = with metadata
+                                self.binary.append((int.from_bytes(msg.data[:4], "big"), bytes(msg.data[4:])))
                                 self._cond.notify_all()
                         elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                             break
@@ -248,6 +256,40 @@ def execution_error(entry: dict) -> Optional[dict]:
 
 def output_images(entry: dict) -> list[dict]:
     return [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
+
+
+def saved_arrays(server: ComfyServer, entry: dict) -> list:
+    """The saved images of a finished prompt as uint8 RGB arrays."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = output_images(entry)
+    assert images, f"no output images in {entry.get('outputs')}"
+    return [np.asarray(Image.open(io.BytesIO(server.view(img))).convert("RGB")) for img in images]
+
+
+def assert_node_error(server: ComfyServer, prompt: dict, *needles: str) -> str:
+    """The prompt fails with a message naming the problem (validation 400 or execution error), and
+    the server keeps answering."""
+    r = server.queue(prompt)
+    if r.status_code == 400:
+        body = r.json()
+        assert body.get("node_errors"), body
+        text = str(body)
+    else:
+        assert r.status_code == 200, r.text
+        entry = server.wait(r.json()["prompt_id"])
+        assert entry["status"]["status_str"] == "error"
+        err = execution_error(entry)
+        assert err is not None, entry["status"]
+        assert err["node_type"].startswith("PSVAE"), err
+        text = err["exception_message"]
+    for needle in needles:
+        assert needle.lower() in text.lower(), text
+    assert server.alive(), "the server stopped answering after a bad input"
+    return text
 
 
 # --------------------------------------------------------------------------- UI -> API conversion
@@ -369,17 +411,90 @@ TINY_MODEL_FILES = {
     "svae-dinov2b-96c.safetensors": dict(mode="psvae", seed=1),
     "rae-dinov2b.safetensors": dict(mode="rae", seed=2),
 }
+# Generators (file -> the VAE file it is trained with, recorded in its provenance).
+TINY_GENERATOR_FILES = {
+    "psvae-generator-653m.safetensors": dict(vae="psvae-dinov2b-96c.safetensors", seed=0),
+}
+TINY_WORDS = ("a an the of in on with and photo painting picture red green blue yellow orange purple white "
+              "black fox cat dog bird tree house sky sea snow forest city mountain flower make it more sunny "
+              "stormy night day watercolour sketch oil cartoon golden hour sitting standing").split()
 
 
 def write_tiny_vae(path: Path, mode: str = "psvae", seed: int = 0, **changes) -> Path:
-    """A tiny but real PS-VAE checkpoint written by the project's own code (psvae_core)."""
+    """A tiny but real PS-VAE checkpoint written by the project's own code (psvae_core), with latent
+    statistics and a latent -> RGB preview map of its own (seeded), as a trainer export has."""
     import torch
     from psvae_core.autoencoder import PSVAE
     from psvae_core.config import PRESETS
 
     torch.manual_seed(seed)
-    vae = PSVAE(PRESETS["tiny"].replace(mode=mode, **changes))
+    vae = PSVAE(PRESETS["tiny"].replace(mode=mode, **changes)).eval()
+    g = torch.Generator().manual_seed(1000 + seed)
+    c = vae.latent_channels
+    vae.set_latent_stats(torch.randn(c, generator=g) * 0.2, torch.rand(c, generator=g) + 0.5)
+    with torch.no_grad():
+        z = torch.randn(2, c, 8, 8, generator=g)
+        vae.fit_preview(z, vae.decode(z).clamp(0, 1))
     vae.save(path, provenance={"written_by": "tests/comfy_harness.py", "mode": mode})
+    return path
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer built offline (ids < 256, the tiny LM's vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]"] + sorted(set(TINY_WORDS))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def pack_fingerprint(path: Path) -> str:
+    """The pack's own VAE fingerprint (nodes/fingerprint.py, standard library only)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("psvae_pack_fingerprint", REPO / "nodes" / "fingerprint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.vae_fingerprint(path)
+
+
+def recorded_vae(vae_path: Path, record=("fingerprint", "latent_stats")) -> dict:
+    """provenance["vae"] as the trainer's generator export records it (docs/COMFYUI_PACK.md)."""
+    from psvae_core.checkpoint import read_metadata
+
+    rec = {"file": Path(vae_path).name}
+    if "fingerprint" in record:
+        rec["fingerprint"] = pack_fingerprint(vae_path)
+    if "latent_stats" in record:
+        rec["latent_stats"] = json.loads(read_metadata(vae_path)["latent_stats"])
+    return rec
+
+
+def write_tiny_generator(path: Path, vae_path: Optional[Path] = None, seed: int = 0,
+                         record=("fingerprint", "latent_stats"), tokenizer: bool = True, **changes) -> Path:
+    """A tiny but real generator file (psvae_core.fusion, preset "tiny" on the tiny VAE's 16x16x16
+    latent) with a tokenizer; its head is filled with small random weights (it starts at zero, which
+    would ignore everything) and its LM matrices are scaled up, so prompts visibly matter. `vae_path` is recorded in its provenance as the VAE it was trained with."""
+    import torch
+    from psvae_core.fusion import PRESETS, FusionDiffuser
+
+    torch.manual_seed(seed)
+    cfg = PRESETS["tiny"].replace(**{"latent_channels": 16, "latent_size": (16, 16), **changes})
+    gen = FusionDiffuser(cfg, tokenizer=tiny_tokenizer() if tokenizer else None)
+    g = torch.Generator().manual_seed(2000 + seed)
+    with torch.no_grad():
+        for p in gen.head.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for p in gen.backbone.parameters():  # at its init scale a random LM barely reaches the image
+            if p.ndim >= 2:                  # tokens; x10 makes the prompt visibly change the picture
+                p.mul_(10.0)
+    provenance = {"written_by": "tests/comfy_harness.py"}
+    if vae_path is not None and record:
+        provenance["vae"] = recorded_vae(vae_path, record)
+    gen.save(path, provenance=provenance)
     return path
 
 
@@ -400,10 +515,12 @@ EXTRA_FOLDER_FILE = "shared-folder-vae.safetensors"
 
 @pytest.fixture(scope="session")
 def comfy_models(comfy_base) -> dict[str, Path]:
-    """models/psvae filled with tiny real checkpoints (named as in the workflows), one more in a
-    folder that only extra_model_paths.yaml names, and input/example.png."""
+    """models/psvae filled with tiny real checkpoints (VAEs and a generator, named as in the
+    workflows), one more VAE in a folder that only extra_model_paths.yaml names, and input/example.png."""
     folder = comfy_base / "models" / "psvae"
     files = {name: write_tiny_vae(folder / name, **spec) for name, spec in TINY_MODEL_FILES.items()}
+    for name, spec in TINY_GENERATOR_FILES.items():
+        files[name] = write_tiny_generator(folder / name, vae_path=folder / spec["vae"], seed=spec["seed"])
     shared = comfy_base / "shared_models" / "psvae"
     shared.mkdir(parents=True, exist_ok=True)
     files[EXTRA_FOLDER_FILE] = write_tiny_vae(shared / EXTRA_FOLDER_FILE, seed=3, latent_channels=8)

@@ -26,6 +26,8 @@ def frontend(comfy_server, tmp_path_factory):
     result = run_frontend(comfy_server, "check", {
         "workflows": WORKFLOWS, "timeout_ms": 120000, "pack": PACK_NAME, "expect": expect,
         "screenshot": str(work / "templates.png")}, work)
+    print("frontend timings (s): open", result.get("__open_seconds"), result.get("__seconds"),
+          {name: res.get("seconds") for name, res in result["queue"].items()})
     return result
 
 

@@ -1,15 +1,13 @@
 """The pack's nodes in a real ComfyUI 0.3.75 server (API prompts): schema, round trip, bad input."""
 from __future__ import annotations
 
-import io
 import uuid
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from comfy_harness import EXTRA_FOLDER_FILE, ComfyServer, execution_error, output_images, write_tiny_vae
+from comfy_harness import EXTRA_FOLDER_FILE, assert_node_error, saved_arrays, write_tiny_vae
 
 pytestmark = pytest.mark.comfyui
 
@@ -21,6 +19,10 @@ EXPECTED = {
     "PSVAELoader": (["vae_name", "generator_name", "dtype"], ["PSVAE_VAE", "PSVAE_GENERATOR"]),
     "PSVAEEncode": (["image", "vae", "resize"], ["LATENT"]),
     "PSVAEDecode": (["latent", "vae"], ["IMAGE"]),
+    "PSVAET2ISampler": (["generator", "vae", "prompt", "seed", "steps", "cfg", "shift", "batch",
+                         "cfg_interval_start", "cfg_interval_end"], ["LATENT"]),
+    "PSVAEEditSampler": (["generator", "vae", "instruction", "seed", "steps", "text_guidance", "image_guidance",
+                          "shift", "source_image", "source_latent"], ["LATENT"]),
 }
 
 
@@ -50,38 +52,11 @@ def empty_image(width, height, batch=1, color=0x3366CC) -> dict:
     return {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": batch, "color": color}}
 
 
-def saved_arrays(server: ComfyServer, entry: dict) -> list[np.ndarray]:
-    images = output_images(entry)
-    assert images, f"no output images in {entry.get('outputs')}"
-    return [np.asarray(Image.open(io.BytesIO(server.view(img))).convert("RGB")) for img in images]
-
-
-def assert_node_error(server: ComfyServer, prompt: dict, *needles: str) -> str:
-    """The prompt fails with a message naming the problem (validation 400 or execution error), and
-    the server keeps answering."""
-    r = server.queue(prompt)
-    if r.status_code == 400:
-        body = r.json()
-        assert body.get("node_errors"), body
-        text = str(body)
-    else:
-        assert r.status_code == 200, r.text
-        entry = server.wait(r.json()["prompt_id"])
-        assert entry["status"]["status_str"] == "error"
-        err = execution_error(entry)
-        assert err is not None, entry["status"]
-        assert err["node_type"].startswith("PSVAE"), err
-        text = err["exception_message"]
-    for needle in needles:
-        assert needle.lower() in text.lower(), text
-    assert server.alive(), "the server stopped answering after a bad input"
-    return text
-
-
 # ------------------------------------------------------------------------------------------ schema
 
 def test_object_info_lists_the_nodes_with_tooltips_and_descriptions(comfy_server):
     info = comfy_server.object_info()
+    assert sorted(k for k, v in info.items() if v["python_module"] == "custom_nodes.ps-vae") == sorted(EXPECTED)
     for node_id, (inputs, outputs) in EXPECTED.items():
         assert node_id in info, f"{node_id} missing: the pack did not import? see the server log"
         node = info[node_id]

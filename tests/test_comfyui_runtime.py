@@ -24,6 +24,7 @@ def test_runtime_inside_comfyui(tmp_path):
     if missing:
         pytest.skip(missing)
     env = dict(os.environ, PSVAE_TMP=str(tmp_path), HF_HUB_OFFLINE="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # as the test server (comfy_harness.ComfyServer.start)
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, __file__, "--inside-comfyui"], cwd=COMFY_DIR, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -166,7 +167,123 @@ def _inside_comfyui() -> None:  # pragma: no cover - executed in the child proce
     out = runtime.decode_latents(bf, {"samples": z[:1]})
     assert out.dtype == torch.float32 and out.shape == (1, 256, 256, 3)
     print("dtypes ok")
+    _sampler_checks()
     print("ALL CHECKS PASSED")
+
+
+def _sampler_checks() -> None:  # pragma: no cover - executed in the child process
+    """nodes/sampling.py and nodes/generator.py without HTTP: previews through the progress hook,
+    seeds, interrupt between steps, the compatibility rules (incl. a native-grid VAE), provenance
+    layouts, dtypes."""
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.utils
+    from psvae_pack.nodes import generator as gen_mod
+    from psvae_pack.nodes import runtime, sampling
+    from psvae_pack.psvae_core.autoencoder import PSVAE
+    from psvae_pack.psvae_core.config import PRESETS
+    from psvae_pack.psvae_core.fusion import PRESETS as GEN_PRESETS
+    from psvae_pack.psvae_core.fusion import FusionDiffuser
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from comfy_harness import tiny_tokenizer
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    vae_model = PSVAE(PRESETS["tiny"])
+    vae_model.set_latent_stats(torch.randn(16) * 0.2, torch.rand(16) + 0.5)
+    vae = runtime.PSVAEHandle(vae_model, "tiny-vae", torch.float32, cpu, cpu)
+    model = FusionDiffuser(GEN_PRESETS["tiny"].replace(latent_channels=16, latent_size=(16, 16)),
+                           tokenizer=tiny_tokenizer())
+    gen = gen_mod.GeneratorHandle(model, "tiny-gen", torch.float32, cpu, cpu, {})
+    assert gen_mod.pair_problems(gen, vae) == []
+
+    # 1. progress ticks carry JPEG previews of the current estimate; previews follow the VAE's map.
+    ticks = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: ticks.append((value, total, preview)))
+    settings = sampling.Settings(seed=7, steps=4, shift=3.0, guidance=6.5)
+    out = sampling.run(gen, vae, "a red fox", "prompt", settings, 2, None, "T2I")
+    assert out["samples"].shape == (2, 16, 16, 16) and out["samples"].dtype == torch.float32
+    assert [t[:2] for t in ticks] == [(1, 4), (2, 4), (3, 4), (4, 4)], [t[:2] for t in ticks]
+    kind, image, size = ticks[-1][2]
+    assert kind == "JPEG" and image.size == (16, 16) and size > 0
+    print("t2i progress + previews ok")
+
+    # 2. raw latents = denormalised generator output; row i = seed + i.
+    alone = sampling.run(gen, vae, "a red fox", "prompt", sampling.Settings(8, 4, 3.0, 6.5), 1, None, "T2I")
+    assert torch.allclose(alone["samples"][0], out["samples"][1], atol=1e-4), "row 1 of seed 7 != seed 8 alone"
+    assert torch.allclose(vae.normalize(vae.denormalize(out["samples"])), out["samples"], atol=1e-5)
+    print("seeds ok")
+    for text, needle in (("a " * 600, "600 tokens long"), ("  ", "prompt is empty")):
+        try:
+            sampling.tokenize(gen, text, "prompt", "T2I")
+        except ValueError as err:
+            assert needle in str(err), err
+        else:
+            raise AssertionError(f"{text[:10]!r}... was accepted")
+
+    # 3. interrupt between steps.
+    ticks.clear()
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: (
+        ticks.append(value), mm.interrupt_current_processing(True) if value == 2 else None))
+    try:
+        sampling.run(gen, vae, "a red fox", "prompt", sampling.Settings(1, 50, 3.0, 6.5), 1, None, "T2I")
+    except mm.InterruptProcessingException:
+        pass
+    else:
+        raise AssertionError("interrupt was not honoured")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert ticks == [1, 2], ticks
+    comfy.utils.set_progress_bar_global_hook(None)
+    print("interrupt ok")
+
+    # 4. editing: an image source is cropped square and encoded; a native-grid VAE is resized to the grid.
+    image = torch.rand(1, 120, 200, 3)
+    src = sampling.source_latents(gen, vae, image, None, "Edit")
+    assert src.shape == (1, 16, 16, 16)
+    enc = PRESETS["tiny"].encoder.replace(image_size=None)
+    native = runtime.PSVAEHandle(PSVAE(PRESETS["tiny"].replace(encoder=enc)), "native", torch.float32, cpu, cpu)
+    assert native.fixed_grid is None and gen_mod.pair_problems(gen, native) == []
+    assert sampling.source_latents(gen, native, image, None, "Edit").shape == (1, 16, 16, 16)
+    small = FusionDiffuser(GEN_PRESETS["tiny"].replace(latent_channels=16, latent_size=(8, 8)),
+                           tokenizer=tiny_tokenizer())
+    small = gen_mod.GeneratorHandle(small, "small", torch.float32, cpu, cpu, {})
+    assert gen_mod.pair_problems(small, native) == [] and "224 px" in gen_mod.pair_problems(small, vae)[0]
+    assert sampling.source_latents(small, native, image, None, "Edit").shape == (1, 16, 8, 8)
+    edit = sampling.run(gen, vae, "make it red", "instruction",
+                        sampling.Settings(1, 3, 3.0, 5.0, image_guidance=1.5), 1, src, "Edit")
+    assert edit["samples"].shape == (1, 16, 16, 16) and torch.isfinite(edit["samples"]).all()
+    print("edit sources ok")
+
+    # 5. provenance layouts the compatibility check reads; stats stored in bf16 still match.
+    mean, std = vae.latent_stats
+    stats = {"mean": mean.tolist(), "std": std.tolist()}
+    assert gen_mod.recorded_vae({"vae": {"file": "v", "fingerprint": "ab", "latent_stats": stats}}) == {
+        "name": "v", "fingerprint": "ab", "latent_stats": stats}
+    assert gen_mod.recorded_vae({"data": {"vae_fingerprint": "cd"}})["fingerprint"] == "cd"
+    assert gen_mod.recorded_vae({"vae_fingerprint": "ef", "vae_latent_stats": stats})["latent_stats"] == stats
+    assert gen_mod.recorded_vae({"vae": {"latent_stats": {"mean": 1}}})["latent_stats"] is None
+    assert gen_mod.recorded_vae("junk") == {"name": None, "fingerprint": None, "latent_stats": None}
+    bf16_stats = {k: torch.tensor(v).bfloat16().float().tolist() for k, v in stats.items()}
+    close = gen_mod.GeneratorHandle(model, "g", torch.float32, cpu, cpu, {"vae": {"latent_stats": stats}})
+    assert gen_mod.pair_problems(close, vae) == []
+    shifted = {"mean": (mean + 0.05).tolist(), "std": std.tolist()}
+    far = gen_mod.GeneratorHandle(model, "g", torch.float32, cpu, cpu, {"vae": {"file": "x", "latent_stats": shifted}})
+    assert "latent statistics" in gen_mod.pair_problems(far, vae)[0]
+    assert gen_mod._stats_differ(bf16_stats, vae) is None
+    print("provenance ok")
+
+    # 6. dtypes: auto on the CPU = fp32; bf16 samples and returns float32 raw latents.
+    assert gen_mod.auto_dtype(cpu) == torch.float32
+    bf = gen_mod.GeneratorHandle(FusionDiffuser(GEN_PRESETS["tiny"].replace(latent_channels=16, latent_size=(16, 16)),
+                                                tokenizer=tiny_tokenizer()), "bf", torch.bfloat16, cpu, cpu, {})
+    lat = sampling.run(bf, vae, "a cat", "prompt", sampling.Settings(0, 2, 3.0, 1.0), 1, None, "T2I")["samples"]
+    assert lat.dtype == torch.float32 and torch.isfinite(lat).all()
+    assert gen.memory_required(4, 20, 512, 3) > gen.memory_required(1, 20, 256, 2) > 0
+    print("generator dtypes ok")
 
 
 if __name__ == "__main__" and "--inside-comfyui" in sys.argv:

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import PACK_NAME, REPO, TINY_MODEL_FILES, output_images, ui_to_api
+from comfy_harness import PACK_NAME, REPO, TINY_GENERATOR_FILES, TINY_MODEL_FILES, output_images, ui_to_api
 
 pytestmark = pytest.mark.comfyui
 
 WORKFLOW_DIR = REPO / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 NAMES = [p.stem for p in WORKFLOWS]
-LOADER_FILE_WIDGETS = {"PSVAELoader": (0,)}  # widgets_values positions holding model file names
+# widgets_values positions holding model file names, and the names they may hold
+LOADER_FILE_WIDGETS = {"PSVAELoader": {0: set(TINY_MODEL_FILES), 1: set(TINY_GENERATOR_FILES) | {"none"}}}
 
 
 def load(path: Path) -> dict:
@@ -28,7 +29,7 @@ def load(path: Path) -> dict:
 
 
 def test_there_are_workflows_and_each_has_a_thumbnail():
-    assert {"vae_round_trip", "vae_compare_svae_psvae_rae"} <= set(NAMES)
+    assert {"vae_round_trip", "vae_compare_svae_psvae_rae", "psvae_text_to_image", "psvae_edit"} <= set(NAMES)
     for path in WORKFLOWS:
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no .jpg thumbnail"
 
@@ -44,8 +45,8 @@ def test_workflow_is_ui_format_and_consistent(path):
         dst_node = next(n for n in wf["nodes"] if n["id"] == dst)
         assert dst_node["inputs"][dst_slot]["link"] == link_id
     for node in wf["nodes"]:
-        for pos in LOADER_FILE_WIDGETS.get(node["type"], ()):
-            assert node["widgets_values"][pos] in TINY_MODEL_FILES, "workflows use the documented file names"
+        for pos, names in LOADER_FILE_WIDGETS.get(node["type"], {}).items():
+            assert node["widgets_values"][pos] in names, "workflows use the documented file names"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)

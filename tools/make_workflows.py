@@ -1,6 +1,8 @@
 """Regenerate workflows/*.json (UI format) and their .jpg thumbnails with the real ComfyUI frontend.
 
-    .venv/bin/python tools/make_workflows.py      (needs `make comfyui browser`; no network)
+    .venv/bin/python tools/make_workflows.py [NAME ...]   (needs `make comfyui browser`; no network)
+
+With names, only those workflows are rewritten (the others stay byte for byte).
 
 Each workflow is written here as an API prompt plus a layout. A temporary ComfyUI (the test
 harness, with tiny checkpoints under the file names the workflows use) turns it into the UI format
@@ -25,7 +27,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
-from comfy_harness import ComfyServer, TINY_MODEL_FILES, run_frontend, write_test_image, write_tiny_vae  # noqa: E402
+from comfy_harness import (  # noqa: E402
+    TINY_GENERATOR_FILES,
+    TINY_MODEL_FILES,
+    ComfyServer,
+    run_frontend,
+    write_test_image,
+    write_tiny_generator,
+    write_tiny_vae,
+)
 
 OUT = REPO / "workflows"
 MODELS_NOTE = (
@@ -44,8 +54,25 @@ COMPARE_NOTE = (
     "side.\n\n" + MODELS_NOTE)
 
 
-def loader(vae: str) -> dict:
-    return {"class_type": "PSVAELoader", "inputs": {"vae_name": vae, "generator_name": "none", "dtype": "auto"}}
+GENERATE_NOTE = (
+    "The generator makes latents in its VAE's latent space, so PS-VAE Loader loads the pair: the VAE and the "
+    "generator trained on it (the loader refuses a pair that does not belong together and says why). "
+    "The sampler returns PS-VAE latents; PS-VAE Decode turns them into a 256x256 image.\n\n"
+    "Paper settings: 50 Euler steps, shift 3. The sampler node shows a progress bar and a live preview; "
+    "Cancel stops it between steps. Row i of a batch uses seed + i.\n\n")
+T2I_NOTE = ("PS-VAE text to image.\n\n" + GENERATE_NOTE
+            + "cfg (6.5) weighs the prompt against no prompt; an empty prompt is refused.\n\n" + MODELS_NOTE)
+EDIT_NOTE = (
+    "PS-VAE instruction-based editing: LoadImage -> PS-VAE Edit Sampler -> Decode.\n\n" + GENERATE_NOTE
+    + "The source image is centre-cropped to a square and encoded with the VAE (or connect a latent from PS-VAE "
+    "Encode to source_latent instead; exactly one source). text_guidance (5.0) weighs the instruction, "
+    "image_guidance (1.5) the source.\n\n" + MODELS_NOTE)
+VAE_FILE = "psvae-dinov2b-96c.safetensors"
+GENERATOR_FILE = "psvae-generator-653m.safetensors"
+
+
+def loader(vae: str, generator: str = "none") -> dict:
+    return {"class_type": "PSVAELoader", "inputs": {"vae_name": vae, "generator_name": generator, "dtype": "auto"}}
 
 
 def round_trip() -> tuple[dict, dict, str]:
@@ -81,7 +108,39 @@ def compare() -> tuple[dict, dict, str]:
     return api, layout, COMPARE_NOTE
 
 
-WORKFLOWS = {"vae_round_trip": round_trip, "vae_compare_svae_psvae_rae": compare}
+def text_to_image() -> tuple[dict, dict, str]:
+    api = {
+        "1": loader(VAE_FILE, GENERATOR_FILE),
+        "2": {"class_type": "PSVAET2ISampler", "inputs": {
+            "generator": ["1", 1], "vae": ["1", 0], "prompt": "a photo of a red fox sitting in the snow, golden hour",
+            "seed": 0, "steps": 50, "cfg": 6.5, "shift": 3.0, "batch": 1,
+            "cfg_interval_start": 0.0, "cfg_interval_end": 1.0}},
+        "3": {"class_type": "PSVAEDecode", "inputs": {"latent": ["2", 0], "vae": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "psvae/t2i"}},
+    }
+    layout = {"1": (40, 60, 330, 130), "2": (420, 60, 360, 440), "3": (830, 60, 200, 60),
+              "4": (1080, 60, 320, 340), "note": (40, 250, 330, 420)}
+    return api, layout, T2I_NOTE
+
+
+def edit() -> tuple[dict, dict, str]:
+    api = {
+        "1": loader(VAE_FILE, GENERATOR_FILE),
+        "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "3": {"class_type": "PSVAEEditSampler", "inputs": {
+            "generator": ["1", 1], "vae": ["1", 0], "instruction": "make it a watercolour painting",
+            "seed": 0, "steps": 50, "text_guidance": 5.0, "image_guidance": 1.5, "shift": 3.0,
+            "source_image": ["2", 0]}},
+        "4": {"class_type": "PSVAEDecode", "inputs": {"latent": ["3", 0], "vae": ["1", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "psvae/edit"}},
+    }
+    layout = {"1": (40, 60, 330, 130), "2": (40, 250, 330, 380), "3": (420, 60, 360, 440),
+              "4": (830, 60, 200, 60), "5": (1080, 60, 320, 340), "note": (420, 560, 610, 300)}
+    return api, layout, EDIT_NOTE
+
+
+WORKFLOWS = {"vae_round_trip": round_trip, "vae_compare_svae_psvae_rae": compare,
+             "psvae_text_to_image": text_to_image, "psvae_edit": edit}
 
 
 def apply_layout(name: str, workflow: dict, layout: dict, note: str) -> dict:
@@ -107,12 +166,19 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="psvae_wf_"))
     server = ComfyServer(base)
     server.prepare()
+    folder = base / "models" / "psvae"
     for file, spec in TINY_MODEL_FILES.items():
-        write_tiny_vae(base / "models" / "psvae" / file, **spec)
+        write_tiny_vae(folder / file, **spec)
+    for file, spec in TINY_GENERATOR_FILES.items():
+        write_tiny_generator(folder / file, vae_path=folder / spec["vae"], seed=spec["seed"])
     write_test_image(base / "input" / "example.png")
     server.start()
     try:
-        specs = {name: make() for name, make in WORKFLOWS.items()}
+        wanted = sys.argv[1:] or list(WORKFLOWS)
+        unknown = sorted(set(wanted) - set(WORKFLOWS))
+        if unknown:
+            raise SystemExit(f"unknown workflow(s) {unknown}; known: {sorted(WORKFLOWS)}")
+        specs = {name: WORKFLOWS[name]() for name in wanted}
         ui = run_frontend(server, "api2ui", {"workflows": {n: s[0] for n, s in specs.items()}}, base / "browser")
         laid_out = {n: apply_layout(n, ui[n]["workflow"], specs[n][1], specs[n][2]) for n in specs}
         thumbs = base / "thumbs"

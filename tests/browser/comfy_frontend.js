@@ -102,6 +102,7 @@ async function waitHistory(promptId, timeoutMs) {
 async function queue(page, job) {
   const out = {};
   for (const [name, wf] of Object.entries(job.workflows)) {
+    const started = Date.now();
     await page.evaluate(async (wf) => {
       await window.app.loadGraphData(JSON.parse(JSON.stringify(wf)), true, true, null);
     }, wf);
@@ -122,6 +123,7 @@ async function queue(page, job) {
     const dialog = page.locator('.p-dialog:visible');
     if (await dialog.count()) res.error_dialog = (await dialog.first().innerText()).slice(0, 2000);
     await closeDialogs(page);
+    res.seconds = (Date.now() - started) / 1000;
     out[name] = res;
   }
   return out;
@@ -169,13 +171,22 @@ async function templates(page, job) {
 (async () => {
   const [command, jobPath, resultPath] = process.argv.slice(2);
   const job = JSON.parse(fs.readFileSync(jobPath, 'utf8'));
-  const check = async (page, job) => ({ queue: await queue(page, job), templates: await templates(page, job) });
+  const check = async (page, job) => {
+    const t0 = Date.now();
+    const q = await queue(page, job);
+    const t1 = Date.now();
+    const t = await templates(page, job);
+    return { queue: q, templates: t, __seconds: { queue: (t1 - t0) / 1000, templates: (Date.now() - t1) / 1000 } };
+  };
   const handlers = { api2ui, normalize, queue, templates, check };
   if (!handlers[command]) throw new Error(`unknown command ${command}`);
+  const started = Date.now();
   const { browser, page, pageErrors } = await open(job.viewport);
+  const opened = (Date.now() - started) / 1000;
   try {
     const result = await handlers[command](page, job);
     result.__page_errors = pageErrors;
+    result.__open_seconds = opened;
     result.__frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__);
     fs.writeFileSync(resultPath, JSON.stringify(result, null, 1));
   } finally {

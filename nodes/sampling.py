@@ -1,0 +1,185 @@
+"""Text-to-image and editing with the generator inside ComfyUI: input checks, model management,
+the seeded noise, the Euler loop's per-step progress bar with a live preview, interrupts, and the
+conversion between the generator's normalised latents and the raw latents LATENT dicts carry.
+
+Noise: row i of a batch starts from `flow.make_noise` seeded with seed + i, drawn on the CPU, so a
+seed gives the same picture on every device and whatever the batch size (row i of a batch at seed
+s is the picture a batch of one makes at seed s + i).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import comfy.model_management as mm
+import comfy.utils
+from comfy.cli_args import args as comfy_args
+
+from ..psvae_core import flow
+from . import runtime
+from .generator import GeneratorHandle, check_pair
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+MAX_STEPS = 1000
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    steps: int
+    shift: float
+    guidance: float
+    image_guidance: Optional[float] = None
+    cfg_interval: Optional[tuple[float, float]] = None
+
+
+def require_models(generator, vae, who: str) -> tuple[GeneratorHandle, runtime.PSVAEHandle]:
+    if generator is None:
+        raise ValueError(f"{who}: no generator: the PS-VAE Loader's generator_name is 'none'. Pick a generator "
+                         "file there (kind 'generator', in ComfyUI/models/psvae).")
+    if not isinstance(generator, GeneratorHandle):
+        raise ValueError(f"{who}: the generator input is not a PS-VAE generator (got {type(generator).__name__}); "
+                         "connect the 'generator' output of PS-VAE Loader")
+    if not isinstance(vae, runtime.PSVAEHandle):
+        raise ValueError(f"{who}: the vae input is not a PS-VAE autoencoder (got {type(vae).__name__}); "
+                         "connect the 'vae' output of PS-VAE Loader")
+    check_pair(generator, vae, who)
+    return generator, vae
+
+
+def empty_text_problem(text, what: str) -> Optional[str]:
+    """The message for an empty prompt/instruction (None when it has text). Used at validation
+    (widgets) and again at run time (text that arrives through a link)."""
+    if text is None:
+        return None  # linked: checked when the node runs
+    if not isinstance(text, str) or not text.strip():
+        return (f"the {what} is empty: write what the image should show. This generator is always prompted "
+                "(guidance compares the prompt with no prompt, so an empty one has nothing to follow).")
+    return None
+
+
+def tokenize(gen: GeneratorHandle, text: str, what: str, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    problem = empty_text_problem(text, what)
+    if problem:
+        raise ValueError(f"{who}: {problem}")
+    batch = gen.model.tokenizer([text], return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    n = int(mask.sum())
+    if n == 0:
+        raise ValueError(f"{who}: the {what} gives no tokens with this generator's tokenizer; write it in words")
+    if n > gen.max_text_tokens:
+        raise ValueError(f"{who}: the {what} is {n} tokens long; the generator {gen.name} reads at most "
+                         f"{gen.max_text_tokens}. Shorten it.")
+    return ids, mask
+
+
+def check_settings(s: Settings, batch: int, who: str) -> None:
+    # The widgets' min/max bound these already in the UI and at validation; API callers and
+    # converted inputs are checked here once more.
+    if not (1 <= s.steps <= MAX_STEPS):
+        raise ValueError(f"{who}: steps must be 1..{MAX_STEPS}, got {s.steps}")
+    if not (1 <= batch <= MAX_BATCH):
+        raise ValueError(f"{who}: the batch must be 1..{MAX_BATCH} images, got {batch}")
+    if not (0 <= s.seed <= SEED_MAX):
+        raise ValueError(f"{who}: seed must be 0..{SEED_MAX}, got {s.seed}")
+    values = [s.shift, s.guidance] + ([s.image_guidance] if s.image_guidance is not None else [])
+    if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values) or s.shift <= 0:
+        raise ValueError(f"{who}: shift must be > 0 and the guidance scales finite numbers")
+    if s.cfg_interval is not None:
+        lo, hi = s.cfg_interval
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(f"{who}: the guidance interval needs 0 <= cfg_interval_start <= cfg_interval_end <= 1 "
+                             f"(times run from 1 = noise to 0 = image), got {lo}..{hi}")
+
+
+def make_noise(gen: GeneratorHandle, batch: int, size: tuple[int, int], seed: int, device) -> torch.Tensor:
+    shape = (1, gen.latent_channels, *size)
+    rows = [flow.make_noise(shape, (seed + i) % (SEED_MAX + 1), device, gen.dtype) for i in range(batch)]
+    return torch.cat(rows)
+
+
+def preview_image(vae: runtime.PSVAEHandle, x0: torch.Tensor) -> Image.Image:
+    """The first image's current clean estimate (normalised latents) as a picture at latent
+    resolution: denormalised, then mapped to RGB by the VAE's stored latent -> RGB map. ComfyUI's
+    server scales it (bilinear) to --preview-size before sending it."""
+    rgb = vae.preview(vae.denormalize(x0[:1].detach()))  # [1,3,h,w] 0..1
+    return Image.fromarray((rgb[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy())
+
+
+def run(gen: GeneratorHandle, vae: runtime.PSVAEHandle, text: str, what: str, s: Settings, batch: int,
+        source: Optional[torch.Tensor], who: str) -> dict:
+    """Sample and return a LATENT dict of raw latents [batch,C,h,w] (float32, intermediate device).
+    `source`: normalised source latents [batch,C,h,w] for editing, else None."""
+    check_settings(s, batch, who)
+    ids, mask = tokenize(gen, text, what, who)
+    size = tuple(source.shape[-2:]) if source is not None else gen.latent_size
+    branches = len(flow.branches_for(s.guidance, s.image_guidance))
+    image_tokens = size[0] * size[1] * (2 if source is not None else 1)
+    device = gen.load(gen.memory_required(batch, int(ids.shape[1]), image_tokens, branches))
+    model = gen.model
+    pbar = comfy.utils.ProgressBar(s.steps)
+    max_preview = int(getattr(comfy_args, "preview_size", 512) or 512)
+
+    def callback(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        preview = ("JPEG", preview_image(vae, x0), max_preview)
+        pbar.update_absolute(step, total, preview)  # also an interrupt point (ComfyUI's progress hook)
+
+    with torch.inference_mode():
+        text_cache = model.encode_text(ids.to(device), mask.to(device))
+        null = model.null_text(1)
+        src = source.to(device=device, dtype=gen.dtype) if source is not None else None
+        velocity = model.velocity_fn(text_cache, src, null)
+        noise = make_noise(gen, batch, size, s.seed, device)
+        out = flow.euler_sample(velocity, noise, steps=s.steps, shift=s.shift, guidance=s.guidance,
+                                image_guidance=s.image_guidance, cfg_interval=s.cfg_interval, callback=callback)
+        out = out.float()
+    if not torch.isfinite(out).all():
+        hint = " (fp16 overflowed: set the loader's dtype to bf16 or fp32)" if gen.dtype == torch.float16 else ""
+        raise ValueError(f"{who}: the generator produced NaN/Inf values{hint}")
+    raw = vae.denormalize(out).to(mm.intermediate_device())
+    return runtime.make_latent(vae, raw)
+
+
+# -------------------------------------------------------------------------------------- editing
+
+def source_latents(gen: GeneratorHandle, vae: runtime.PSVAEHandle, source_image, source_latent,
+                   who: str) -> torch.Tensor:
+    """Exactly one source -> normalised source latents [B,C,h,w] (float32, CPU/intermediate device).
+
+    An IMAGE is centre-cropped to the aspect ratio of the generator's latent grid and encoded
+    with the VAE (which resizes it to its input size; a native-grid VAE gets it resized to exactly
+    the generator's grid). A LATENT must come from this VAE (channels and the recorded VAE file
+    are checked) and have the generator's grid.
+    """
+    if source_image is None and source_latent is None:
+        raise ValueError(f"{who}: no source: connect the image to edit to source_image (or its PS-VAE latent to "
+                         "source_latent)")
+    if source_image is not None and source_latent is not None:
+        raise ValueError(f"{who}: both source_image and source_latent are connected; connect only one of them "
+                         "(the image to edit, or its latent from PS-VAE Encode)")
+    gh, gw = gen.latent_size
+    if source_image is not None:
+        if not isinstance(source_image, torch.Tensor) or source_image.ndim != 4:
+            raise ValueError(f"{who}: source_image must be an IMAGE [batch, height, width, channels]")
+        x = runtime.crop_to_aspect(source_image.movedim(-1, 1), (gh, gw))
+        if vae.fixed_grid is None:  # native grid: make the encoder's grid the generator's
+            p = vae.patch_size
+            x = F.interpolate(x.float(), size=(gh * p, gw * p), mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0, 1)
+        raw = runtime.encode_images(vae, x.movedim(1, -1), "stretch")
+    else:
+        raw = runtime.check_latent(vae, source_latent, who, "source_latent")
+    if tuple(raw.shape[-2:]) != (gh, gw):
+        raise ValueError(f"{who}: the source latent is {raw.shape[-2]}x{raw.shape[-1]}, but the generator "
+                         f"{gen.name} works on {gh}x{gw} latents; encode the source image with PS-VAE Encode "
+                         "(or connect it to source_image) instead of resizing the latent")
+    if raw.shape[0] > MAX_BATCH:
+        raise ValueError(f"{who}: {raw.shape[0]} source images; edit at most {MAX_BATCH} at a time")
+    return vae.normalize(raw)

@@ -1,0 +1,58 @@
+"""Packaging of the ComfyUI pack: the Comfy registry's own check (`comfy node validate` from
+comfy-cli 1.23.0, built by `make comfy-cli`), the pyproject/requirements rules ComfyUI-Manager and
+the registry rely on, and the pack's VAE fingerprint agreeing with the trainer's."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from comfy_harness import REPO, pack_fingerprint, write_tiny_vae
+
+COMFY_CLI = REPO / ".cache" / "comfy-cli" / "bin" / "comfy"
+
+
+def test_comfy_cli_node_validate_passes_without_warnings(tmp_path):
+    if not os.access(COMFY_CLI, os.X_OK):
+        pytest.skip(f"comfy-cli is not installed at {COMFY_CLI}; run `make comfy-cli` (CI's `make test` does)")
+    env = dict(os.environ, HOME=str(tmp_path), NO_COLOR="1", COLUMNS="200")  # its config goes to $HOME
+    proc = subprocess.run([str(COMFY_CLI), "--skip-prompt", "node", "validate"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "All validation checks passed" in out, out
+    assert "Security warnings" not in out, f"exec/eval/';'-joined statements (soon refused by the registry):\n{out}"
+
+
+def test_pyproject_and_requirements_follow_the_registry_rules():
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project, comfy = data["project"], data["tool"]["comfy"]
+    assert re.fullmatch(r"[a-z][a-z0-9._-]{0,99}", project["name"]) and "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"]), "semver: the publish action triggers on a bump"
+    assert project["urls"]["Repository"].startswith("https://")
+    assert isinstance(project["license"], dict)
+    assert "PublisherId" in comfy and comfy["DisplayName"] == "PS-VAE"
+    floor = tuple(int(x) for x in comfy["requires-comfyui"].lstrip(">=").split("."))
+    assert floor >= (0, 3, 48), "V3 nodes (comfy_api.latest) need ComfyUI >= 0.3.48"
+    assert data["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        spec = line.strip()
+        if not spec or spec.startswith("#"):
+            continue
+        name = re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower()
+        assert name not in {"torch", "torchvision", "torchaudio"}, "never list torch: it breaks CUDA installs"
+        assert not spec.startswith("-"), f"ComfyUI-Manager installs one line at a time: {spec!r}"
+
+
+def test_the_pack_fingerprints_a_vae_file_as_the_trainer_does(tmp_path):
+    text_data = pytest.importorskip("trainer.text_data", reason="the trainer's latent cache is not importable")
+    path = write_tiny_vae(tmp_path / "v.safetensors", seed=4)
+    assert pack_fingerprint(path) == text_data.vae_fingerprint(path)
+    other = write_tiny_vae(tmp_path / "w.safetensors", seed=5)
+    assert pack_fingerprint(other) != pack_fingerprint(path)
+    Path(path).touch()  # a new mtime (re-read), same content
+    assert pack_fingerprint(path) == text_data.vae_fingerprint(path)
