@@ -279,16 +279,20 @@ def generator_adv_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer_weight: torch.Tensor,
-                        max_weight: float = 1e4, eps: float = 1e-4) -> torch.Tensor:
+                        max_weight: float = 1e4, eps: float = 1e-4, grad_reduce=None) -> torch.Tensor:
     """LDM's adaptive weight: ||d rec / d W|| / (||d gan / d W|| + eps), W the decoder's last layer
     weight, clamped to [0, max_weight] and detached. The caller multiplies by its disc_weight.
 
     The graphs are kept (retain_graph) for the caller's backward. Outside training (a loss with
     no graph, e.g. under no_grad) it returns 0, as LDM does in validation.
+    `grad_reduce` (optional) maps each gradient before its norm is taken; data-parallel training
+    passes a cross-process mean so every process uses the global-batch weight.
     """
     if not (rec_loss.requires_grad and gan_loss.requires_grad):
         return torch.zeros((), device=rec_loss.device)
     rec_grad, = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
     gan_grad, = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)
+    if grad_reduce is not None:
+        rec_grad, gan_grad = grad_reduce(rec_grad), grad_reduce(gan_grad)
     weight = rec_grad.float().norm() / (gan_grad.float().norm() + eps)
     return weight.clamp(0.0, max_weight).detach()

@@ -1,0 +1,140 @@
+"""Config and data errors: clear messages and a non-zero exit; data sources, reports and sampling."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from test_trainer_helpers import TINY_SVAE, cli, photos
+from trainer.__main__ import main
+from trainer.data import DataError, GlobalBatchSampler, build_image_dataset
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    return photos(tmp_path_factory.mktemp("photos"), 64)
+
+
+def run_main(capsys, *args):
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones(capsys, photo_dir, tmp_path):
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}", "optim.lrr=1")
+    assert code == 2
+    assert "unknown config key 'optim.lrr'" in err and "lr, " in err and "warmup_steps" in err
+
+
+def test_unknown_key_in_yaml_file(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_sise: 4\n")
+    code, err = run_main(capsys, "svae", "--config", bad)
+    assert code == 2 and "train.batch_sise" in err and "batch_size" in err
+
+
+def test_wrong_type(capsys, photo_dir):
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}", "train.batch_size=four")
+    assert code == 2 and "wrong type for 'train.batch_size'" in err
+
+
+def test_bad_value_and_stage_mismatch(capsys, photo_dir):
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}", "optim.schedule=linear")
+    assert code == 2 and "'optim.schedule'" in err and "cosine" in err
+    code, err = run_main(capsys, "psvae", "--config", TINY_SVAE, f"data.source={photo_dir}")
+    assert code == 2 and "stage 'svae'" in err
+
+
+def test_missing_data_source_and_missing_dir(capsys, tmp_path):
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE)
+    assert code == 2 and "'data.source' must be set" in err
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={tmp_path / 'nope'}",
+                         f"run.output_dir={tmp_path}")
+    assert code == 2 and "does not exist" in err
+
+
+def test_psvae_needs_a_stage1_export(capsys, photo_dir, tmp_path):
+    code, err = run_main(capsys, "psvae", "--config", TINY_SVAE.with_name("psvae_tiny.yaml"),
+                         f"data.source={photo_dir}", "model.init_from=null", f"run.output_dir={tmp_path}")
+    assert code == 2 and "model.init_from" in err
+
+
+def test_every_file_corrupt_fails_loudly_with_nonzero_exit(tmp_path):
+    data = tmp_path / "corrupt"
+    data.mkdir()
+    for i in range(5):
+        (data / f"img{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * (i + 1))
+    (data / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (data / "empty.png").write_bytes(b"")
+    result = cli("svae", "--config", TINY_SVAE, f"data.source={data}", f"run.output_dir={tmp_path / 'runs'}")
+    assert result.returncode == 2, result.stderr
+    assert "no usable images" in result.stderr
+    assert "5 unreadable or truncated" in result.stderr or "5 not an image" in result.stderr
+    assert "1 empty file" in result.stderr and "1 not an image file type" in result.stderr
+
+
+def test_dataset_smaller_than_one_batch(capsys, tmp_path):
+    data = tmp_path / "few"
+    photos(data, 32)
+    for extra in list(data.iterdir())[3:]:
+        extra.unlink()
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={data}", "train.batch_size=4",
+                         f"run.output_dir={tmp_path / 'runs'}")
+    assert code == 2 and "3 usable images, fewer than one global micro-batch" in err
+
+
+def test_folder_skips_and_reports_odd_files(photo_dir, tmp_path):
+    data = tmp_path / "mixed"
+    (data / "sub").mkdir(parents=True)
+    Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(data / "sub" / "transparent.png")
+    Image.new("L", (50, 50), 128).save(data / "grey.jpg")
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (data / "caption.txt").write_text("a caption is not an image")
+    (data / ".hidden.png").write_bytes(b"junk")
+    ds, report = build_image_dataset(str(data), 32)
+    assert len(ds) == 2 and report.found == 3 and sum(report.skipped.values()) == 1
+    item = ds[[i for i, n in enumerate(ds.names) if n.endswith("transparent.png")][0]]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.uint8
+    assert item["image"].min() == 255  # transparency composited over white
+
+
+def test_manifests_jsonl_and_csv(photo_dir, tmp_path):
+    files = sorted(p.name for p in photo_dir.iterdir())
+    jsonl = photo_dir / "list.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"file_name": f}) for f in files[:5]) + "\n")
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text("path,label\n" + "".join(f"{photo_dir / f},x\n" for f in files[:4]) + "missing.png,y\n")
+    ds, report = build_image_dataset(str(jsonl), 32)
+    assert len(ds) == 5 and report.kind == "manifest"
+    ds, report = build_image_dataset(str(csv_file), 32)
+    assert len(ds) == 4 and report.skipped["missing file"] == 1
+    jsonl.unlink()
+
+
+def test_global_sampler_matches_across_process_layouts():
+    one = iter(GlobalBatchSampler(10, 4, 1, 0, seed=3))
+    two = [iter(GlobalBatchSampler(10, 2, 2, r, seed=3)) for r in range(2)]
+    for _ in range(7):  # crosses epoch boundaries (2 global batches per epoch, tail dropped)
+        assert next(one) == next(two[0]) + next(two[1])
+    resumed = iter(GlobalBatchSampler(10, 4, 1, 0, seed=3, start=5))
+    fresh = iter(GlobalBatchSampler(10, 4, 1, 0, seed=3))
+    for _ in range(5):
+        next(fresh)
+    assert next(resumed) == next(fresh)
+    with pytest.raises(DataError, match="fewer than one global micro-batch"):
+        GlobalBatchSampler(3, 2, 2, 0, seed=0)
+
+
+@pytest.mark.parametrize("name", ["svae_paper", "psvae_paper", "rae_paper", "svae_tiny", "psvae_tiny",
+                                  "svae_demo", "psvae_demo"])
+def test_shipped_configs_validate(capsys, name):
+    from trainer.config import load_config
+    from trainer.vae_stages import VAEConfig, model_config
+
+    path = TINY_SVAE.with_name(f"{name}.yaml")
+    stage = path.read_text().split("stage: ", 1)[1].split()[0]
+    cfg = load_config(VAEConfig, stage, str(path), ["data.source=/x", "model.init_from=/y.safetensors"])
+    assert cfg.stage == stage
+    model_config(cfg.model, "psvae")  # preset + overrides form a valid PSVAEConfig

@@ -1,0 +1,77 @@
+"""Exact resume: SIGKILL right after a checkpoint at a random step, resume, and end with the same
+weights (model, EMA, discriminator) as an uninterrupted run; plus keep-last-N and SIGTERM saves."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_trainer_helpers import GAN_ON, ROOT, TINY_SVAE, cli, env, max_diff, photos, weights
+from trainer.checkpointing import MARKER, complete_checkpoints
+
+STEPS = 9
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return photos(tmp_path_factory.mktemp("photos"), 128)
+
+
+def _args(data, out, name, *extra):
+    return ["svae", "--config", TINY_SVAE, f"data.source={data}", f"run.output_dir={out}", f"run.name={name}",
+            f"train.max_steps={STEPS}", "checkpoint.every=3", "checkpoint.keep_last=0", *GAN_ON, *extra]
+
+
+def _popen(args):
+    return subprocess.Popen([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path, proc, timeout=300):
+    end = time.time() + timeout
+    while not path.is_file():
+        assert proc.poll() is None, f"the run ended before {path} appeared:\n{proc.stdout.read()}"
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_sigkill_at_random_checkpoint_then_resume_is_exact(data, tmp_path):
+    kill_step = random.Random().choice([3, 6])
+    ref = cli(*_args(data, tmp_path, "ref"))
+    assert ref.returncode == 0, ref.stderr
+
+    proc = _popen(_args(data, tmp_path, "killed"))
+    marker = tmp_path / "killed" / "checkpoints" / f"step_{kill_step:08d}" / MARKER
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = cli(*_args(data, tmp_path, "killed", "checkpoint.resume=latest"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    final = f"step_{STEPS:08d}"
+    for name in ("model.safetensors", "model.ema.safetensors", "disc.safetensors"):
+        a = weights(tmp_path / "ref" / "checkpoints" / final, name)
+        b = weights(tmp_path / "killed" / "checkpoints" / final, name)
+        assert max_diff(a, b) <= 1e-6, f"{name} differs after a kill at step {kill_step}"
+
+
+def test_sigterm_saves_cleanly_and_keep_last(data, tmp_path):
+    proc = _popen(_args(data, tmp_path, "term", "train.max_steps=400", "checkpoint.every=2", "checkpoint.keep_last=2"))
+    _wait_for(tmp_path / "term" / "checkpoints" / "step_00000004" / MARKER, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by signal" in out
+    done = complete_checkpoints(tmp_path / "term" / "checkpoints")
+    assert len(done) == 2 and done[-1][0] >= 4
+    assert not list((tmp_path / "term" / "checkpoints").glob(".*tmp"))
+    # Re-running without resume refuses to overwrite the run.
+    again = cli(*_args(data, tmp_path, "term"))
+    assert again.returncode == 2 and "checkpoint.resume=latest" in again.stderr

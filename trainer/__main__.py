@@ -1,0 +1,47 @@
+"""`python -m trainer <stage> --config FILE [section.key=value ...]` (docs/TRAINER.md).
+
+The same command runs under `accelerate launch -m trainer ...` and `torchrun -m trainer ...`.
+Exit codes: 0 done, 2 config/data/resume error, 3 halted by the NaN guard, 128+N stopped by
+signal N after a clean checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import vae_stages  # noqa: F401  (registers svae, psvae, rae)
+from .checkpointing import ResumeError
+from .config import ConfigError, load_config, to_yaml
+from .data import DataError
+from .loop import TrainingHalted, train
+from .stage import STAGES
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES), help="what to train")
+    parser.add_argument("--config", help="YAML config (examples: trainer/configs/)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 train.max_steps=100")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stage = STAGES[args.stage]
+    try:
+        cfg = load_config(stage.config_class, args.stage, args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        summary = train(stage, cfg)
+    except (ConfigError, DataError, ResumeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingHalted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return int(summary.get("exit_code", 0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Typed training configs: OmegaConf structured configs built from dataclasses.
+
+A run's config = the stage's schema defaults <- the YAML file <- dotted CLI overrides
+(`optim.lr=2e-4`). Unknown keys and wrong types are errors that name the key; the resolved config
+is written beside the outputs (`config.yaml`) and its hash goes into every export.
+
+The generic sections (`BaseConfig`) belong to the training loop; a stage subclasses `BaseConfig`
+and adds its own sections (the VAE stages add `data`, `model`, `loss`, `gan`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
+                              ValidationError)
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key, the problem and the fix."""
+
+
+# --------------------------------------------------------------------------- generic sections
+
+@dataclass
+class RunSection:
+    name: str = "run"  # run folder: <output_dir>/<name>
+    output_dir: str = "runs"
+    seed: int = 0  # every random choice derives from it (data order, noise, init)
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000  # optimiser steps
+    batch_size: int = 8  # per process and micro-batch; global batch = batch_size x processes x grad_accum
+    grad_accum: int = 1  # micro-batches per optimiser step
+    num_workers: int = 2  # DataLoader worker processes per process
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    schedule: str = "constant"  # constant | cosine (after warm-up, down to lr * min_lr_ratio)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class EMASection:
+    enabled: bool = True
+    decay: float = 0.999
+    warmup: bool = True  # effective decay min(decay, (1+n)/(10+n)) so early averages are not stuck at init
+    every: int = 1  # update every N optimiser steps
+
+
+@dataclass
+class PrecisionSection:
+    mixed: str = "no"  # no | bf16 | fp16 (fp16 uses a dynamic grad scaler)
+    frozen_fp32: bool = True  # frozen encoder / teacher forward in float32 whatever `mixed` says
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000  # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    resume: Optional[str] = None  # null | latest | path to a checkpoint folder
+    allow_mismatch: bool = False  # resume even if the global batch or world size changed
+
+
+@dataclass
+class LogSection:
+    every: int = 10  # steps between log lines (TensorBoard + metrics.jsonl)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0
+    images_every: int = 500  # reconstruction grids (0 disables)
+    images_count: int = 4
+
+
+@dataclass
+class ValidationSection:
+    every: int = 1000  # steps between validations (0: only at the end)
+    max_images: int = 256  # held-out images used per validation
+    use_ema: bool = True
+
+
+@dataclass
+class NaNSection:
+    max_consecutive: int = 20  # halt after this many non-finite steps in a row
+
+
+@dataclass
+class ExportSection:
+    ema: bool = True  # export the EMA weights (else the raw ones)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    stats_images: int = 2048  # training images used to measure the latent mean/std before export
+
+
+@dataclass
+class BaseConfig:
+    """Sections every stage shares; a stage's schema subclasses this."""
+
+    config_version: int = CONFIG_VERSION
+    stage: str = MISSING  # set from the command line (`python -m trainer <stage>`)
+    run: RunSection = field(default_factory=RunSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EMASection = field(default_factory=EMASection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    nan: NaNSection = field(default_factory=NaNSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _valid_keys(schema: DictConfig, full_key: str) -> list[str]:
+    node = schema
+    for part in full_key.split(".")[:-1]:
+        try:
+            node = node[part]
+        except Exception:
+            return []
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        valid = _valid_keys(schema, str(key))
+        section = str(key).rpartition(".")[0] or "the top level"
+        return ConfigError(f"{origin}: unknown config key '{key}'. Valid keys in {section}: {', '.join(valid)}")
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"{origin}: '{key}' must be set (add it to the YAML file or pass {key}=...)")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{origin}: wrong type for '{key}': {msg}")
+    return ConfigError(f"{origin}: {str(err).splitlines()[0]} (key '{key}')")
+
+
+def load_config(schema_cls, stage: str, path: Optional[str], overrides: list[str]) -> DictConfig:
+    """Schema defaults <- YAML file <- dotted overrides; returns a read-only DictConfig."""
+    schema = OmegaConf.structured(schema_cls)
+    cfg = schema
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file "
+                              f"(examples in trainer/configs/)")
+        try:
+            loaded = OmegaConf.load(file)
+        except Exception as err:  # yaml syntax errors
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        file_stage = loaded.get("stage")
+        if file_stage is not None and file_stage != stage:
+            raise ConfigError(f"{path} is a config for stage '{file_stage}' but you ran stage '{stage}'")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as err:
+            raise _explain(err, schema, str(path)) from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must look like section.key=value; got {bad}")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides) + [f"stage={stage}"]))
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, "command line" if path is None else f"{path} + command line") from None
+    if cfg.config_version > CONFIG_VERSION:
+        raise ConfigError(f"config_version {cfg.config_version} is newer than this trainer ({CONFIG_VERSION}); update it")
+    check_base(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _choice(cfg, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"'{key}' is {value!r}; use one of {list(choices)}")
+
+
+def _positive(cfg, key: str, zero_ok: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"'{key}' must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def check_base(cfg) -> None:
+    """Value checks the types cannot express."""
+    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr", "log.every"):
+        _positive(cfg, key)
+    for key in ("train.num_workers", "checkpoint.every", "checkpoint.keep_last", "log.images_every",
+                "validation.every", "validation.max_images", "optim.warmup_steps", "optim.grad_clip",
+                "nan.max_consecutive", "export.stats_images"):
+        _positive(cfg, key, zero_ok=True)
+    _choice(cfg, "optim.schedule", ("constant", "cosine"))
+    _choice(cfg, "precision.mixed", ("no", "bf16", "fp16"))
+    _choice(cfg, "export.dtype", ("float32", "bfloat16", "float16"))
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"'optim.betas' must be two numbers, got {list(cfg.optim.betas)}")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"'ema.decay' must be in [0, 1), got {cfg.ema.decay}")
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_hash(cfg) -> str:
+    """sha256 of the resolved config, without the keys that do not change the result."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.get("checkpoint", {}).pop("resume", None)
+    data.get("log", {}).pop("progress", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def as_dict(section) -> dict[str, Any]:
+    return OmegaConf.to_container(section, resolve=True)

@@ -1,0 +1,50 @@
+"""Exponential moving average of a module's parameters (float32 shadow copies)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Shadow copies of the trainable float parameters; buffers are copied as they are.
+
+    decay_at(n) = min(decay, (1 + n) / (10 + n)) with warm-up, so the average is not dominated by
+    the initial weights in short runs. `num_updates` is part of the saved state.
+    """
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+    def decay_at(self, n: int) -> float:
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = self.decay_at(self.num_updates)
+        for name, p in module.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state lacks {sorted(missing)[:4]}")
+        for name in self.shadow:
+            self.shadow[name].copy_(state["shadow"][name])
+        self.num_updates = int(state["num_updates"])
+
+    @torch.no_grad()
+    def copy_of(self, module: nn.Module) -> nn.Module:
+        """A deep copy of `module` carrying the averaged weights (for evaluation and export)."""
+        clone = copy.deepcopy(module)
+        for name, p in clone.named_parameters():
+            if name in self.shadow:
+                p.copy_(self.shadow[name].to(p.dtype))
+        return clone

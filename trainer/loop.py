@@ -1,0 +1,479 @@
+"""The one training loop. It knows nothing about autoencoders: a `Stage` supplies datasets,
+modules and losses (stage.py); this file supplies processes, precision, accumulation, clipping,
+EMA, checkpoints, logging, the NaN guard, validation, previews, signals and the final export.
+
+Invariants that make resume exact and N processes equal one:
+- the data position is one counter (micro-batches consumed), the sampler derives everything from it;
+- training noise is drawn per global micro-batch from counter-derived seeds (rng.py);
+- everything else (weights, EMA, both optimisers, LR schedules, grad scaler, RNGs of every
+  process, counters) is saved in the checkpoint and restored before the first step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from . import __version__, checkpointing as ckpt
+from .config import config_hash, to_yaml
+from .data import GlobalBatchSampler, shard_indices
+from .ema import EMA
+from .rng import capture_rng_state, restore_rng_state, seed_everything
+from .stage import Context, Models, Stage, Trainable
+from .tracking import Tracker
+
+DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingHalted(RuntimeError):
+    """Too many non-finite steps in a row; the message names the loss terms."""
+
+
+def lr_factor(step: int, optim, max_steps: int) -> float:
+    """LR multiplier at `step`: linear warm-up, then constant or cosine down to min_lr_ratio."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Group:
+    """A Trainable once the loop owns it: wrapped module, optimiser, schedule, EMA."""
+
+    def __init__(self, spec: Trainable, wrapped, raw, max_steps: int, ema: Optional[EMA]):
+        self.name, self.spec, self.wrapped, self.raw, self.ema = spec.name, spec, wrapped, raw, ema
+        o = spec.optim
+        groups = defaultdict(list)
+        for pname, p in raw.named_parameters():
+            if p.requires_grad:
+                scale = next((s for prefix, s in spec.lr_scales.items() if pname.startswith(prefix)), 1.0)
+                groups[scale].append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": ps, "lr": o.lr * s} for s, ps in sorted(groups.items())],
+            lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, o, max_steps))
+        self.params = [p for ps in groups.values() for p in ps]
+
+
+def _signal_handlers(flag: dict):
+    def handler(signum, _frame):
+        flag["signal"] = signum
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
+def _worker_init(_):
+    # Ctrl+C reaches the whole process group; only the main process handles it (clean save).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class Loop:
+    def __init__(self, stage_cls: type[Stage], cfg):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        cuda = torch.cuda.is_available()
+        # On CPU accelerate only forms a gloo process group with cpu=True; mixed precision is then our
+        # own autocast (the config, not the launcher, decides precision: one place to set it).
+        self.acc = Accelerator(mixed_precision=cfg.precision.mixed if cuda else "no", cpu=not cuda)
+        launcher_mp = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.device = self.acc.device
+        self.main = self.rank == 0
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if cuda and cfg.precision.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.amp_dtype = DTYPES[cfg.precision.mixed]
+        self.global_batch = cfg.train.batch_size * self.world * cfg.train.grad_accum
+        self.hash = config_hash(cfg)
+        self.resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
+        if self.resume_dir is None and ckpt.complete_checkpoints(self.ckpt_root):
+            raise ckpt.ResumeError(f"{self.run_dir} already has checkpoints; pass checkpoint.resume=latest to "
+                                   f"continue that run, or choose another run.name")
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.acc.wait_for_everyone()
+        seed_everything(cfg.run.seed)
+        self.ctx = Context(run_dir=self.run_dir, device=self.device, rank=self.rank, world_size=self.world,
+                           seed=cfg.run.seed, autocast_dtype=self.amp_dtype, reduce_mean=self.reduce_mean,
+                           log=self.log)
+        self.stage = stage_cls(cfg, self.ctx)
+        if launcher_mp and launcher_mp != cfg.precision.mixed:
+            self.log(f"note: the launcher asked for mixed precision {launcher_mp!r}; the config's "
+                     f"precision.mixed={cfg.precision.mixed!r} is used")
+
+    # ------------------------------------------------------------------ small helpers
+    def log(self, text: str) -> None:
+        if self.main:
+            tracker = getattr(self, "tracker", None)
+            if tracker is not None and tracker.enabled:
+                tracker.message(text)
+            else:
+                print(text, flush=True)
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        t = t.detach().clone() if not t.requires_grad else t.clone()
+        dist.all_reduce(t)
+        return t / self.world
+
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def _any(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch):
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        return batch
+
+    def _loader(self, dataset, position: int) -> DataLoader:
+        t = self.cfg.train
+        sampler = GlobalBatchSampler(len(dataset), t.batch_size, self.world, self.rank, self.cfg.run.seed, position)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=self.stage.collate,
+                          pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if t.num_workers else None,
+                          persistent_workers=False)
+
+    def eval_model(self, group: _Group, use_ema: bool):
+        """The module used for validation/preview/export: an EMA copy, or the plain module."""
+        if use_ema and group.ema is not None:
+            return group.ema.copy_of(group.raw).eval()
+        return group.raw
+
+    # ------------------------------------------------------------------ checkpoint I/O
+    def _save(self, step: int, position: int, counters: dict) -> None:
+        root = self.ckpt_root
+        if self.main:
+            ckpt.begin(root, step)
+        self.acc.wait_for_everyone()
+        tmp = ckpt.tmp_dir(root, step)
+        ckpt.save_object(tmp / f"rng_rank{self.rank}.pt", capture_rng_state())
+        # Every process takes part in gathering the weights (a no-op copy under DDP, a gather under FSDP).
+        weights = {name: self.acc.get_state_dict(g.wrapped) for name, g in self.groups.items()}
+        if self.main:
+            for g in self.groups.values():
+                ckpt.save_tensors(tmp / f"{g.name}.safetensors", weights[g.name])
+                if g.ema is not None:
+                    ckpt.save_tensors(tmp / f"{g.name}.ema.safetensors", g.ema.shadow)
+                    ckpt.write_json(tmp / f"{g.name}.ema.json", {"num_updates": g.ema.num_updates})
+                ckpt.save_object(tmp / f"{g.name}.optim.pt", {"optimizer": g.optimizer.state_dict(),
+                                                              "scheduler": g.scheduler.state_dict()})
+            if self.scaler is not None:
+                ckpt.save_object(tmp / "scaler.pt", self.scaler.state_dict())
+            ckpt.write_json(tmp / "trainer_state.json", {
+                "step": step, "position": position, **counters, "stage": self.cfg.stage,
+                "world_size": self.world, "batch_size": self.cfg.train.batch_size,
+                "grad_accum": self.cfg.train.grad_accum, "global_batch": self.global_batch,
+                "config_hash": self.hash, "trainer_version": __version__})
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+        self.acc.wait_for_everyone()
+        if self.main:
+            final = ckpt.commit(root, step, self.cfg.checkpoint.keep_last)
+            self.log(f"saved checkpoint {final}")
+        self.acc.wait_for_everyone()
+
+    def _sharded(self) -> bool:
+        return str(self.acc.distributed_type).endswith("FSDP")
+
+    def _read_state(self, folder: Path) -> dict:
+        state = ckpt.read_json(folder / "trainer_state.json")
+        if state.get("stage") != self.cfg.stage:
+            raise ckpt.ResumeError(f"{folder} is a '{state.get('stage')}' checkpoint; this run is '{self.cfg.stage}'")
+        layout = {k: state.get(k) for k in ("world_size", "batch_size", "grad_accum")}
+        now = {"world_size": self.world, "batch_size": self.cfg.train.batch_size, "grad_accum": self.cfg.train.grad_accum}
+        if layout != now and not self.cfg.checkpoint.allow_mismatch:
+            raise ckpt.ResumeError(f"{folder} was written with {layout}, this run has {now}: the data order and the "
+                                   f"noise would not continue exactly. Use the same layout, or pass "
+                                   f"checkpoint.allow_mismatch=true to resume anyway")
+        if state.get("config_hash") != self.hash:
+            self.log(f"note: the config differs from the one {folder.name} was written with (see its config.yaml)")
+        return state
+
+    def _load_weights(self, folder: Path, specs: list[Trainable]) -> None:
+        for spec in specs:
+            tensors = ckpt.load_tensors(folder / f"{spec.name}.safetensors")
+            spec.module.load_state_dict(tensors, strict=True)
+
+    def _load_rest(self, folder: Path, state: dict) -> None:
+        for g in self.groups.values():
+            blob = ckpt.load_object(folder / f"{g.name}.optim.pt")
+            g.optimizer.load_state_dict(blob["optimizer"])
+            g.scheduler.load_state_dict(blob["scheduler"])
+            if g.ema is not None:
+                shadow = ckpt.load_tensors(folder / f"{g.name}.ema.safetensors")
+                meta = ckpt.read_json(folder / f"{g.name}.ema.json")
+                g.ema.load_state_dict({"shadow": {k: v.to(self.device) for k, v in shadow.items()},
+                                       "num_updates": meta["num_updates"]})
+        if self.scaler is not None and (folder / "scaler.pt").is_file():
+            self.scaler.load_state_dict(ckpt.load_object(folder / "scaler.pt"))
+        rng_file = folder / f"rng_rank{self.rank}.pt"
+        if state["world_size"] == self.world and rng_file.is_file():
+            restore_rng_state(ckpt.load_object(rng_file))
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self):
+        cfg = self.cfg
+        train_ds, self.val_ds = self.stage.datasets()
+        self.train_ds = train_ds
+        GlobalBatchSampler(len(train_ds), cfg.train.batch_size, self.world, self.rank, cfg.run.seed)  # size check
+        specs = self.stage.build()
+        state = None
+        if self.resume_dir is not None:
+            state = self._read_state(self.resume_dir)
+            self._load_weights(self.resume_dir, specs)
+        self.groups: dict[str, _Group] = {}
+        for spec in specs:
+            spec.module.to(self.device)
+            wrapped = self.acc.prepare(spec.module)
+            raw = self.acc.unwrap_model(wrapped)
+            ema = EMA(raw, cfg.ema.decay, cfg.ema.warmup) if (spec.ema and cfg.ema.enabled) else None
+            self.groups[spec.name] = _Group(spec, wrapped, raw, cfg.train.max_steps, ema)
+        self.models = Models({n: g.wrapped for n, g in self.groups.items()}, self.acc.unwrap_model)
+        self.main_group = self.groups[specs[0].name]
+        self.scaler = None
+        if cfg.precision.mixed == "fp16":
+            if self._sharded():
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+                self.scaler = ShardedGradScaler()
+            else:
+                self.scaler = torch.amp.GradScaler(self.device.type)
+        self.step, self.position = 0, 0
+        self.counters = {"nan_steps": 0, "nan_consecutive": 0, "scaler_skips": 0}
+        if state is not None:
+            self._load_rest(self.resume_dir, state)
+            self.step, self.position = int(state["step"]), int(state["position"])
+            self.counters.update({k: int(state.get(k, 0)) for k in self.counters})
+            self.log(f"resumed from {self.resume_dir} at step {self.step}")
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _train_step(self, batches) -> tuple[dict, dict, list[str]]:
+        cfg, accum = self.cfg, self.cfg.train.grad_accum
+        sums, logs, active, bad = defaultdict(float), {}, set(), set()
+        for micro in range(accum):
+            batch = self._to_device(next(batches))
+            self.position += 1
+            last = micro == accum - 1
+            with contextlib.ExitStack() as stack:
+                if not last and self.world > 1:  # skip the gradient all-reduce until the last micro-batch
+                    for g in self.groups.values():
+                        stack.enter_context(self.acc.no_sync(g.wrapped))
+                with self.autocast():
+                    result = self.stage.training_step(self.models, batch, self.step, micro)
+                total = None
+                for group, terms in result.losses.items():
+                    active.add(group)
+                    for term, value in terms.items():
+                        value = value.float()
+                        if not torch.isfinite(value.detach()).all():
+                            bad.add(f"{group}/{term}")
+                        sums[f"{group}/{term}"] += value.detach().item() / accum
+                        total = value if total is None else total + value
+                if total is not None:
+                    loss = total / accum
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for k, v in result.logs.items():
+                logs[k] = float(v)
+        grad_norms = {}
+        skip = self._any(bool(bad))
+        if skip:
+            bad_all = set(bad)
+            if self.world > 1:
+                gathered = [None] * self.world
+                dist.all_gather_object(gathered, sorted(bad))
+                bad_all = set().union(*map(set, gathered))
+            bad = sorted(bad_all)
+        else:
+            for name in sorted(active):
+                g = self.groups[name]
+                if self.scaler is not None:
+                    self.scaler.unscale_(g.optimizer)
+                clip = g.spec.optim.grad_clip
+                norm = self.acc.clip_grad_norm_(g.params, clip if clip > 0 else float("inf"))
+                grad_norms[f"grad_norm/{name}"] = float(norm)
+            nonfinite = [k for k, v in grad_norms.items() if not math.isfinite(v)]
+            if nonfinite and self.scaler is None:
+                skip, bad = True, nonfinite
+            else:
+                if nonfinite:
+                    self.counters["scaler_skips"] += 1  # fp16 overflow: the scaler skips and lowers its scale
+                for name in sorted(active):
+                    g = self.groups[name]
+                    (self.scaler.step(g.optimizer) if self.scaler is not None else g.optimizer.step())
+                if self.scaler is not None:
+                    self.scaler.update()
+        for g in self.groups.values():
+            g.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # a group not stepped yet (discriminator before its start) still
+                warnings.simplefilter("ignore", UserWarning)  # advances: the LR is a function of the global step
+                g.scheduler.step()
+        if skip:
+            self.counters["nan_steps"] += 1
+            self.counters["nan_consecutive"] += 1
+            self.log(f"step {self.step}: non-finite {', '.join(bad)}; step skipped "
+                     f"({self.counters['nan_consecutive']} in a row, {self.counters['nan_steps']} in total)")
+            if self.counters["nan_consecutive"] >= max(1, cfg.nan.max_consecutive):
+                raise TrainingHalted(f"halted: {self.counters['nan_consecutive']} non-finite steps in a row "
+                                     f"(last: {', '.join(bad)}). Lower optim.lr, use precision.mixed=bf16 or no, "
+                                     f"or resume from an earlier checkpoint")
+        else:
+            self.counters["nan_consecutive"] = 0
+            if (self.step + 1) % cfg.ema.every == 0:
+                for g in self.groups.values():
+                    if g.ema is not None:
+                        g.ema.update(g.raw)
+        self.step += 1
+        return dict(sums), {**logs, **grad_norms}, bad if skip else []
+
+    # ------------------------------------------------------------------ validation / previews
+    @torch.no_grad()
+    def validate(self) -> dict:
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return {}
+        cfg = self.cfg
+        model = self.eval_model(self.main_group, cfg.validation.use_ema)
+        n = min(len(self.val_ds), cfg.validation.max_images)
+        mine = shard_indices(n, self.world, self.rank)
+        sums: dict[str, float] = defaultdict(float)
+        bs = cfg.train.batch_size
+        for i in range(0, len(mine), bs):
+            items = [self.val_ds[j] for j in mine[i:i + bs]]
+            batch = self._to_device(self.stage.collate(items))
+            with self.autocast():
+                metrics = self.stage.evaluate(model, batch)
+            for k, v in metrics.items():
+                sums[k] += float(v.float().sum())
+        names = [sorted(sums)]
+        if self.world > 1:
+            dist.broadcast_object_list(names, src=0)
+        totals = torch.tensor([sums.get(k, 0.0) for k in names[0]], dtype=torch.float64, device=self.device)
+        totals = self._reduce_sum(totals)
+        return {k: float(v) / n for k, v in zip(names[0], totals.tolist())}
+
+    @torch.no_grad()
+    def preview(self) -> None:
+        cfg = self.cfg
+        source = self.val_ds if self.val_ds is not None and len(self.val_ds) else self.train_ds
+        count = min(cfg.log.images_count, len(source))
+        batch = self._to_device(self.stage.collate([source[i] for i in range(count)]))
+        model = self.eval_model(self.main_group, cfg.validation.use_ema)
+        with self.autocast():
+            images = self.stage.preview(model, batch)
+        if images is None:
+            return
+        from torchvision.utils import make_grid, save_image
+        grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=count, padding=2)
+        out = self.run_dir / "samples"
+        out.mkdir(exist_ok=True)
+        save_image(grid, out / f"step_{self.step:08d}.png")
+        self.tracker.image("reconstructions", self.step, grid)
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> Optional[Path]:
+        cfg = self.cfg
+        model = self.eval_model(self.main_group, cfg.export.ema)
+        provenance = {"trainer": __version__, "stage": cfg.stage, "step": self.step, "config_hash": self.hash,
+                      "seed": cfg.run.seed, "ema": bool(cfg.export.ema and self.main_group.ema is not None),
+                      "global_batch": self.global_batch, "data": self.stage.data_description()}
+        path = self.stage.export(model, self.run_dir / "export", provenance)
+        self.acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._setup()
+        self.tracker = Tracker(self.run_dir, self.main, cfg.log.tensorboard, cfg.log.progress,
+                               cfg.train.max_steps, self.step)
+        flag: dict = {}
+        previous = _signal_handlers(flag)
+        batches = iter(self._loader(self.train_ds, self.position))
+        last_saved = self.step if self.resume_dir is not None else -1
+        summary: dict = {"run_dir": str(self.run_dir), "start_step": self.step}
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            if self.main and self.step == 0:
+                self.log(f"training '{cfg.stage}' for {cfg.train.max_steps} steps, global batch "
+                         f"{self.global_batch} ({self.world} process(es)) -> {self.run_dir}")
+            while self.step < cfg.train.max_steps:
+                losses, logs, bad = self._train_step(batches)
+                window_steps += 1
+                step = self.step
+                if step % cfg.log.every == 0 or step == cfg.train.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    mean = {k: float(self.reduce_mean(torch.tensor(v, device=self.device))) for k, v in losses.items()}
+                    lr = self.main_group.scheduler.get_last_lr()[0]
+                    ips = window_steps * self.global_batch / max(elapsed, 1e-9)
+                    self.tracker.log("train", step, {**mean, **logs, "lr": lr, "images_per_s": ips, **self.counters})
+                    main_loss = sum(v for k, v in mean.items() if k.startswith(self.main_group.name + "/"))
+                    self.tracker.progress(step, {"loss": main_loss, "lr": lr, "img/s": ips})
+                    window_start, window_steps = time.perf_counter(), 0
+                if cfg.log.images_every and step % cfg.log.images_every == 0 and self.main:
+                    self.preview()
+                if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.max_steps:
+                    self._log_validation(step)
+                stop = self._any(bool(flag.get("signal"))) if self.world > 1 else bool(flag.get("signal"))
+                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop:
+                    self._save(step, self.position, self.counters)
+                    last_saved = step
+                if stop:
+                    signum = flag.get("signal") or signal.SIGTERM
+                    self.log(f"stopped by signal {signum} at step {step}; checkpoint saved. Continue with "
+                             f"checkpoint.resume=latest")
+                    summary.update(stopped=True, step=step, exit_code=128 + int(signum))
+                    return summary
+            if last_saved != self.step:
+                self._save(self.step, self.position, self.counters)
+            summary["validation"] = self._log_validation(self.step)
+            summary["export"] = str(self.export() or "")
+            summary.update(step=self.step, stopped=False, exit_code=0, **self.counters)
+            return summary
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.tracker.close()
+
+    def _log_validation(self, step: int) -> dict:
+        metrics = self.validate()
+        if metrics:
+            self.tracker.log("val", step, metrics)
+            self.log(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        return metrics
+
+
+def train(stage_cls: type[Stage], cfg) -> dict:
+    return Loop(stage_cls, cfg).run()

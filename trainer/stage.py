@@ -1,0 +1,134 @@
+"""The contract between the generic training loop (`loop.py`) and a stage, and the stage registry.
+
+A stage says WHAT is trained (datasets, modules, losses, validation, export); the loop says HOW
+(processes, precision, accumulation, clipping, EMA, checkpoints, logging, NaN guard, signals).
+
+    @register
+    class MyStage(Stage):
+        name = "mystage"
+        config_class = MyConfig            # a subclass of config.BaseConfig
+
+        def datasets(self): ...            # (train, held_out or None): map-style datasets
+        def build(self): ...               # [Trainable("model", module, ...), Trainable("disc", ...)]
+        def training_step(self, models, batch, step, micro): ...   # -> StepResult
+        def evaluate(self, model, batch): ...                      # -> {metric: per-sample [B] tensor}
+        def preview(self, model, batch): ...                       # -> images [N,3,H,W] for a grid
+        def export(self, model, folder, provenance): ...           # -> exported file
+
+`models[name]` is the wrapped (DDP/FSDP) module to call in training; `models.raw(name)` the
+plain one. Loss terms are returned already weighted; the loop sums each group's terms, so the
+log shows every term and the NaN guard can name the one that broke.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Trainable:
+    """One optimiser's worth of parameters.
+
+    optim: an `OptimSection`-shaped config (lr, betas, weight_decay, eps, grad_clip, schedule,
+        warmup_steps, min_lr_ratio).
+    lr_scales: parameter-name prefix -> LR multiplier (e.g. {"vae.encoder.": 0.1}); names are
+        those of `module.named_parameters()`.
+    ema: keep an EMA of this module (used for validation and export).
+    """
+
+    name: str
+    module: nn.Module
+    optim: Any
+    lr_scales: dict = field(default_factory=dict)
+    ema: bool = False
+
+
+@dataclass
+class StepResult:
+    """losses: group name -> {term: weighted scalar loss}; a group absent this step is not stepped.
+    logs: extra scalars to log (detached), e.g. the adaptive GAN weight."""
+
+    losses: dict[str, dict[str, torch.Tensor]]
+    logs: dict[str, Any] = field(default_factory=dict)
+
+
+class Models:
+    """Name -> trained module as the loop wrapped it, plus access to the plain module."""
+
+    def __init__(self, wrapped: dict[str, nn.Module], unwrap):
+        self._wrapped, self._unwrap = wrapped, unwrap
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self._wrapped[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._wrapped
+
+    def raw(self, name: str) -> nn.Module:
+        return self._unwrap(self._wrapped[name])
+
+
+@dataclass
+class Context:
+    """What a stage may know about the run."""
+
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world_size: int
+    seed: int
+    autocast_dtype: Optional[torch.dtype]  # None: float32
+    reduce_mean: Any  # tensor -> its mean over processes (identity in one process)
+    log: Any  # str -> None, printed on rank 0
+
+
+class Stage:
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+
+    def __init__(self, cfg, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+
+    # --- required ---------------------------------------------------------------------------
+    def datasets(self) -> tuple[torch.utils.data.Dataset, Optional[torch.utils.data.Dataset]]:
+        raise NotImplementedError
+
+    def build(self) -> list[Trainable]:
+        raise NotImplementedError
+
+    def training_step(self, models: Models, batch: dict, step: int, micro: int) -> StepResult:
+        raise NotImplementedError
+
+    # --- optional ---------------------------------------------------------------------------
+    def data_description(self) -> dict:
+        """What the model was trained on, for the export's provenance."""
+        return {}
+
+    def collate(self, items: list[dict]) -> dict:
+        return torch.utils.data.default_collate(items)
+
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-sample metrics `[B]` of the (EMA) main model on a held-out batch."""
+        return {}
+
+    def preview(self, model: nn.Module, batch: dict) -> Optional[torch.Tensor]:
+        """Images `[N,3,H,W]` in 0..1 to show as a grid, or None."""
+        return None
+
+    def export(self, model: nn.Module, folder: Path, provenance: dict) -> Optional[Path]:
+        """Write the inference file(s) of the (EMA) main model; runs on every process (rank 0 writes)."""
+        return None
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    if not cls.name or cls.name in STAGES:
+        raise ValueError(f"stage name {cls.name!r} is empty or taken")
+    STAGES[cls.name] = cls
+    return cls

@@ -1,0 +1,499 @@
+"""The autoencoder stages: `svae` (stage 1), `psvae` (stage 2) and `rae` (baseline), PAPER.md §2-§4.
+
+    svae   encoder frozen; E_s/D_s trained with L_s + L_KL; the pixel decoder trained with L_P on
+           the detached latent (the paper's f_l.detach()).
+    psvae  starts from a stage-1 export; everything trainable; L_s against a frozen teacher copy
+           of the encoder, plus L_KL and L_P flowing back through E_s into the encoder.
+    rae    encoder frozen; the latent is the encoder feature map; a pixel decoder trained with
+           L_P on noise-augmented features (RAE's tau).
+
+Models and losses all come from psvae_core; this file only wires them and picks weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import MISSING, OmegaConf
+from torch import nn
+
+from psvae_core import losses
+from psvae_core.autoencoder import PSVAE
+from psvae_core.config import PRESETS, PSVAEConfig
+
+from .config import BaseConfig, ConfigError, OptimSection, as_dict
+from .data import build_image_dataset, split_holdout
+from .feature_cache import CachedFeatures, build_cache, cache_key
+from .rng import step_noise
+from .stage import Stage, StepResult, Trainable, register
+
+
+# --------------------------------------------------------------------------- config schema
+
+@dataclass
+class DataSection:
+    source: str = MISSING  # image folder (recursive), .jsonl/.csv manifest of paths, or HF `datasets` folder
+    kind: str = "auto"  # auto | folder | manifest | hf
+    image_size: int = 256  # training crop = decoder output size (shorter side resized, centre crop)
+    val_source: Optional[str] = None  # held-out images (same kinds as `source`)
+    val_count: int = 0  # or: hold this many images of `source` out (a seeded choice)
+    verify: str = "header"  # header: open each file's header at scan time; full: decode every image
+    min_size: int = 0  # skip images whose shorter side is smaller
+    manifest_key: Optional[str] = None  # jsonl key / csv column holding the path (default: path, file_name, image, file)
+    hf_column: str = "image"
+    hf_split: Optional[str] = None
+    cache_features: bool = False  # svae/rae: cache frozen-encoder features (float16) on disk
+    cache_dir: Optional[str] = None  # default <run>/feature_cache
+
+
+@dataclass
+class ModelSection:
+    preset: str = "paper-dinov2-b-96c"  # a psvae_core.config.PRESETS name
+    overrides: Dict[str, Any] = field(default_factory=dict)  # PSVAEConfig fields merged into the preset
+    encoder_weights: Optional[str] = None  # local folder (or hub id) of the pretrained encoder; null = random init
+    init_from: Optional[str] = None  # a stage-1 export (.safetensors); required by psvae
+    encoder_lr_scale: float = 1.0  # psvae: encoder LR = optim.lr x this
+
+
+@dataclass
+class LossSection:
+    semantic_weight: float = 1.0  # L_s (on D_s's reconstruction f_h'')
+    semantic_l2: float = 1.0  # inside L_s: MSE weight
+    semantic_cos: float = 1.0  # inside L_s: (1 - cosine) weight
+    semantic_encoder_weight: float = 1.0  # psvae: L_s also on the fine-tuned encoder's f_h' (x semantic_weight); 0 = f_h'' only
+    kl_weight: float = 1.0e-6  # L_KL
+    kl_reduction: str = "sum_mean"  # sum_mean (LDM) | mean
+    pixel_weight: float = 1.0  # L_P multiplier (L1 + LPIPS + GAN)
+    l1_weight: float = 1.0
+    lpips_weight: float = 1.0
+    lpips_net: str = "vgg"  # vgg (LDM) | alex | squeeze
+    lpips_weights: Optional[str] = None  # torchvision backbone weights; null = $PSVAE_LPIPS_WEIGHTS or random (warns)
+    decoder_input: str = "sample"  # sample | mode: what the pixel decoder gets from the posterior in training
+    noise_tau: float = 0.0  # decoder-input noise sigma ~ U(0, tau) per image (RAE uses 0.8); 0 = off
+
+
+@dataclass
+class GANSection:
+    weight: float = 0.5  # disc_weight (LDM 0.5, RAE 0.75); 0 = no discriminator at all
+    start_step: int = 20000  # the generator's adversarial term starts here
+    disc_start_step: Optional[int] = None  # discriminator updates start here (null = start_step)
+    adaptive: bool = True  # LDM adaptive weight ||grad rec|| / ||grad gan|| at the decoder's last layer
+    max_adaptive: float = 1.0e4
+    loss: str = "hinge"  # hinge (LDM) | vanilla (RAE's generator loss)
+    ndf: int = 64
+    n_layers: int = 3
+    norm: str = "group"  # group | none | batch (batch statistics differ per process under DDP)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, betas=[0.5, 0.9]))
+
+
+@dataclass
+class ValidationExtra:
+    lpips: str = "auto"  # auto: report LPIPS (alex) only when real backbone weights are available | on | off
+
+
+@dataclass
+class VAEConfig(BaseConfig):
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossSection = field(default_factory=LossSection)
+    gan: GANSection = field(default_factory=GANSection)
+    metrics: ValidationExtra = field(default_factory=ValidationExtra)
+
+
+def model_config(model: ModelSection, mode: str) -> PSVAEConfig:
+    """The preset with `model.overrides` merged in (PSVAEConfig refuses unknown fields)."""
+    base = OmegaConf.create(PRESETS[model.preset].to_dict())
+    merged = OmegaConf.to_container(OmegaConf.merge(base, OmegaConf.create(as_dict(model.overrides))))
+    merged["mode"] = mode
+    try:
+        return PSVAEConfig.from_dict(merged)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.overrides: {err}") from None
+
+
+# --------------------------------------------------------------------------- the trained module
+
+class VAETrainModule(nn.Module):
+    """The PSVAE plus the forward one training step needs; this is what DDP wraps.
+
+    Noise comes in as tensors (drawn per global batch by the stage, rng.py), so the result does
+    not depend on the process layout.
+    """
+
+    def __init__(self, vae: PSVAE, kl_reduction: str):
+        super().__init__()
+        self.vae, self.kl_reduction = vae, kl_reduction
+
+    def forward(self, images: torch.Tensor, features: Optional[torch.Tensor] = None,
+                latent_noise: Optional[torch.Tensor] = None, decoder_noise: Optional[torch.Tensor] = None,
+                detach_pixel_input: bool = False) -> dict[str, torch.Tensor]:
+        vae = self.vae
+        if features is None:
+            features = vae.semantic_features(images)
+        posterior = vae.posterior_from_features(features)
+        if latent_noise is not None and not posterior.deterministic:
+            z = posterior.mean + posterior.std * latent_noise  # = posterior.sample(), with the given noise
+        else:
+            z = posterior.mode()
+        out = {"features": features, "latents": z, "kl": losses.kl_loss(posterior, self.kl_reduction)}
+        if vae.semantic_decoder is not None:
+            out["reconstructed_features"] = vae.decode_features(z)
+        pixel_in = z.detach() if detach_pixel_input else z
+        if decoder_noise is not None:
+            pixel_in = pixel_in + decoder_noise
+        out["images"] = vae.decode(pixel_in)
+        return out
+
+
+def checkpoint_activations(module: nn.Module, block_types: tuple) -> int:
+    """Recompute the activations of every block of `block_types` in backward (saves memory)."""
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, block_types):
+            forward = m.forward
+
+            def run(*args, _forward=forward, _m=m, **kwargs):
+                if torch.is_grad_enabled() and _m.training:
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return _forward(*args, **kwargs)
+            m.forward = run
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters without gradients for a while (the discriminator inside the generator's loss)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+# --------------------------------------------------------------------------- stages
+
+class _VAEStage(Stage):
+    config_class = VAEConfig
+    mode = "psvae"  # PSVAEConfig.mode
+    train_encoder = False  # stage 2 unfreezes the encoder
+    detach_pixel_input = True  # stage 1's f_l.detach()
+    needs_init = False
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self._check_config()
+        self.vae = self._build_vae()
+        self.vae.encoder.set_trainable(self.train_encoder)
+        if cfg.train.grad_checkpointing:
+            from psvae_core.pixel_decoder import AttnBlock, ResnetBlock
+            layer_types = tuple({type(layer) for layer in self._encoder_layers()})
+            n = checkpoint_activations(self.vae, (ResnetBlock, AttnBlock) + layer_types)
+            ctx.log(f"gradient checkpointing on {n} blocks")
+        self.teacher = None
+        if self.train_encoder and self.mode == "psvae":
+            self.teacher = self.vae.encoder.frozen_copy().to(ctx.device)  # the L_s anchor (PAPER.md §4)
+        L = cfg.loss
+        self.lpips = losses.LPIPSLoss(L.lpips_net, L.lpips_weights).to(ctx.device) if L.lpips_weight > 0 else None
+        self.use_gan = cfg.gan.weight > 0
+        self.disc = (losses.PatchGANDiscriminator(ndf=cfg.gan.ndf, n_layers=cfg.gan.n_layers, norm=cfg.gan.norm)
+                     if self.use_gan else None)
+        self._metric_lpips = None
+        self.reports: dict = {}
+        size = cfg.data.image_size
+        h, w = self.vae.latent_grid(size, size)
+        if (h * self.vae.upsample_factor, w * self.vae.upsample_factor) != (size, size):
+            raise ConfigError(f"data.image_size={size} but this model decodes to {h * self.vae.upsample_factor} px "
+                              f"(latent {h}x{w} x{self.vae.upsample_factor}); set data.image_size to that, or change "
+                              f"model.overrides.encoder.image_size")
+        self.latent_shape = (self.vae.latent_channels, h, w)
+
+    # --- construction ---------------------------------------------------------------------
+    def _check_config(self):
+        cfg = self.cfg
+        if cfg.data.kind not in ("auto", "folder", "manifest", "hf"):
+            raise ConfigError(f"'data.kind' is {cfg.data.kind!r}; use auto, folder, manifest or hf")
+        if cfg.data.verify not in ("header", "full"):
+            raise ConfigError(f"'data.verify' is {cfg.data.verify!r}; use header or full")
+        if cfg.loss.decoder_input not in ("sample", "mode"):
+            raise ConfigError(f"'loss.decoder_input' is {cfg.loss.decoder_input!r}; use sample or mode")
+        if cfg.loss.kl_reduction not in ("sum_mean", "mean"):
+            raise ConfigError(f"'loss.kl_reduction' is {cfg.loss.kl_reduction!r}; use sum_mean or mean")
+        if cfg.gan.loss not in ("hinge", "vanilla"):
+            raise ConfigError(f"'gan.loss' is {cfg.gan.loss!r}; use hinge or vanilla")
+        if cfg.gan.norm not in ("group", "none", "batch"):
+            raise ConfigError(f"'gan.norm' is {cfg.gan.norm!r}; use group, none or batch")
+        if cfg.metrics.lpips not in ("auto", "on", "off"):
+            raise ConfigError(f"'metrics.lpips' is {cfg.metrics.lpips!r}; use auto, on or off")
+        if cfg.data.cache_features and self.train_encoder:
+            raise ConfigError("data.cache_features only applies to stages with a frozen encoder (svae, rae)")
+        if self.needs_init and not cfg.model.init_from:
+            raise ConfigError(f"stage '{self.name}' starts from a stage-1 export: set model.init_from to the "
+                              f"svae run's export/vae.safetensors")
+        if cfg.model.preset not in PRESETS:
+            raise ConfigError(f"'model.preset' is {cfg.model.preset!r}; use one of {sorted(PRESETS)}")
+
+    def _model_config(self) -> PSVAEConfig:
+        return model_config(self.cfg.model, self.mode)
+
+    def _build_vae(self) -> PSVAE:
+        m = self.cfg.model
+        if m.init_from:
+            path = Path(m.init_from)
+            if not path.is_file():
+                raise ConfigError(f"model.init_from={m.init_from}: no such file; point it at a previous run's "
+                                  f"export/vae.safetensors")
+            vae = PSVAE.from_file(path)
+            if vae.config.mode != self.mode:
+                raise ConfigError(f"model.init_from is a mode-{vae.config.mode!r} VAE; stage '{self.name}' needs {self.mode!r}")
+            self.ctx.log(f"initialised from {path}")
+            return vae.train()
+        config = self._model_config()
+        if m.encoder_weights:
+            return PSVAE.from_pretrained_encoder(config, m.encoder_weights).train()
+        self.ctx.log("note: model.encoder_weights is not set, so the representation encoder is RANDOMLY "
+                     "initialised (fine for tests and the demo; set it to a DINOv2 folder for real training)")
+        return PSVAE(config).train()
+
+    def _encoder_layers(self):
+        from torch.nn import ModuleList
+        for m in self.vae.modules():
+            if isinstance(m, ModuleList):
+                yield from m
+
+    # --- data ---------------------------------------------------------------------------------
+    def datasets(self):
+        d, ctx = self.cfg.data, self.ctx
+        kwargs = dict(kind=d.kind, verify=d.verify, min_size=d.min_size, manifest_key=d.manifest_key,
+                      hf_column=d.hf_column, hf_split=d.hf_split)
+        train, report = build_image_dataset(d.source, d.image_size, **kwargs)
+        val = None
+        if d.val_source:
+            val, val_report = build_image_dataset(d.val_source, d.image_size, **kwargs)
+            self.reports["val"] = val_report.to_dict()
+        elif d.val_count:
+            train, val = split_holdout(train, d.val_count, self.cfg.run.seed)
+        report.used = len(train)
+        self.reports["train"] = report.to_dict()
+        ctx.log(f"data: {report.summary()}" + (f"; {len(val)} held out for validation" if val is not None else ""))
+        if ctx.rank == 0:
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            (ctx.run_dir / "data_report.json").write_text(json.dumps(self.reports, indent=2) + "\n")
+        self.train_images = train
+        if d.cache_features:
+            train = self._with_cache(train)
+        return train, val
+
+    def _with_cache(self, train):
+        d, ctx = self.cfg.data, self.ctx
+        encoder = self.vae.encoder.to(ctx.device)
+        key = cache_key(encoder, encoder.config.to_dict(), train.names, d.image_size)
+        folder = Path(d.cache_dir) if d.cache_dir else ctx.run_dir / "feature_cache"
+        barrier = (lambda: torch.distributed.barrier()) if ctx.world_size > 1 else (lambda: None)
+        path = build_cache(train, self._frozen_features, folder, key, ctx, self.cfg.train.batch_size, barrier)
+        return CachedFeatures(train, path)
+
+    def data_description(self) -> dict:
+        out = {"source": self.cfg.data.source, "images": self.reports.get("train", {}).get("used"),
+               "image_size": self.cfg.data.image_size}
+        if self.cfg.data.val_source:
+            out["val_source"] = self.cfg.data.val_source
+        return out
+
+    # --- training -----------------------------------------------------------------------------
+    def build(self) -> list[Trainable]:
+        module = VAETrainModule(self.vae, self.cfg.loss.kl_reduction)
+        scales = {"vae.encoder.": self.cfg.model.encoder_lr_scale} if self.train_encoder else {}
+        specs = [Trainable("model", module, self.cfg.optim, lr_scales=scales, ema=True)]
+        if self.disc is not None:
+            specs.append(Trainable("disc", self.disc, self.cfg.gan.optim))
+        return specs
+
+    def _precise(self):
+        """Frozen networks run in float32 when precision.frozen_fp32 (whatever the autocast)."""
+        if self.cfg.precision.frozen_fp32:
+            return torch.autocast(device_type=self.ctx.device.type, enabled=False)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        with self._precise():
+            return self.vae.encoder(images.float())
+
+    def _noise(self, shape, step: int, micro: int, what: str, uniform: bool = False) -> torch.Tensor:
+        c = self.ctx
+        return step_noise(shape, c.rank, c.world_size, micro, self.cfg.train.grad_accum, c.device,
+                          c.seed, what, step, uniform=uniform)
+
+    def _grad_mean(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.ctx.reduce_mean(grad)
+
+    def training_step(self, models, batch, step, micro) -> StepResult:
+        cfg, L, G = self.cfg, self.cfg.loss, self.cfg.gan
+        images = batch["image"].float() / 255
+        b = images.shape[0]
+        features = None
+        if not self.train_encoder:
+            features = batch["features"].float() if "features" in batch else self._frozen_features(images)
+        latent_noise = None
+        if self.mode == "psvae" and L.decoder_input == "sample":
+            latent_noise = self._noise((b, *self.latent_shape), step, micro, "latent")
+        decoder_noise = None
+        if L.noise_tau > 0:
+            sigma = L.noise_tau * self._noise((b, 1, 1, 1), step, micro, "tau", uniform=True)
+            decoder_noise = sigma * self._noise((b, *self.latent_shape), step, micro, "decoder")
+        out = models["model"](images, features=features, latent_noise=latent_noise, decoder_noise=decoder_noise,
+                              detach_pixel_input=self.detach_pixel_input and self.mode == "psvae")
+        terms, logs = {}, {}
+        if self.mode == "psvae":
+            if self.teacher is not None:
+                with torch.no_grad(), self._precise():
+                    target = self.teacher(images)
+            else:
+                target = out["features"].detach()  # the frozen encoder's own features
+            ls, parts = losses.semantic_loss(out["reconstructed_features"], target, L.semantic_l2, L.semantic_cos)
+            terms["semantic"] = L.semantic_weight * ls
+            logs.update({"semantic_l2": parts["l2"], "semantic_cos": parts["cos"]})
+            if self.teacher is not None and L.semantic_encoder_weight > 0:
+                le, _ = losses.semantic_loss(out["features"], target, L.semantic_l2, L.semantic_cos)
+                terms["semantic_encoder"] = L.semantic_weight * L.semantic_encoder_weight * le
+            terms["kl"] = L.kl_weight * out["kl"]
+        recon = out["images"]
+        rec = L.l1_weight * losses.l1_loss(recon, images)
+        terms["l1"] = L.pixel_weight * rec
+        if self.lpips is not None:
+            lp = L.lpips_weight * self.lpips(recon, images)
+            terms["lpips"] = L.pixel_weight * lp
+            rec = rec + lp
+        result = {"model": terms}
+        if self.use_gan:
+            if step >= G.start_step:
+                disc = models.raw("disc")
+                with frozen(disc):  # gradients reach the decoder, never the discriminator
+                    g_adv = losses.generator_adv_loss(disc(recon * 2 - 1), G.loss)
+                weight = torch.ones((), device=recon.device)
+                if G.adaptive:
+                    last = models.raw("model").vae.pixel_decoder.last_layer
+                    reduce = self._grad_mean if self.ctx.world_size > 1 else None
+                    weight = losses.adaptive_gan_weight(rec, g_adv, last, G.max_adaptive, grad_reduce=reduce)
+                terms["gan"] = L.pixel_weight * G.weight * weight * g_adv
+                logs["adaptive_weight"] = weight
+            disc_start = G.start_step if G.disc_start_step is None else G.disc_start_step
+            if step >= disc_start:
+                # One forward over real and fake (one DDP call per step; the norm is per sample).
+                logits = models["disc"](torch.cat([images, recon.detach()]) * 2 - 1)
+                real, fake = logits[:b], logits[b:]
+                d_loss = (losses.hinge_d_loss if G.loss == "hinge" else losses.vanilla_d_loss)(real, fake)
+                result["disc"] = {G.loss: d_loss}
+                logs["logits_real"], logs["logits_fake"] = real.detach().mean(), fake.detach().mean()
+        return StepResult(result, {k: float(v) for k, v in logs.items()})
+
+    # --- evaluation, previews, export --------------------------------------------------------
+    def _lpips_metric(self):
+        if self.cfg.metrics.lpips == "off":
+            return None
+        if self._metric_lpips is None:
+            quiet = logging.getLogger(losses.__name__)
+            level = quiet.level
+            if self.cfg.metrics.lpips == "auto":
+                quiet.setLevel(logging.ERROR)  # the note below replaces the library's random-backbone warning
+            try:
+                lp = losses.LPIPSLoss("alex", self.cfg.loss.lpips_weights if self.cfg.loss.lpips_net == "alex"
+                                      else None, reduction="none")
+            finally:
+                quiet.setLevel(level)
+            if not lp.pretrained_backbone and self.cfg.metrics.lpips == "auto":
+                self.ctx.log("note: validation LPIPS skipped: no AlexNet backbone weights here "
+                             "(set PSVAE_LPIPS_WEIGHTS, or metrics.lpips=on to report the random-backbone value)")
+                self._metric_lpips = False
+            else:
+                self._metric_lpips = lp.to(self.ctx.device)
+        return self._metric_lpips or None
+
+    @torch.no_grad()
+    def evaluate(self, model, batch):
+        # The evaluation command's own function, so validation numbers and `python -m trainer.evaluate`
+        # reports are computed the same way.
+        from .evaluate import evaluate_reconstruction
+
+        images = batch["image"].float() / 255
+        result = evaluate_reconstruction(model.vae, [images], resolution=self.cfg.data.image_size,
+                                         lpips=self._lpips_metric(), device=images.device)
+        per = result["per_image"]
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in per.items() if v is not None}
+
+    @torch.no_grad()
+    def preview(self, model, batch):
+        images = batch["image"].float() / 255
+        return torch.cat([images, model.vae.reconstruct(images).float()])
+
+    @torch.no_grad()
+    def latent_stats(self, vae: PSVAE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean/std of the posterior mode over the first export.stats_images training images."""
+        ctx, data = self.ctx, self.train_images
+        n = min(len(data), max(1, self.cfg.export.stats_images))
+        from .data import shard_indices
+        mine = shard_indices(n, ctx.world_size, ctx.rank)
+        c = vae.latent_channels
+        acc = torch.zeros(3, c, dtype=torch.float64, device=ctx.device)  # count, sum, sum of squares
+        bs = self.cfg.train.batch_size
+        for s in range(0, len(mine), bs):
+            images = torch.stack([data[i]["image"] for i in mine[s:s + bs]]).to(ctx.device).float() / 255
+            with self._precise():
+                z = vae.encode(images).mode().double()
+            acc[0] += z.shape[0] * z.shape[2] * z.shape[3]
+            acc[1] += z.sum(dim=(0, 2, 3))
+            acc[2] += z.pow(2).sum(dim=(0, 2, 3))
+        if ctx.world_size > 1:
+            torch.distributed.all_reduce(acc)
+        mean = acc[1] / acc[0]
+        std = (acc[2] / acc[0] - mean.pow(2)).clamp_min(1e-12).sqrt()
+        return mean.float().cpu(), std.float().cpu()
+
+    def export(self, model, folder: Path, provenance: dict) -> Optional[Path]:
+        vae = model.vae.eval()
+        mean, std = self.latent_stats(vae)
+        vae.set_latent_stats(mean.to(vae.latents_mean.device), std.to(vae.latents_std.device))
+        path = folder / "vae.safetensors"
+        if self.ctx.rank == 0:
+            dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.export.dtype]
+            vae.save(path, provenance={**provenance, "latent_stats_images": min(len(self.train_images),
+                                                                                 self.cfg.export.stats_images)},
+                     dtype=dtype)
+            self.ctx.log(f"exported {path}")
+        return path
+
+
+@register
+class SVAEStage(_VAEStage):
+    """Stage 1: encoder frozen; E_s/D_s with L_s + L_KL; pixel decoder on detached latents."""
+
+    name = "svae"
+
+
+@register
+class PSVAEStage(_VAEStage):
+    """Stage 2: everything trainable from a stage-1 export; L_s against a frozen teacher."""
+
+    name = "psvae"
+    train_encoder = True
+    detach_pixel_input = False
+    needs_init = True
+
+
+@register
+class RAEStage(_VAEStage):
+    """RAE baseline: frozen encoder features as the latent, pixel decoder with noise augmentation."""
+
+    name = "rae"
+    mode = "rae"
+
