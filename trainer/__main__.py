@@ -11,6 +11,9 @@ import logging
 import sys
 
 from . import vae_stages  # noqa: F401  (registers svae, psvae, rae)
+from . import generator_stages  # noqa: F401  (registers t2i, edit)
+from psvae_core.checkpoint import CheckpointError
+
 from .checkpointing import ResumeError
 from .config import ConfigError, load_config, to_yaml
 from .data import DataError
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         summary = train(stage, cfg)
-    except (ConfigError, DataError, ResumeError) as err:
+    except (ConfigError, DataError, ResumeError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingHalted as err:

@@ -191,7 +191,10 @@ def load_config(schema_cls, stage: str, path: Optional[str], overrides: list[str
 def _choice(cfg, key: str, choices) -> None:
     value = OmegaConf.select(cfg, key)
     if value not in choices:
-        raise ConfigError(f"'{key}' is {value!r}; use one of {list(choices)}")
+        hint = ""
+        if value in ("False", "True"):  # YAML 1.1 reads a bare no/off/yes/on as a boolean
+            hint = f" (YAML reads a bare no/yes as a boolean: quote it, e.g. {key}=\"'no'\" on the command line)"
+        raise ConfigError(f"'{key}' is {value!r}; use one of {list(choices)}{hint}")
 
 
 def _positive(cfg, key: str, zero_ok: bool = False) -> None:

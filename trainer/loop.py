@@ -438,7 +438,8 @@ class Loop:
                     mean = {k: float(self.reduce_mean(torch.tensor(v, device=self.device))) for k, v in losses.items()}
                     lr = self.main_group.scheduler.get_last_lr()[0]
                     ips = window_steps * self.global_batch / max(elapsed, 1e-9)
-                    self.tracker.log("train", step, {**mean, **logs, "lr": lr, "images_per_s": ips, **self.counters})
+                    memory = {"gpu_peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+                    self.tracker.log("train", step, {**mean, **logs, "lr": lr, "images_per_s": ips, **memory, **self.counters})
                     main_loss = sum(v for k, v in mean.items() if k.startswith(self.main_group.name + "/"))
                     self.tracker.progress(step, {"loss": main_loss, "lr": lr, "img/s": ips})
                     window_start, window_steps = time.perf_counter(), 0

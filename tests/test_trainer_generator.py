@@ -1,0 +1,313 @@
+"""The generator stages `t2i` and `edit` (trainer/generator_stages.py) end to end through the CLI, on a
+tiny PS-VAE export and the `tiny` generator preset: learning, export + provenance, exact resume, the
+latent cache (same loss as on-the-fly encoding, reused), tar shards through the cache, editing with
+independent text/image dropout, and the VAE/generator mismatch errors (exit 2)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_trainer_helpers import ROOT, cli, env, max_diff, metrics, weights
+
+T2I_TINY = ROOT / "trainer" / "configs" / "t2i_tiny.yaml"
+EDIT_TINY = ROOT / "trainer" / "configs" / "edit_tiny.yaml"
+STEPS = 40
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_vae(path: Path, seed: int, images: torch.Tensor | None = None) -> Path:
+    """The `tiny` PS-VAE at a 112-px encoder input (16 x 8 x 8 latent, 128-px output), with latent
+    stats measured on `images` (random weights: this tests plumbing, not quality)."""
+    from psvae_core.autoencoder import PSVAE
+    from psvae_core.config import PRESETS
+
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(seed)
+    vae = PSVAE(cfg.replace(encoder=cfg.encoder.replace(image_size=112))).eval()
+    if images is not None:
+        with torch.no_grad():
+            z = vae.encode(images).mode()
+        vae.set_latent_stats(z.mean((0, 2, 3)), z.std((0, 2, 3)))
+    vae.save(path, provenance={"written_by": "tests/test_trainer_generator.py"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """photos/ (12 photos + captions), edits/ (source, flipped target, "flip" instruction), vae."""
+    from PIL import Image, ImageOps
+
+    from trainer.samples import write_sample_photos
+    from trainer.text_data import load_image
+
+    root = tmp_path_factory.mktemp("generator")
+    paths = write_sample_photos(root / "photos", 128)
+    for p in paths:
+        p.with_suffix(".txt").write_text(f"a photo of {p.stem.replace('_', ' ')}")
+    edits = root / "edits"
+    for sub in ("source", "target", "instruction"):
+        (edits / sub).mkdir(parents=True)
+    for p in paths:
+        image = Image.open(p)
+        image.save(edits / "source" / p.name)
+        ImageOps.mirror(image).save(edits / "target" / p.name)
+        (edits / "instruction" / f"{p.stem}.txt").write_text("flip it horizontally")
+    images = torch.stack([load_image(p, 128) for p in paths])
+    vae = _tiny_vae(root / "vae.safetensors", 0, images)
+    return {"root": root, "photos": root / "photos", "edits": edits, "vae": vae}
+
+
+def _t2i(assets, name, *extra, out=None):
+    return cli("t2i", "--config", T2I_TINY, f"model.vae={assets['vae']}", f"data.source={assets['photos']}",
+               f"run.output_dir={out or assets['root'] / 'runs'}", f"run.name={name}", "log.every=1", *extra)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [row["generator/flow"] for row in metrics(run_dir)]
+
+
+def _provenance(path: Path) -> dict:
+    from psvae_core.checkpoint import read_metadata
+
+    return json.loads(read_metadata(path)["provenance"])
+
+
+def _pack_fingerprint(path: Path) -> str:
+    """The ComfyUI pack's own VAE fingerprint (nodes/fingerprint.py, standard library only)."""
+    spec = importlib.util.spec_from_file_location("psvae_pack_fingerprint", ROOT / "nodes" / "fingerprint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.vae_fingerprint(path)
+
+
+@pytest.fixture(scope="module")
+def t2i_run(assets):
+    run = _t2i(assets, "t2i", f"train.max_steps={STEPS}", "checkpoint.every=0", "log.images_every=20",
+               "data.val_count=2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return assets["root"] / "runs" / "t2i"
+
+
+# ------------------------------------------------------------------------------------------ t2i
+def test_t2i_learns_and_exports_a_generator_that_records_its_vae(assets, t2i_run):
+    from psvae_core.autoencoder import PSVAE
+    from psvae_core.checkpoint import read_metadata
+    from psvae_core.fusion import FusionDiffuser
+    from trainer.text_data import vae_fingerprint
+
+    losses = _losses(t2i_run)
+    assert len(losses) == STEPS
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.9 * first, f"flow loss did not go down: {first:.3f} -> {last:.3f}"
+    assert (t2i_run / "samples" / "step_00000020.png").is_file()  # previews of preview.prompts
+    assert metrics(t2i_run, "val")  # held-out flow loss at the end
+
+    path = t2i_run / "export" / "generator.safetensors"
+    gen = FusionDiffuser.from_file(path)
+    vae = PSVAE.from_file(assets["vae"])
+    assert (gen.config.latent_channels, tuple(gen.config.latent_size)) == (16, (8, 8))
+    z = gen.sample(["a photo of coffee"], steps=3, guidance=3.0, seed=1)  # its own (byte) tokenizer
+    assert z.shape == (1, 16, 8, 8) and torch.isfinite(z).all()
+    with torch.no_grad():
+        image = vae.decode(vae.denormalize_latents(z))
+    assert image.shape == (1, 3, 128, 128) and torch.isfinite(image).all()
+
+    prov = _provenance(path)
+    fingerprint = vae_fingerprint(assets["vae"])
+    assert prov["stage"] == "t2i" and prov["task"] == "t2i" and prov["ema"] is True and prov["step"] == STEPS
+    assert prov["vae_fingerprint"] == prov["vae"]["fingerprint"] == fingerprint == _pack_fingerprint(assets["vae"])
+    assert prov["vae_sha256"] == hashlib.sha256(assets["vae"].read_bytes()).hexdigest()
+    assert prov["vae_latent_channels"] == prov["vae"]["latent_channels"] == 16
+    assert prov["vae_latent_grid"] == [8, 8] and prov["vae"]["file"] == "vae.safetensors"
+    assert prov["vae"]["latent_stats"] == json.loads(read_metadata(assets["vae"])["latent_stats"])
+    assert prov["cfg_dropout"] == {"text": 0.1} and prov["train_shift"] == pytest.approx(1.0)
+    assert prov["data"]["samples"] == 10 and prov["data"]["vae_fingerprint"] == fingerprint
+
+
+def test_t2i_resume_is_exact(assets, tmp_path):
+    common = ["checkpoint.every=3", "checkpoint.keep_last=0", "loss.text_dropout=0.3"]
+    ref = _t2i(assets, "ref", "train.max_steps=6", *common, out=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    part = _t2i(assets, "split", "train.max_steps=3", *common, out=tmp_path)
+    assert part.returncode == 0, part.stderr[-4000:]
+    rest = _t2i(assets, "split", "train.max_steps=6", "checkpoint.resume=latest", *common, out=tmp_path)
+    assert rest.returncode == 0, rest.stderr[-4000:]
+    assert "resumed from" in rest.stdout + rest.stderr
+    final = "checkpoints/step_00000006"
+    for name in ("generator.safetensors", "generator.ema.safetensors"):
+        diff = max_diff(weights(tmp_path / "ref" / final, name), weights(tmp_path / "split" / final, name))
+        assert diff <= 1e-6, f"{name}: resumed run differs by {diff:.2e}"
+    assert _losses(tmp_path / "ref")[3:] == pytest.approx(_losses(tmp_path / "split")[3:], abs=1e-6)
+
+
+def test_latent_cache_gives_the_on_the_fly_loss_and_is_reused(assets, t2i_run, tmp_path):
+    on_the_fly = _losses(t2i_run)[0]  # same seed, data and model: only where the latents come from differs
+    cache = tmp_path / "cache"
+    runs = []
+    for name, dtype in (("fill", "float32"), ("reuse", "float32"), ("half", "float16")):
+        run = _t2i(assets, name, "train.max_steps=1", f"data.latent_cache={cache}", f"data.latent_cache_dtype={dtype}",
+                   "data.val_count=2", out=tmp_path)
+        assert run.returncode == 0, run.stderr[-4000:]
+        runs.append(json.loads((tmp_path / name / "data_report.json").read_text())["train_cache"])
+    fill, reuse, half = runs
+    assert (fill["encoded"], fill["cached"]) == (12, 0)
+    assert (reuse["encoded"], reuse["cached"]) == (0, 12) and reuse["folder"] == fill["folder"]
+    assert half["folder"] != fill["folder"] and half["encoded"] == 12  # another storage dtype: another cache
+    assert _losses(tmp_path / "fill")[0] == pytest.approx(on_the_fly, abs=1e-5)
+    assert _losses(tmp_path / "reuse")[0] == pytest.approx(on_the_fly, abs=1e-5)
+    assert _losses(tmp_path / "half")[0] == pytest.approx(on_the_fly, rel=1e-2)
+
+
+def test_tar_shards_train_through_the_latent_cache(assets, tmp_path, capsys):
+    photos = sorted(assets["photos"].glob("*.png"))
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s}.tar", "w") as tar:
+            for p in photos[s::2]:
+                members = ((f"{p.stem}.png", p.read_bytes()), (f"{p.stem}.txt", p.with_suffix(".txt").read_bytes()))
+                for member, data in members:
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    shards = f"data.source={tmp_path}/shard-{{0..1}}.tar"
+    code, err = _main(capsys, "t2i", "--config", T2I_TINY, f"model.vae={assets['vae']}", shards,
+                      f"run.output_dir={tmp_path}", "run.name=nocache")
+    assert code == 2 and "data.latent_cache=DIR" in err  # streamed shards need the cache
+    for name in ("first", "second"):
+        run = _t2i(assets, name, shards, "train.max_steps=2", f"data.latent_cache={tmp_path / 'cache'}", out=tmp_path)
+        assert run.returncode == 0, run.stderr[-4000:]
+    first = json.loads((tmp_path / "first" / "data_report.json").read_text())
+    second = json.loads((tmp_path / "second" / "data_report.json").read_text())
+    assert first["train_cache"]["encoded"] == 12 and first["train_cached"]["used"] == 12
+    assert second["train_cache"]["encoded"] == 0 and second["train_cached"]["used"] == 12  # table + latents reused
+    assert _losses(tmp_path / "first") == pytest.approx(_losses(tmp_path / "second"), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ edit
+def test_edit_trains_on_triplets_with_independent_text_and_image_dropout(assets, t2i_run, tmp_path):
+    from psvae_core.fusion import FusionDiffuser
+    from trainer.generator_stages import cfg_dropout_masks
+
+    steps, batch, p_text, p_image = 20, 4, 0.5, 0.3
+    run = cli("edit", "--config", EDIT_TINY, f"model.vae={assets['vae']}", f"data.source={assets['edits']}",
+              f"model.init_from={t2i_run / 'export' / 'generator.safetensors'}", f"run.output_dir={tmp_path}",
+              "run.name=edit", f"train.max_steps={steps}", f"train.batch_size={batch}", "log.every=1",
+              f"loss.text_dropout={p_text}", f"loss.image_dropout={p_image}", "log.images_every=10",
+              "data.val_count=4")
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = metrics(tmp_path / "edit")
+    assert len(rows) == steps and all(r["cfg/samples"] == batch for r in rows)
+    totals = {k: 0 for k in ("text", "image", "both")}
+    for row in rows:  # the masks the stage used are the counter-derived ones, drawn independently
+        keep_text, keep_image = cfg_dropout_masks(0, row["step"] - 1, 0, batch, p_text, p_image)
+        assert row["cfg/text_dropped"] == int((~keep_text).sum())
+        assert row["cfg/image_dropped"] == int((~keep_image).sum())
+        assert row["cfg/both_dropped"] == int((~keep_text & ~keep_image).sum())
+        totals["text"] += row["cfg/text_dropped"]
+        totals["image"] += row["cfg/image_dropped"]
+        totals["both"] += row["cfg/both_dropped"]
+    n = steps * batch
+    assert abs(totals["text"] / n - p_text) < 0.15 and abs(totals["image"] / n - p_image) < 0.15
+    assert totals["both"] < min(totals["text"], totals["image"])  # not the same rows: independent draws
+    assert (tmp_path / "edit" / "samples" / "step_00000010.png").is_file()  # sources / edits / targets
+    assert metrics(tmp_path / "edit", "val")
+
+    path = tmp_path / "edit" / "export" / "generator.safetensors"
+    gen = FusionDiffuser.from_file(path)
+    source = torch.randn(2, 16, 8, 8)
+    z = gen.sample(["flip it horizontally"] * 2, source=source, steps=3, guidance=2.0, image_guidance=1.5, seed=0)
+    assert z.shape == (2, 16, 8, 8) and torch.isfinite(z).all()
+    prov = _provenance(path)
+    assert prov["task"] == "edit" and prov["cfg_dropout"] == {"text": p_text, "image": p_image}
+    assert prov["init"]["kind"] == "file" and prov["init"]["source"].endswith("t2i/export/generator.safetensors")
+    assert prov["vae_fingerprint"] == _provenance(t2i_run / "export" / "generator.safetensors")["vae_fingerprint"]
+
+
+def test_edit_on_two_processes_matches_one(assets, t2i_run, tmp_path):
+    """torchrun with 2 processes x batch 2 (gloo on CPU) = 1 process x batch 4: latent cache filled
+    split by rank, source/text dropout and flow noise drawn for the global batch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["edit", "--config", EDIT_TINY, f"model.vae={assets['vae']}", f"data.source={assets['edits']}",
+            f"model.init_from={t2i_run / 'export' / 'generator.safetensors'}", f"run.output_dir={tmp_path}",
+            f"data.latent_cache={tmp_path / 'cache'}", "train.max_steps=3", "checkpoint.every=0", "log.every=1",
+            "optim.eps=1e-5", "loss.text_dropout=0.5", "loss.image_dropout=0.5"]
+    one = cli(*args, "run.name=one", "train.batch_size=4")
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "--master_addr=127.0.0.1", "-m", "trainer", *map(str, args), "run.name=two",
+                          "train.batch_size=2"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "global batch 4 (2 process(es))" in two.stdout + two.stderr
+    final = "checkpoints/step_00000003"
+    for name in ("generator.safetensors", "generator.ema.safetensors"):
+        diff = max_diff(weights(tmp_path / "one" / final, name), weights(tmp_path / "two" / final, name))
+        assert diff < 1e-5, f"{name}: max |one - two| = {diff:.2e}"
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert a["cfg/text_dropped"] == b["cfg/text_dropped"] and a["cfg/image_dropped"] == b["cfg/image_dropped"]
+        assert a["generator/flow"] == pytest.approx(b["generator/flow"], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name", ["t2i_paper", "t2i_paper_1708m", "edit_paper", "t2i_tiny", "edit_tiny"])
+def test_shipped_generator_configs_validate(name):
+    from psvae_core.fusion import FusionConfig, FusionDiffuser
+    from trainer.config import load_config
+    from trainer.generator_stages import EditConfig, T2IConfig, fusion_fields
+
+    path = T2I_TINY.with_name(f"{name}.yaml")
+    stage = name.split("_")[0]
+    cfg = load_config(EditConfig if stage == "edit" else T2IConfig, stage, str(path),
+                      ["model.vae=/v.safetensors", "data.source=/d"])
+    assert cfg.stage == stage and cfg.ema.enabled
+    config = FusionConfig.from_dict(fusion_fields(cfg.model))  # preset + overrides
+    if "paper" in name:
+        assert cfg.ema.decay == 0.9999 and cfg.optim.lr == 1e-4 and cfg.precision.mixed == "bf16"
+        assert 720 <= cfg.train.batch_size * 8 * cfg.train.grad_accum <= 740  # on 8 GPUs ([paper] ~730)
+        assert (config.latent_channels, tuple(config.latent_size)) == (96, (16, 16))
+        total = FusionDiffuser.parameter_count(config)["total"]
+        assert total == pytest.approx(1708e6 if "1708m" in name else 653e6, rel=0.01)
+    elif name == "t2i_tiny":
+        assert (config.latent_channels, tuple(config.latent_size)) == (16, (8, 8))  # psvae_tiny's latent
+    # edit_tiny continues a t2i_tiny export (model.init_from): the file's architecture is kept
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _main(capsys, *args) -> tuple[int, str]:
+    """`python -m trainer ...` in this process (these runs stop before the first step)."""
+    from trainer.__main__ import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_mismatched_vae_and_generator_exit_2(assets, t2i_run, tmp_path, capsys):
+    base = ["t2i", "--config", T2I_TINY, f"model.vae={assets['vae']}", f"data.source={assets['photos']}",
+            f"run.output_dir={tmp_path}"]
+    code, err = _main(capsys, *base, "run.name=channels", "model.overrides.latent_channels=8")
+    assert code == 2 and "16 latent channels" in err and "model.overrides.latent_channels=16" in err
+    code, err = _main(capsys, *base, "run.name=grid", "model.overrides.latent_size=[4,4]")
+    assert code == 2 and "8x8 grid" in err
+
+    other = _tiny_vae(tmp_path / "other_vae.safetensors", 1)  # same shapes, other weights
+    code, err = _main(capsys, "edit", "--config", EDIT_TINY, f"model.vae={other}", f"data.source={assets['edits']}",
+                      f"model.init_from={t2i_run / 'export' / 'generator.safetensors'}", f"run.output_dir={tmp_path}",
+                      "run.name=other")
+    assert code == 2 and "another VAE" in err and "model.allow_other_vae" in err

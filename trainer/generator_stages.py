@@ -1,0 +1,787 @@
+"""The generator stages: `t2i` (text-to-image) and `edit` (instruction editing), PAPER.md §5.
+
+    t2i   FusionDiffuser (Qwen2.5 LM + wide DDT head) learns flow matching on the NORMALISED latents
+          of a frozen PS-VAE, conditioned on captions; captions are dropped with loss.text_dropout
+          (classifier-free guidance).
+    edit  the same model (normally initialised from the t2i export) on (source, instruction,
+          target) triplets; the clean source latent is prepended to the sequence; text and source
+          are dropped independently (loss.text_dropout, loss.image_dropout) so dual guidance
+          (OmniGen, PEERS.md §4) works at sampling time.
+
+Latents come from the frozen VAE (`model.vae`), either encoded on the fly (no grad, eval mode, float32
+unless precision.frozen_fp32=false) or read from a latent cache (`data.latent_cache`, text_data.py),
+filled once, split by rank, and invalidated when the VAE file changes. Tar shards are streamed once
+into that cache (plus a caption table beside it) and training then runs map-style from it, so the
+loop's exact-resume sampler applies unchanged.
+
+Every random draw (flow times, noise, dropout masks) is derived from (seed, step, micro-batch) for
+the global batch and sliced to this process's rows (rng.py), so resume is exact and N processes
+match one. The export (`export/generator.safetensors`) records the VAE it was trained with
+(docs/TRAINER_GENERATOR.md §5); the ComfyUI loader checks it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob as _glob
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import MISSING, OmegaConf
+from torch.utils.data import Subset
+
+from psvae_core import flow
+from psvae_core.autoencoder import PSVAE
+from psvae_core.checkpoint import CheckpointError, read_metadata
+from psvae_core.fusion import PRESETS as GENERATOR_PRESETS
+from psvae_core.fusion import FusionConfig, FusionDiffuser
+
+from . import text_data as td
+from .config import BaseConfig, ConfigError, EMASection, as_dict
+from .data import DataError
+from .rng import derive_seed, global_randn
+from .stage import Stage, StepResult, Trainable, register
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # collate runs in forked DataLoader workers
+
+EXPORT_NAME = "generator.safetensors"
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EXPORT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BYTES_TOKENIZER = "bytes"
+DEFAULT_PROMPTS = ["a photo of a cat sitting on a wooden table", "a red car parked on a city street at night",
+                   "a bowl of fresh fruit, studio lighting", "a mountain lake at sunrise, mist over the water"]
+
+
+# --------------------------------------------------------------------------- config schema
+
+@dataclass
+class GenModelSection:
+    vae: str = MISSING  # the frozen PS-VAE export (.safetensors); its latent channels/grid must match the generator
+    preset: str = "paper-653m"  # psvae_core.fusion.PRESETS: paper-653m | paper-1708m | smollm2-135m | tiny
+    # FusionConfig fields merged into the preset (latent_channels, latent_size, head_width, ...)
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    lm_path: Optional[str] = None  # HF folder (or hub id) of a Qwen2/Llama LM: backbone weights + its tokenizer
+    gguf_file: Optional[str] = None  # a GGUF file inside lm_path (dequantised to float32)
+    init_from: Optional[str] = None  # a generator export to start from (edit: <t2i run>/export/generator.safetensors)
+    tokenizer: Optional[str] = None  # HF tokenizer folder or "bytes" (built-in, 256 ids); null = the LM's/init file's
+    allow_other_vae: bool = False  # init_from recorded another VAE: refuse (false) or continue anyway (true)
+
+
+@dataclass
+class GenDataSection:
+    # t2i: caption folder | .jsonl | .parquet/glob/`datasets` folder | tar shards; edit: triplet folder | .jsonl
+    source: str = MISSING
+    format: str = "auto"  # auto (text_data.open_t2i / open_edit rules) | folder | jsonl | hf | tar (tar: t2i only)
+    image_size: int = 256  # centre crop fed to the VAE encoder (which resizes to its own input size)
+    min_side: int = 0  # skip images whose shorter side is smaller
+    check_images: bool = True  # open every image header when a folder/jsonl source is scanned (false for huge sets)
+    val_source: Optional[str] = None  # held-out samples (same formats) for the validation flow loss
+    val_count: int = 0  # or: hold the last N samples of `source`'s seeded order out
+    latent_cache: Optional[str] = None  # DIR: encode once into DIR/<vae+preprocessing id>/, then train on latents
+    latent_cache_dtype: str = "float16"  # float16 | bfloat16 | float32 (storage of cached latents)
+    max_text_tokens: int = 512  # captions are truncated to this many tokens in collate
+    text_fields: List[str] = field(default_factory=lambda: list(td.TEXT_FIELDS))  # tar: json keys tried for the caption
+    hf_image_column: str = "image"
+    hf_text_column: str = "text"
+    hf_split: Optional[str] = None
+
+
+@dataclass
+class FlowLossSection:
+    shift: Optional[float] = None  # training time shift; null = sqrt(C/16) (96 channels: 2.449, PAPER.md §5.2)
+    logit_mean: float = 0.0  # t ~ logit-normal(mean, std), then shifted (RAE/SD3)
+    logit_std: float = 1.0
+    text_dropout: float = 0.1  # P(caption replaced by the null text): classifier-free guidance
+
+
+@dataclass
+class EditLossSection(FlowLossSection):
+    image_dropout: float = 0.1  # P(source image hidden), drawn independently of text_dropout (dual guidance)
+
+
+@dataclass
+class PreviewSection:
+    prompts: List[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # t2i; empty = the batch's captions
+    steps: int = 10  # Euler steps of the preview samples (the paper samples with 50)
+    guidance: float = 4.0  # text CFG scale
+    image_guidance: float = 1.5  # edit: source-image scale (dual guidance)
+    shift: float = flow.DEFAULT_SHIFT  # sampling time shift (paper: 3)
+    seed: int = 0
+
+
+@dataclass
+class T2IConfig(BaseConfig):
+    ema: EMASection = field(default_factory=lambda: EMASection(decay=0.9999))  # paper §5.3: EMA 0.9999
+    model: GenModelSection = field(default_factory=GenModelSection)
+    data: GenDataSection = field(default_factory=GenDataSection)
+    loss: FlowLossSection = field(default_factory=FlowLossSection)
+    preview: PreviewSection = field(default_factory=PreviewSection)
+
+
+@dataclass
+class EditConfig(T2IConfig):
+    loss: EditLossSection = field(default_factory=EditLossSection)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def byte_tokenizer():
+    """A byte-level tokenizer with ids = byte values (0..255): no file, no network; fits the `tiny`
+    preset's 256-entry vocabulary. Byte 0 doubles as padding (padded keys are masked anyway)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbol, extra = {}, 0
+    for b in range(256):  # GPT-2's byte -> printable-character table (what ByteLevel pre-tokenises into)
+        if b in printable:
+            symbol[b] = chr(b)
+        else:
+            symbol[b] = chr(256 + extra)
+            extra += 1
+    backend = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=symbol[0])
+
+
+def cfg_dropout_masks(seed: int, step: int, micro: int, global_batch: int, p_text: float,
+                      p_image: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep_text, keep_image) bool [global_batch] of one global micro-batch: drawn with
+    text_data.dropout_masks (independent per condition) from a generator seeded by the counters, so
+    they depend on neither the process layout nor resuming. Process r uses rows r*b:(r+1)*b."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "cfg-dropout", step, micro))
+    return td.dropout_masks(global_batch, p_text, p_image, generator=g)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fusion_fields(model: GenModelSection) -> dict:
+    """The preset's FusionConfig fields with `model.overrides` merged in (validated)."""
+    base = GENERATOR_PRESETS[model.preset].to_dict()
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(as_dict(model.overrides))))
+    try:
+        FusionConfig.from_dict(merged)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.overrides: {err}") from None
+    return merged
+
+
+def _t2i_format(source: str) -> str:
+    """The format `text_data.open_t2i` would pick for `source` (same rules, as a name)."""
+    if ".tar" in source or "{" in source:
+        return "tar"
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if path.suffix == ".parquet" or _glob.has_magic(source) or (
+            path.is_dir() and any((path / m).is_file() for m in markers)):
+        return "hf"
+    return "folder"
+
+
+class _StringTable:
+    """Many strings in two files: `<prefix>.bin` (utf-8, concatenated) and `<prefix>.idx.npy`
+    (int64 offsets, n + 1), memory-mapped on read (shared by DataLoader workers, no Python objects)."""
+
+    def __init__(self, prefix: Path):
+        self.prefix, self._blob, self._offsets = prefix, None, None
+
+    @staticmethod
+    def files(prefix: Path) -> tuple[Path, Path]:
+        return prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx.npy")
+
+    def _open(self):
+        if self._offsets is None:
+            blob, idx = self.files(self.prefix)
+            self._offsets = np.load(idx, mmap_mode="r")
+            self._blob = np.memmap(blob, dtype=np.uint8, mode="r") if self._offsets[-1] > 0 else np.zeros(0, np.uint8)
+
+    def __len__(self):
+        self._open()
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        self._open()
+        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
+        return bytes(self._blob[a:b]).decode("utf-8")
+
+    def __getstate__(self):
+        return {"prefix": self.prefix, "_blob": None, "_offsets": None}
+
+
+class _StringWriter:
+    """Appends strings to a `_StringTable`'s files (temporary names until `close`)."""
+
+    def __init__(self, prefix: Path):
+        self.prefix = prefix
+        self.blob_path, self.idx_path = _StringTable.files(prefix)
+        self._tmp = self.blob_path.with_name("." + self.blob_path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self.offsets = [0]
+
+    def add(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self._file.write(data)
+        self.offsets.append(self.offsets[-1] + len(data))
+
+    def close(self) -> None:
+        self._file.close()
+        tmp_idx = self.idx_path.with_name("." + self.idx_path.name + ".tmp.npy")
+        np.save(tmp_idx, np.asarray(self.offsets, dtype=np.int64))
+        os.replace(self._tmp, self.blob_path)
+        os.replace(tmp_idx, self.idx_path)
+
+
+class TarCaptionTable:
+    """The (key, caption) list of a set of tar shards, stored beside their cached latents, shaped like
+    a text_data map-style set (`key(i)`, `text(i)`, `fields`, `source`), so `CachedLatents` serves it."""
+
+    fields = ("image",)
+
+    def __init__(self, prefix: Path, source: str):
+        self.keys = _StringTable(prefix.with_name(prefix.name + ".keys"))
+        self.texts = _StringTable(prefix.with_name(prefix.name + ".texts"))
+        self.source = source
+
+    def __len__(self):
+        return len(self.keys)
+
+    def key(self, i: int) -> str:
+        return self.keys[i]
+
+    def text(self, i: int) -> str:
+        return self.texts[i]
+
+
+def _rebased_error(err: Exception) -> DataError:
+    return DataError(str(err))
+
+
+# --------------------------------------------------------------------------- stages
+
+class _GeneratorStage(Stage):
+    config_class = T2IConfig
+    task = "t2i"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self._check_config()
+        self.vae_path = Path(cfg.model.vae).expanduser()
+        self.vae = self._load_vae()
+        self.generator, self.init = self._build_generator()
+        self._check_latent_match()
+        self._check_run_vae()
+        self.tokenizer = self.generator.tokenizer
+        c = self.generator.config.latent_channels
+        self.shift = float(cfg.loss.shift) if cfg.loss.shift is not None else flow.shift_for_latent(c)
+        self.reports: dict = {}
+        self._drops: Counter = Counter()
+        params = sum(p.numel() for p in self.generator.parameters()) / 1e6
+        ctx.log(f"{self.name}: generator {self.init['kind']} {self.init['source']} "
+                f"({params:.1f}M parameters), VAE {self.vae_path.name} "
+                f"(latent {c}x{self.latent_grid[0]}x{self.latent_grid[1]}), shift {self.shift:.3f}")
+
+    # --- construction ---------------------------------------------------------------------
+    def _check_config(self):
+        cfg, d, L = self.cfg, self.cfg.data, self.cfg.loss
+        formats = ("auto", "folder", "jsonl", "hf", "tar") if self.task == "t2i" else ("auto", "folder", "jsonl")
+        if d.format not in formats:
+            raise ConfigError(f"'data.format' is {d.format!r}; use one of {list(formats)}")
+        if d.latent_cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"'data.latent_cache_dtype' is {d.latent_cache_dtype!r}; use one of {list(CACHE_DTYPES)}")
+        for key in ("data.image_size", "data.max_text_tokens", "preview.steps", "loss.logit_std"):
+            if OmegaConf.select(cfg, key) <= 0:
+                raise ConfigError(f"'{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
+        if d.val_count < 0:
+            raise ConfigError(f"'data.val_count' must be >= 0, got {d.val_count}")
+        drops = ["loss.text_dropout"] + (["loss.image_dropout"] if self.task == "edit" else [])
+        for key in drops:
+            if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
+                raise ConfigError(f"'{key}' must be in [0, 1], got {OmegaConf.select(cfg, key)}")
+        if L.shift is not None and L.shift <= 0:
+            raise ConfigError(f"'loss.shift' must be > 0 (or null for sqrt(C/16)), got {L.shift}")
+        m = cfg.model
+        if m.init_from and m.lm_path:
+            raise ConfigError("set model.init_from (continue a generator export) or model.lm_path (start from an "
+                              "LM), not both")
+        if m.init_from and m.overrides:
+            raise ConfigError("model.overrides shape a new generator (preset or lm_path); model.init_from "
+                              "keeps its file's architecture, so remove the overrides")
+        if m.gguf_file and not m.lm_path:
+            raise ConfigError("model.gguf_file names a file inside model.lm_path; set model.lm_path too")
+        if not m.init_from and m.preset not in GENERATOR_PRESETS:
+            raise ConfigError(f"'model.preset' is {m.preset!r}; use one of {sorted(GENERATOR_PRESETS)}")
+        if cfg.train.grad_checkpointing:
+            raise ConfigError("train.grad_checkpointing is not implemented for the generator stages (the LM "
+                              "layers run through psvae_core.fusion_backbone); lower train.batch_size and raise "
+                              "train.grad_accum instead")
+
+    def _load_vae(self) -> PSVAE:
+        path = self.vae_path
+        if not path.is_file():
+            raise ConfigError(f"model.vae={self.cfg.model.vae}: no such file; point it at a PS-VAE export "
+                              f"(a psvae run's export/vae.safetensors)")
+        try:
+            vae = PSVAE.from_file(path)
+        except CheckpointError as err:
+            raise ConfigError(f"model.vae: {err}") from None
+        vae = vae.to(self.ctx.device).eval().requires_grad_(False)
+        size = self.cfg.data.image_size
+        self.latent_grid = tuple(vae.latent_grid(size, size))
+        self.vae_fingerprint = td.vae_fingerprint(path)
+        self.vae_sha256 = file_sha256(path)
+        meta = read_metadata(path)
+        self.vae_latent_stats = json.loads(meta["latent_stats"]) if meta.get("latent_stats") else {
+            "mean": vae.latents_mean.tolist(), "std": vae.latents_std.tolist()}
+        if bool((vae.latents_mean == 0).all() and (vae.latents_std == 1).all()):
+            self.ctx.log(f"note: {path.name} has no measured latent statistics (mean 0, std 1): the generator "
+                         f"trains on raw latents. Exports of the psvae stage measure them")
+        return vae
+
+    def _tokenizer(self, fallback):
+        name = self.cfg.model.tokenizer
+        if name is None:
+            return fallback
+        if name == BYTES_TOKENIZER:
+            return byte_tokenizer()
+        from transformers import AutoTokenizer
+
+        from psvae_core.tokenizer_state import tokenizer_from_state, tokenizer_to_state
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.tokenizer={name}: cannot load a tokenizer there ({str(err).splitlines()[0]}); "
+                              f"use an HF tokenizer folder or \"bytes\"") from None
+        return tokenizer_from_state(tokenizer_to_state(tok))  # the form the export stores
+
+    def _build_generator(self) -> tuple[FusionDiffuser, dict]:
+        m = self.cfg.model
+        torch.manual_seed(derive_seed(self.cfg.run.seed, "generator-init"))
+        if m.init_from:
+            path = Path(m.init_from).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"model.init_from={m.init_from}: no such file; point it at a t2i run's "
+                                  f"export/{EXPORT_NAME}")
+            try:
+                model = FusionDiffuser.from_file(path)
+            except CheckpointError as err:
+                raise ConfigError(f"model.init_from: {err}") from None
+            self._check_init_vae(path)
+            init = {"kind": "file", "source": str(path), "sha256": file_sha256(path)}
+        elif m.lm_path:
+            fields = {k: v for k, v in fusion_fields(m).items() if k not in ("lm", "lm_source")}
+            try:
+                model = FusionDiffuser.from_pretrained_lm(m.lm_path, gguf_file=m.gguf_file,
+                                                          load_tokenizer=m.tokenizer is None, **fields)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"model.lm_path={m.lm_path}: cannot load the LM "
+                                  f"({str(err).splitlines()[0]})") from None
+            init = {"kind": "lm", "source": model.config.lm_source}
+        else:
+            model = FusionDiffuser(FusionConfig.from_dict(fusion_fields(m)))
+            init = {"kind": "preset", "source": m.preset}
+            if self.task == "edit":
+                self.ctx.log("note: model.init_from is not set, so editing starts from a fresh generator; the paper "
+                             "continues the t2i export (model.init_from=<t2i run>/export/generator.safetensors)")
+            if m.preset != "tiny":
+                self.ctx.log(f"note: preset {m.preset} starts from a RANDOM LM; the paper initialises from "
+                             f"{model.config.lm_source}: set model.lm_path to its folder")
+        model.tokenizer = self._tokenizer(model.tokenizer)
+        if model.tokenizer is None:
+            raise ConfigError("the generator has no tokenizer: set model.tokenizer to an HF tokenizer folder (the "
+                              "LM's, e.g. Qwen2.5-0.5B) or \"bytes\" for byte-level ids (tiny preset), or start "
+                              "from model.lm_path")
+        vocab = int(model.config.lm.get("vocab_size", 0))
+        if len(model.tokenizer) > vocab:
+            raise ConfigError(f"the tokenizer has {len(model.tokenizer)} ids but the LM's vocabulary is {vocab}; use "
+                              f"the LM's own tokenizer (model.tokenizer) or a preset with a larger vocab_size")
+        if self.task == "t2i":
+            # unused without a source (and DDP needs every trained parameter to take part)
+            model.source_embedder.requires_grad_(False)
+        return model.train(), init
+
+    def _check_latent_match(self):
+        gen, vae = self.generator.config, self.vae
+        grid = tuple(int(v) for v in gen.latent_size)
+        if gen.latent_channels != vae.latent_channels or grid != self.latent_grid:
+            raise ConfigError(
+                f"the generator makes {gen.latent_channels}x{grid[0]}x{grid[1]} latents but the VAE "
+                f"{self.vae_path.name} has {vae.latent_channels} latent channels on a "
+                f"{self.latent_grid[0]}x{self.latent_grid[1]} grid "
+                f"(data.image_size={self.cfg.data.image_size}). Use the VAE the generator was made for, or (for a new "
+                f"generator) set model.overrides.latent_channels={vae.latent_channels} "
+                f"model.overrides.latent_size=[{self.latent_grid[0]},{self.latent_grid[1]}]")
+
+    def _check_init_vae(self, path: Path):
+        try:
+            prov = json.loads(read_metadata(path).get("provenance", "{}"))
+        except json.JSONDecodeError:
+            prov = {}
+        recorded = (prov.get("vae") or {}).get("fingerprint") if isinstance(prov.get("vae"), dict) else None
+        recorded = recorded or prov.get("vae_fingerprint")
+        if recorded and recorded != self.vae_fingerprint:
+            message = (f"model.init_from {path.name} was trained on latents of another VAE (fingerprint "
+                       f"{recorded[:12]}, model.vae has {self.vae_fingerprint[:12]})")
+            if not self.cfg.model.allow_other_vae:
+                raise ConfigError(message + "; use that VAE, or pass model.allow_other_vae=true to adapt anyway")
+            self.ctx.log("note: " + message)
+
+    def _check_run_vae(self):
+        """A resumed run must use the VAE it started with (the latents define what was learned)."""
+        record = self.ctx.run_dir / "generator_vae.json"
+        if self.cfg.checkpoint.resume and record.is_file():
+            before = json.loads(record.read_text())
+            if before.get("fingerprint") != self.vae_fingerprint:
+                raise ConfigError(f"this run started with the VAE {before.get('path')} (fingerprint "
+                                  f"{str(before.get('fingerprint'))[:12]}); model.vae={self.vae_path} differs. Resume "
+                                  f"with that VAE, or start a new run")
+        if self.ctx.rank == 0:
+            self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"path": str(self.vae_path), "fingerprint": self.vae_fingerprint}) + "\n")
+
+    # --- data ---------------------------------------------------------------------------------
+    def _open(self, source: str):
+        """A text_data source (map-style set or TarShardStream); text_data errors become DataError."""
+        d = self.cfg.data
+        common = dict(size=d.image_size, seed=self.cfg.run.seed, min_side=d.min_side)
+        try:
+            if self.task == "edit":
+                if d.format == "auto":
+                    return td.open_edit(source, check_images=d.check_images, **common)
+                cls = {"folder": td.EditFolder, "jsonl": td.EditManifest}[d.format]
+                return cls(source, check_images=d.check_images, **common)
+            kind = d.format if d.format != "auto" else _t2i_format(source)
+            if kind == "tar":
+                return td.TarShardStream(source, text_fields=tuple(d.text_fields), shuffle_shards=False, **common)
+            if kind == "hf":
+                return td.HFCaptionDataset(source, image_column=d.hf_image_column, text_column=d.hf_text_column,
+                                           split=d.hf_split, **common)
+            cls = {"folder": td.CaptionFolder, "jsonl": td.CaptionManifest}[kind]
+            return cls(source, check_images=d.check_images, **common)
+        except (td.DataError, td.MissingDependencyError) as err:
+            raise _rebased_error(err) from None
+
+    def _barrier(self):
+        if self.ctx.world_size > 1:
+            torch.distributed.barrier()
+
+    def _cache(self) -> td.LatentCache:
+        d = self.cfg.data
+        return td.LatentCache(d.latent_cache, self.vae_path, size=d.image_size,
+                              dtype=CACHE_DTYPES[d.latent_cache_dtype])
+
+    def _cached(self, dataset, what: str):
+        """`dataset` served from the latent cache, filling what is missing first (split by rank)."""
+        ctx = self.ctx
+        try:
+            cache = self._cache()
+            if isinstance(dataset, td.TarShardStream):
+                table = self._fill_tar(dataset, cache, what)
+                self._barrier()
+                cache.refresh()
+                out = td.CachedLatents(table, cache)
+                self.reports[f"{what}_cache"] = {"folder": str(cache.folder), **self.reports.get(f"{what}_cache", {})}
+                return out
+            stats = td.fill_cache(cache, self.vae, dataset, batch_size=self.cfg.train.batch_size,
+                                  num_workers=self.cfg.train.num_workers, encode=self._encode_raw,
+                                  rank=ctx.rank, world_size=ctx.world_size)
+            self._barrier()
+            cache.refresh()
+            out = td.CachedLatents(dataset, cache)
+        except td.DataError as err:
+            raise _rebased_error(err) from None
+        self.reports[f"{what}_cache"] = {"folder": str(cache.folder), "encoded": stats["encoded"],
+                                         "cached": stats["cached"]}
+        ctx.log(f"latent cache {cache.folder}: {stats['encoded']} encoded, {stats['cached']} already cached "
+                f"(rank {ctx.rank})")
+        return out
+
+    @torch.no_grad()
+    def _fill_tar(self, stream: td.TarShardStream, cache: td.LatentCache, what: str) -> TarCaptionTable:
+        """Stream the shards once: encode what the cache lacks and record every (key, caption) in a
+        table beside the latents. Each rank reads its own shards; rank 0 merges the per-rank parts.
+        Later runs (and resumes) reuse the table without reading a shard."""
+        ctx, d = self.ctx, self.cfg.data
+        ident = {"shards": [[s, os.path.getsize(s)] for s in stream.shards], "text_fields": list(d.text_fields),
+                 "min_side": d.min_side}
+        table_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        prefix = cache.folder / f"captions-{table_id}"
+        done = prefix.with_name(prefix.name + ".json")
+        if done.is_file():
+            info = json.loads(done.read_text())
+            ctx.log(f"latent cache: reusing {info['count']} tar samples of {prefix}")
+            self.reports[f"{what}_cache"] = {"encoded": 0, "cached": info["count"], "table": str(prefix)}
+            return TarCaptionTable(prefix, str(d.source if what == "train" else d.val_source))
+        cache.folder.mkdir(parents=True, exist_ok=True)
+        part = prefix.with_name(f"{prefix.name}.part{ctx.rank}-of-{ctx.world_size}")
+        keys = _StringWriter(part.with_name(part.name + ".keys"))
+        texts = _StringWriter(part.with_name(part.name + ".texts"))
+        mine = copy.copy(stream)
+        mine.rank, mine.world_size, mine.repeat = ctx.rank, ctx.world_size, False
+        workers = self.cfg.train.num_workers
+        items = mine if workers == 0 else torch.utils.data.DataLoader(mine, batch_size=None, num_workers=workers)
+        stats, batch = Counter(), []
+
+        def encode(batch):
+            images = torch.stack([it["image"] for it in batch])
+            cache.add([it["key"] for it in batch], self._encode_raw(self.vae, images).cpu())
+            stats["encoded"] += len(batch)
+
+        try:
+            for item in items:
+                keys.add(item["key"])
+                texts.add(item["text"])
+                if item["key"] in cache:
+                    stats["cached"] += 1
+                    continue
+                batch.append(item)
+                if len(batch) == self.cfg.train.batch_size:
+                    encode(batch)
+                    batch = []
+            if batch:
+                encode(batch)
+            cache.flush()
+        except td.BadSample as bad:
+            raise DataError(f"tar shards: {bad}") from None
+        keys.close()
+        texts.close()
+        ctx.log(f"latent cache: {stats['encoded']} tar samples encoded, {stats['cached']} already cached "
+                f"(rank {ctx.rank})")
+        self.reports[f"{what}_cache"] = {"encoded": stats["encoded"], "cached": stats["cached"], "table": str(prefix)}
+        self._barrier()
+        if ctx.rank == 0:
+            count = 0
+            for field_name in ("keys", "texts"):
+                out = _StringWriter(prefix.with_name(f"{prefix.name}.{field_name}"))
+                base = 0
+                for r in range(ctx.world_size):
+                    p = prefix.with_name(f"{prefix.name}.part{r}-of-{ctx.world_size}.{field_name}")
+                    blob, idx = _StringTable.files(p)
+                    offsets = np.load(idx)
+                    with open(blob, "rb") as f:
+                        shutil.copyfileobj(f, out._file)
+                    out.offsets.extend((offsets[1:] + base).tolist())
+                    base += int(offsets[-1])
+                    blob.unlink()
+                    idx.unlink()
+                out.close()
+                count = len(out.offsets) - 1
+            tmp = done.with_name("." + done.name + ".tmp")
+            tmp.write_text(json.dumps({"count": count, **ident}) + "\n")
+            os.replace(tmp, done)  # written last: marks the table complete
+        self._barrier()
+        return TarCaptionTable(prefix, str(d.source if what == "train" else d.val_source))
+
+    def datasets(self):
+        d, ctx = self.cfg.data, self.ctx
+        train = self._open(d.source)
+        val = self._open(d.val_source) if d.val_source else None
+        streaming = isinstance(train, td.TarShardStream) or isinstance(val, td.TarShardStream)
+        if streaming and not d.latent_cache:
+            raise DataError(f"{d.source if isinstance(train, td.TarShardStream) else d.val_source} is a set of tar "
+                            f"shards (streamed); the generator stages train on them through the latent cache: set "
+                            f"data.latent_cache=DIR (it is encoded once, then training reads latents)")
+        self.reports["train"] = train.report()
+        if val is not None:
+            self.reports["val"] = val.report()
+        if d.latent_cache:
+            train = self._cached(train, "train")
+            self.reports["train_cached"] = train.report()  # what the cache serves (for tar shards: all the counts)
+            if val is not None:
+                val = self._cached(val, "val")
+        if d.val_count and val is None:
+            if d.val_count >= len(train):
+                raise DataError(f"data.val_count={d.val_count} leaves no training samples (the source has "
+                                f"{len(train)})")
+            n = len(train)
+            val = Subset(train, range(n - d.val_count, n))
+            train = Subset(train, range(n - d.val_count))
+        self.train_size = len(train)
+        ctx.log(f"data: {len(train)} training samples from {d.source}"
+                + (f"; {len(val)} held out" if val is not None else "")
+                + (f"; latents from the cache under {d.latent_cache}" if d.latent_cache
+                   else "; latents encoded on the fly"))
+        if ctx.rank == 0:
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            (ctx.run_dir / "data_report.json").write_text(json.dumps(self.reports, indent=2, default=str) + "\n")
+        self.train_set = train
+        return train, val
+
+    def data_description(self) -> dict:
+        d = self.cfg.data
+        out = {"task": self.task, "source": d.source, "samples": getattr(self, "train_size", None),
+               "image_size": d.image_size, "vae_fingerprint": self.vae_fingerprint,
+               "latent_cache": self.reports.get("train_cache", {}).get("folder")}
+        if d.val_source:
+            out["val_source"] = d.val_source
+        return out
+
+    def collate(self, items: list[dict]) -> dict:
+        out = {"key": [it["key"] for it in items], "text": [it["text"] for it in items]}
+        for name in ("image", "source", "latent", "source_latent"):
+            if name in items[0]:
+                out[name] = torch.stack([it[name] for it in items])
+        enc = self.tokenizer(out["text"], padding=True, truncation=True, max_length=self.cfg.data.max_text_tokens,
+                             return_tensors="pt", return_token_type_ids=False)
+        out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+        return out
+
+    # --- latents --------------------------------------------------------------------------------
+    def _precise(self):
+        """The frozen VAE runs in float32 when precision.frozen_fp32 (whatever the autocast)."""
+        if self.cfg.precision.frozen_fp32:
+            return torch.autocast(device_type=self.ctx.device.type, enabled=False)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _encode_raw(self, vae, images: torch.Tensor) -> torch.Tensor:
+        """Posterior mean (raw) of images 0..1: the same function fills the cache and runs on the fly."""
+        with self._precise():
+            return td.encode_latents(vae, images.float())
+
+    def _latents(self, batch: dict, name: str) -> Optional[torch.Tensor]:
+        """Normalised latents [B,C,h,w] float32 of `name` ("image" = the target, or "source")."""
+        cached = "latent" if name == "image" else f"{name}_latent"
+        if cached in batch:
+            raw = batch[cached].float()
+        elif name in batch:
+            raw = self._encode_raw(self.vae, batch[name])
+        else:
+            return None
+        return self.vae.normalize_latents(raw.float())
+
+    @torch.no_grad()
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        with self._precise():
+            return self.vae.decode(self.vae.denormalize_latents(z.float())).float().clamp(0, 1)
+
+    # --- training -----------------------------------------------------------------------------
+    def build(self) -> list[Trainable]:
+        return [Trainable("generator", self.generator, self.cfg.optim, ema=True)]
+
+    def _masks(self, b: int, step: int, micro: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        ctx, L = self.ctx, self.cfg.loss
+        p_image = L.image_dropout if self.task == "edit" else 0.0
+        keep_text, keep_image = cfg_dropout_masks(ctx.seed, step, micro, b * ctx.world_size, L.text_dropout, p_image)
+        if micro == 0:
+            self._drops = Counter()
+        self._drops["samples"] += len(keep_text)  # global counts (every process draws the same masks)
+        self._drops["text_dropped"] += int((~keep_text).sum())
+        if self.task == "edit":
+            self._drops["image_dropped"] += int((~keep_image).sum())
+            self._drops["both_dropped"] += int((~keep_text & ~keep_image).sum())
+        rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
+        keep_image = keep_image[rows].to(ctx.device) if self.task == "edit" else None
+        return keep_text[rows].to(ctx.device), keep_image
+
+    def _noise(self, shape, step: int, micro: int, what: str) -> torch.Tensor:
+        ctx = self.ctx
+        return global_randn(shape, ctx.rank, ctx.world_size, ctx.device, ctx.seed, what, step, micro)
+
+    def training_step(self, models, batch, step, micro) -> StepResult:
+        L = self.cfg.loss
+        x0 = self._latents(batch, "image")
+        source = self._latents(batch, "source") if self.task == "edit" else None
+        b = x0.shape[0]
+        keep_text, keep_image = self._masks(b, step, micro)
+        mask = batch["attention_mask"] * keep_text[:, None].to(batch["attention_mask"].dtype)  # null text = no keys
+        u = self._noise((b,), step, micro, "flow-time")
+        t = flow.time_shift(torch.sigmoid(L.logit_mean + L.logit_std * u), self.shift)
+        noise = self._noise(tuple(x0.shape), step, micro, "flow-noise")
+        pred = models["generator"](flow.interpolate(x0, noise, t), t, (batch["input_ids"], mask), source, keep_image)
+        loss = flow.flow_loss(pred, x0, noise)
+        logs = {f"cfg/{k}": float(v) for k, v in self._drops.items()}
+        return StepResult({"generator": {"flow": loss}}, logs)
+
+    # --- evaluation, previews, export --------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, batch):
+        """Per-sample flow loss with fixed (t, noise) per sample key: comparable across validations."""
+        L = self.cfg.loss
+        x0 = self._latents(batch, "image")
+        source = self._latents(batch, "source") if self.task == "edit" else None
+        us, noises = [], []
+        for key in batch["key"]:
+            g = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "val", key))
+            us.append(torch.randn(1, generator=g))
+            noises.append(torch.randn(x0.shape[1:], generator=g))
+        u = torch.cat(us).to(x0.device)
+        t = flow.time_shift(torch.sigmoid(L.logit_mean + L.logit_std * u), self.shift)
+        noise = torch.stack(noises).to(x0.device)
+        pred = model(flow.interpolate(x0, noise, t), t, (batch["input_ids"], batch["attention_mask"]), source)
+        per = ((pred.float() - flow.velocity_target(x0, noise).float()) ** 2).flatten(1).mean(1)
+        return {"flow_loss": per.double()}
+
+    @torch.no_grad()
+    def preview(self, model, batch):
+        """t2i: samples for preview.prompts (or the batch's captions); edit: sources, edits, targets."""
+        P = self.cfg.preview
+        if self.task == "edit":
+            source = self._latents(batch, "source")
+            z = model.sample(list(batch["text"]), source=source, steps=P.steps, shift=P.shift, guidance=P.guidance,
+                             image_guidance=P.image_guidance, seed=P.seed)
+            target = batch["image"].float() if "image" in batch else self._decode(self._latents(batch, "image"))
+            shown = batch["source"].float() if "source" in batch else self._decode(source)
+            return torch.cat([shown, self._decode(z), target])
+        prompts = list(P.prompts) or list(batch["text"])
+        z = model.sample(prompts, steps=P.steps, shift=P.shift, guidance=P.guidance, seed=P.seed)
+        return self._decode(z)
+
+    def vae_provenance(self) -> dict:
+        """What the export records about its VAE (docs/TRAINER_GENERATOR.md §5; nodes/generator.py reads it)."""
+        grid = list(self.latent_grid)
+        c = self.vae.latent_channels
+        return {
+            "vae": {"file": self.vae_path.name, "path": str(self.vae_path), "fingerprint": self.vae_fingerprint,
+                    "sha256": self.vae_sha256, "latent_channels": c, "latent_grid": grid,
+                    "latent_stats": self.vae_latent_stats},
+            "vae_fingerprint": self.vae_fingerprint, "vae_sha256": self.vae_sha256,
+            "vae_latent_channels": c, "vae_latent_grid": grid, "vae_latent_stats": self.vae_latent_stats,
+        }
+
+    def export(self, model, folder: Path, provenance: dict) -> Optional[Path]:
+        path = folder / EXPORT_NAME
+        if self.ctx.rank == 0:
+            L = self.cfg.loss
+            dtype = EXPORT_DTYPES[self.cfg.export.dtype]
+            out = copy.deepcopy(model).to(dtype) if dtype is not None else model
+            folder.mkdir(parents=True, exist_ok=True)
+            dropout = {"text": L.text_dropout, **({"image": L.image_dropout} if self.task == "edit" else {})}
+            out.save(path, provenance={**provenance, **self.vae_provenance(), "task": self.task, "init": self.init,
+                                       "train_shift": self.shift, "cfg_dropout": dropout,
+                                       "image_size": self.cfg.data.image_size, "dtype": self.cfg.export.dtype})
+            self.ctx.log(f"exported {path}")
+        return path
+
+
+@register
+class T2IStage(_GeneratorStage):
+    """Text-to-image: [caption ; noisy latent], caption dropout for CFG."""
+
+    name = "t2i"
+
+
+@register
+class EditStage(_GeneratorStage):
+    """Instruction editing: [clean source latent ; instruction ; noisy latent]; text and source dropped
+    independently."""
+
+    name = "edit"
+    task = "edit"
+    config_class = EditConfig
