@@ -27,9 +27,17 @@ COMMON = ["model.encoder_weights=null", "checkpoint.every=0", "checkpoint.resume
           "data.val_source=null", "loss.lpips_weights=null", "optim.warmup_steps=0"]
 
 
-def run(args: list[str]):
-    print("+", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, check=True)
+def run(args: list[str], processes: int = 1, launcher: str = "accelerate"):
+    """`python -m trainer ...`, or the same under accelerate launch / torchrun with N processes."""
+    if processes == 1:
+        cmd = [sys.executable, "-m", "trainer", *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "-m", "trainer", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
+               "--mixed_precision=no", "-m", "trainer", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def step_flops_per_image() -> float:
@@ -65,26 +73,31 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/psvae_bench")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=96)
+    p.add_argument("--processes", type=int, default=1, help="GPUs (data-parallel processes); batch is global")
+    p.add_argument("--launcher", default="accelerate", choices=["accelerate", "torchrun"])
     p.add_argument("--out", default="psvae_stage2_result.json")
     args = p.parse_args(argv)
     work = Path(args.work)
     data, runs = work / "photos", work / "runs"
-    subprocess.run([sys.executable, str(ROOT / "bench/photo_set.py"), str(data), "--count", "400"], check=True)
-    run(["svae", "--config", "trainer/configs/svae_paper.yaml", f"run.output_dir={runs}", f"data.source={data}",
-         "train.max_steps=10", f"train.batch_size={args.batch}", *COMMON])
     export = runs / "svae_dinov2b_96c" / "export" / "vae.safetensors"
-    run(["psvae", "--config", "trainer/configs/psvae_paper.yaml", f"run.output_dir={runs}", f"data.source={data}",
-         f"model.init_from={export}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
-         "log.every=25", "gan.start_step=50", "gan.disc_start_step=25", *COMMON])
-    rows = [json.loads(line) for line in (runs / "psvae_dinov2b_96c" / "metrics.jsonl").read_text().splitlines()]
+    if not export.exists():  # the data set and the stage-1 export are shared by every run in --work
+        subprocess.run([sys.executable, str(ROOT / "bench/photo_set.py"), str(data), "--count", "400"], check=True)
+        run(["svae", "--config", "trainer/configs/svae_paper.yaml", f"run.output_dir={runs}", f"data.source={data}",
+             "train.max_steps=10", f"train.batch_size={args.batch}", *COMMON])
+    name = f"psvae_{args.processes}gpu_{args.launcher}"
+    run(["psvae", "--config", "trainer/configs/psvae_paper.yaml", f"run.output_dir={runs}", f"run.name={name}",
+         f"data.source={data}", f"model.init_from={export}", f"train.max_steps={args.steps}",
+         f"train.batch_size={args.batch // args.processes}", "log.every=25", "gan.start_step=50",
+         "gan.disc_start_step=25", *COMMON], args.processes, args.launcher)
+    rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train" and "images_per_s" in r]
     steady = [r for r in train if r["step"] > 100]  # after warm-up and the GAN start
     ips = sum(r["images_per_s"] for r in steady) / len(steady)
-    flops = step_flops_per_image()
+    flops = step_flops_per_image() / args.processes  # per image per GPU
     peak = measured_matmul_peak()
     result = {
         "command": "python bench/psvae_stage2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        **environment(), "batch": args.batch, "steps": args.steps, "precision": "bf16 autocast, fp32 weights",
+        **environment(), "processes": args.processes, "launcher": args.launcher, "global_batch": args.batch, "steps": args.steps, "precision": "bf16 autocast, fp32 weights",
         "images_per_s": round(ips, 1), "step_s": round(args.batch / ips, 3),
         "gpu_peak_mem_gib": round(max(r.get("gpu_peak_mem_gib", 0) for r in train), 1),
         "flops_per_image": flops,

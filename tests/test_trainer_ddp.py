@@ -45,3 +45,36 @@ def test_two_processes_match_one(tmp_path):
         for key in ("model/semantic", "model/l1", "disc/hinge", "adaptive_weight"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def _torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "trainer", *map(str, args)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def test_checkpoints_move_between_process_counts_at_the_same_global_batch(tmp_path):
+    """Saved by 2 processes and resumed by 1, and the other way round, both end equal to one
+    uninterrupted single-process run; another global batch is refused."""
+    data = photos(tmp_path / "photos", 128)
+    base = ["svae", "--config", TINY_SVAE, f"data.source={data}", f"run.output_dir={tmp_path}", "log.every=1",
+            "optim.eps=1e-5", "checkpoint.every=2", "checkpoint.resume=latest"]
+    ref = cli(*base, "run.name=ref", "train.batch_size=4", "train.max_steps=4")
+    assert ref.returncode == 0, ref.stderr
+    first = _torchrun(*base, "run.name=two_then_one", "train.batch_size=2", "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-4000:]
+    then = cli(*base, "run.name=two_then_one", "train.batch_size=4", "train.max_steps=4")
+    assert then.returncode == 0, then.stderr
+    assert "resuming a 2-process checkpoint on 1 process(es)" in then.stdout + then.stderr
+    first = cli(*base, "run.name=one_then_two", "train.batch_size=4", "train.max_steps=2")
+    assert first.returncode == 0, first.stderr
+    then = _torchrun(*base, "run.name=one_then_two", "train.batch_size=2", "train.max_steps=4")
+    assert then.returncode == 0, then.stderr[-4000:]
+    final = "step_00000004"
+    for run in ("two_then_one", "one_then_two"):
+        for name in ("model.safetensors", "model.ema.safetensors"):
+            diff = max_diff(weights(tmp_path / "ref" / "checkpoints" / final, name),
+                            weights(tmp_path / run / "checkpoints" / final, name))
+            assert diff < 1e-5, f"{run} {name}: max |ref - resumed| = {diff:.2e}"
+    other = cli(*base, "run.name=one_then_two", "train.batch_size=2", "train.max_steps=6")
+    assert other.returncode == 2 and "global batch 4, this run has 2" in other.stderr

@@ -214,12 +214,16 @@ class Loop:
         state = ckpt.read_json(folder / "trainer_state.json")
         if state.get("stage") != self.cfg.stage:
             raise ckpt.ResumeError(f"{folder} is a '{state.get('stage')}' checkpoint; this run is '{self.cfg.stage}'")
-        layout = {k: state.get(k) for k in ("world_size", "batch_size", "grad_accum")}
-        now = {"world_size": self.world, "batch_size": self.cfg.train.batch_size, "grad_accum": self.cfg.train.grad_accum}
-        if layout != now and not self.cfg.checkpoint.allow_mismatch:
-            raise ckpt.ResumeError(f"{folder} was written with {layout}, this run has {now}: the data order and the "
-                                   f"noise would not continue exactly. Use the same layout, or pass "
+        # Data order and training noise are drawn per global batch, so only the global batch must
+        # match: a 2-GPU checkpoint continues exactly on 1 GPU (or with another accumulation split).
+        if state.get("global_batch") != self.global_batch and not self.cfg.checkpoint.allow_mismatch:
+            raise ckpt.ResumeError(f"{folder} was written with global batch {state.get('global_batch')}, this run has "
+                                   f"{self.global_batch}: the data order and the noise would not continue exactly. "
+                                   f"Use the same global batch (batch_size x processes x grad_accum), or pass "
                                    f"checkpoint.allow_mismatch=true to resume anyway")
+        if state.get("world_size") != self.world:
+            self.log(f"note: resuming a {state.get('world_size')}-process checkpoint on {self.world} process(es) "
+                     f"with the same global batch {self.global_batch}")
         if state.get("config_hash") != self.hash:
             self.log(f"note: the config differs from the one {folder.name} was written with (see its config.yaml)")
         return state
