@@ -271,7 +271,14 @@ class RepresentationEncoder(nn.Module):
         return tokens.transpose(1, 2).reshape(b, self.hidden_size, h, w)
 
     def set_trainable(self, flag: bool) -> "RepresentationEncoder":
+        """Train (or freeze) the encoder. Parameters no forward pass uses stay frozen even when
+        training: the mask token (masked pre-training only) and the final norm unless
+        feature_norm="affine". Data-parallel training requires every trainable one to get a gradient."""
         self.requires_grad_(flag)
+        if flag:
+            for name, param in self.named_parameters():
+                if name.endswith("mask_token") or (name.startswith("final_norm.") and self.config.feature_norm != "affine"):
+                    param.requires_grad_(False)
         return self
 
     def frozen_copy(self) -> "RepresentationEncoder":
