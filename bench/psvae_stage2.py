@@ -88,7 +88,7 @@ def main(argv=None):
     name = f"psvae_{args.processes}gpu_{args.launcher}"
     run(["psvae", "--config", "trainer/configs/psvae_paper.yaml", f"run.output_dir={runs}", f"run.name={name}",
          f"data.source={data}", f"model.init_from={export}", f"train.max_steps={args.steps}",
-         f"train.batch_size={args.batch // args.processes}", "log.every=25", "gan.start_step=50",
+         f"train.batch_size={args.batch // args.processes}", "log.every=10", "gan.start_step=50",
          "gan.disc_start_step=25", *COMMON], args.processes, args.launcher)
     rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train" and "images_per_s" in r]
