@@ -12,7 +12,7 @@ another loader). The rules, in order:
    grid, so this is not checked;
 3. the VAE it was trained with, when the generator file records one in its provenance (see
    `recorded_vae`): its latent statistics must equal this VAE's (they define the normalisation the
-   generator learned); without recorded statistics its fingerprint (nodes/fingerprint.py) must
+   generator learned); without recorded statistics its fingerprint (psvae_core.checkpoint.fingerprint) must
    equal this VAE file's. Same statistics but another fingerprint (e.g. a re-export in another
    dtype) is only logged. A file that records nothing is checked by 1 and 2 alone (logged once).
 """

@@ -19,8 +19,8 @@ import comfy.model_patcher
 import comfy.utils
 
 from ..psvae_core import images as core_images
+from ..psvae_core.checkpoint import fingerprint as vae_fingerprint
 from ..psvae_core.preview import latent_to_rgb
-from .fingerprint import vae_fingerprint
 
 MAX_SIDE = core_images.MAX_SIDE  # largest image side the pack produces or accepts (px)
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
@@ -112,7 +112,7 @@ class PSVAEHandle:
 
     @property
     def fingerprint(self) -> Optional[str]:
-        """sha256 identity of the file (nodes/fingerprint.py); None for a model not loaded from a file."""
+        """sha256 identity of the file (psvae_core.checkpoint.fingerprint); None for a model not loaded from a file."""
         if self._fingerprint is None and self.path is not None:
             self._fingerprint = vae_fingerprint(self.path)
         return self._fingerprint
@@ -248,7 +248,7 @@ def encode_images(handle: PSVAEHandle, image: torch.Tensor, resize: str = "cente
 
 # LATENT dicts made by this pack carry the identity of the VAE whose latent space they are in
 # (core latent nodes copy the dict, so the keys survive upscales, batching, etc.).
-LATENT_VAE_KEY = "psvae_vae"  # the VAE file's fingerprint (nodes/fingerprint.py)
+LATENT_VAE_KEY = "psvae_vae"  # the VAE file's fingerprint (psvae_core.checkpoint.fingerprint)
 LATENT_VAE_NAME_KEY = "psvae_vae_name"  # its file name, for messages
 
 

@@ -9,6 +9,7 @@ says what is wrong and what to do. Nothing here ever unpickles.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import struct
@@ -336,3 +337,35 @@ def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str) ->
         module.load_state_dict(cast, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{source}: loading the weights failed ({e}); pick the matching file") from e
+
+
+# ---------------------------------------------------------------------------------- identity
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def fingerprint(path) -> str:
+    """The identity of a component file: sha256 over its config, latent stats, kind and tensor
+    header entries (sorted JSON), then every byte of its tensor data.
+
+    Provenance and dates are left out, so re-saving the same weights keeps the fingerprint; any
+    weight, config or stats change alters it (so does a re-export in another dtype). A generator
+    records its VAE's fingerprint; the trainer's latent cache is keyed by it. Memoised per
+    (path, size, mtime) within a process.
+    """
+    path = Path(path)
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo in _FINGERPRINTS:
+        return _FINGERPRINTS[memo]
+    header = read_header(path)
+    meta = header.get("__metadata__", {})
+    described = {"config": meta.get("config"), "latent_stats": meta.get("latent_stats"), "kind": meta.get("kind"),
+                 "tensors": {k: v for k, v in sorted(header.items()) if k != "__metadata__"}}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    with open(path, "rb") as f:
+        f.seek(8 + struct.unpack("<Q", f.read(8))[0])
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    _FINGERPRINTS[memo] = value = digest.hexdigest()
+    return value

@@ -451,13 +451,10 @@ def tiny_tokenizer():
 
 
 def pack_fingerprint(path: Path) -> str:
-    """The pack's own VAE fingerprint (nodes/fingerprint.py, standard library only)."""
-    import importlib.util
+    """The VAE fingerprint the pack and the trainer both use (psvae_core.checkpoint.fingerprint)."""
+    from psvae_core.checkpoint import fingerprint
 
-    spec = importlib.util.spec_from_file_location("psvae_pack_fingerprint", REPO / "nodes" / "fingerprint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.vae_fingerprint(path)
+    return fingerprint(path)
 
 
 def recorded_vae(vae_path: Path, record=("fingerprint", "latent_stats")) -> dict:

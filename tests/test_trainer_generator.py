@@ -5,7 +5,6 @@ independent text/image dropout, and the VAE/generator mismatch errors (exit 2)."
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import socket
@@ -90,11 +89,10 @@ def _provenance(path: Path) -> dict:
 
 
 def _pack_fingerprint(path: Path) -> str:
-    """The ComfyUI pack's own VAE fingerprint (nodes/fingerprint.py, standard library only)."""
-    spec = importlib.util.spec_from_file_location("psvae_pack_fingerprint", ROOT / "nodes" / "fingerprint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.vae_fingerprint(path)
+    """The VAE fingerprint the ComfyUI pack reads (psvae_core.checkpoint.fingerprint)."""
+    from psvae_core.checkpoint import fingerprint
+
+    return fingerprint(path)
 
 
 @pytest.fixture(scope="module")

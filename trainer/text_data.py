@@ -55,6 +55,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
 
+from psvae_core.checkpoint import fingerprint as vae_fingerprint  # noqa: F401  (re-exported)
 from psvae_core.images import resize_center_crop
 
 logger = logging.getLogger(__name__)
@@ -825,33 +826,6 @@ def dropout_masks(batch_size: int, p_text: float, p_image: float = 0.0,
 
 CACHE_FORMAT = 1
 _FINGERPRINTS: dict[tuple, str] = {}
-
-
-def vae_fingerprint(vae_file: PathLike) -> str:
-    """sha256 of a VAE file's tensors (names, dtypes, shapes, bytes), its config and latent stats.
-
-    Provenance and dates are left out, so re-saving the same weights keeps the fingerprint; any
-    weight or config change alters it. Memoised per (path, size, mtime) within a process.
-    """
-    from psvae_core.checkpoint import read_header
-
-    path = Path(vae_file)
-    st = path.stat()
-    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if memo in _FINGERPRINTS:
-        return _FINGERPRINTS[memo]
-    header = read_header(path)
-    meta = header.get("__metadata__", {})
-    h = hashlib.sha256()
-    described = {"config": meta.get("config"), "latent_stats": meta.get("latent_stats"), "kind": meta.get("kind"),
-                 "tensors": {k: v for k, v in sorted(header.items()) if k != "__metadata__"}}
-    h.update(json.dumps(described, sort_keys=True).encode())
-    with open(path, "rb") as f:
-        f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    _FINGERPRINTS[memo] = digest = h.hexdigest()
-    return digest
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
