@@ -58,6 +58,19 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def unless_out_of_memory(attempt: Callable[..., torch.Tensor], *args) -> Optional[torch.Tensor]:
+    """attempt(*args), or None when it ran out of memory (any other error is re-raised). The cache is
+    emptied after the except block, so the failed attempt's tensors can be freed first; the caller
+    then retries smaller."""
+    try:
+        return attempt(*args)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
+        if not is_out_of_memory(err):
+            raise
+    mm.soft_empty_cache(True)
+    return None
+
+
 class PSVAEHandle:
     """What the loader's `vae` output carries: a PSVAE in a ModelPatcher, plus its dtype."""
 
@@ -215,21 +228,18 @@ def encode_images(handle: PSVAEHandle, image: torch.Tensor, resize: str = "cente
     out_device = mm.intermediate_device()
     out: Optional[torch.Tensor] = None
     pbar = comfy.utils.ProgressBar(b)
+
+    def encode_chunk(start: int, size: int) -> torch.Tensor:
+        chunk = x[start:start + size].to(device=device, dtype=handle.dtype)
+        with torch.inference_mode():
+            z = handle.model.encode(chunk).mode()
+        return z.to(out_device).float()
+
     i = 0
     while i < b:
         mm.throw_exception_if_processing_interrupted()
-        oom = False
-        try:
-            chunk = x[i:i + batch].to(device=device, dtype=handle.dtype)
-            with torch.inference_mode():
-                z = handle.model.encode(chunk).mode()
-            z = z.to(out_device).float()
-        except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
-            if not is_out_of_memory(err):
-                raise
-            oom = True
-        if oom:
-            mm.soft_empty_cache(True)
+        z = unless_out_of_memory(encode_chunk, i, batch)
+        if z is None:
             if batch == 1:
                 raise MemoryError("PS-VAE Encode: out of memory encoding a single image; close other workflows, "
                                   "free memory (Manager -> Unload models) or use a smaller image")
@@ -354,26 +364,21 @@ def decode_latents(handle: PSVAEHandle, latent) -> torch.Tensor:
         with torch.inference_mode():
             return handle.model.decode(z.to(device=device, dtype=handle.dtype))
 
-    i = 0
     tiles = [t for t in TILE_SIZES if t < max(h, w)] or [max(1, max(h, w) // 2)]
+
+    def decode_chunk(start: int, size: int, level: int) -> torch.Tensor:
+        chunk = samples[start:start + size]
+        if level < 0:
+            return run(chunk).to(out_device).float()
+        t = tiles[level]
+        return decode_tiled(run, chunk, f, tile=t, overlap=max(1, t // 4), out_device=out_device)
+
+    i = 0
     tile_level = -1  # -1: whole images; k >= 0: tiles of TILE_SIZES[k]
     while i < b:
         mm.throw_exception_if_processing_interrupted()
-        oom = False
-        try:
-            chunk = samples[i:i + batch]
-            if tile_level < 0:
-                img = run(chunk).to(out_device).float()
-            else:
-                t = tiles[tile_level]
-                img = decode_tiled(run, chunk, f, tile=t, overlap=max(1, t // 4), out_device=out_device)
-        except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
-            if not is_out_of_memory(err):
-                raise
-            oom = True
-        if oom:
-            # Retried outside the except block so the failed attempt's tensors can be freed first.
-            mm.soft_empty_cache(True)
+        img = unless_out_of_memory(decode_chunk, i, batch, tile_level)
+        if img is None:
             if batch > 1:
                 batch = max(1, batch // 2)
                 log.warning("PS-VAE Decode: out of memory, retrying with batches of %d", batch)

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..psvae_core import flow
 from . import sampling
-from .types import PSVAEGenerator, PSVAEVae
+from .types import PSVAEGenerator, vae_input
 
 _VAE_TIP = ("The PS-VAE autoencoder from PS-VAE Loader, the one the generator was trained with (checked): its "
             "latent statistics turn the generator's normalised latents into raw ones, and its latent -> RGB map "
@@ -30,11 +30,25 @@ _PROGRESS = ("A progress bar ticks every step with a live preview of the current
 def _common_inputs(text_id: str, text_tip: str, placeholder: str) -> list:
     return [
         PSVAEGenerator.Input("generator", tooltip=_GEN_TIP),
-        PSVAEVae.Input("vae", tooltip=_VAE_TIP),
+        vae_input(_VAE_TIP),
         io.String.Input(text_id, multiline=True, default="", placeholder=placeholder, tooltip=text_tip),
         io.Int.Input("seed", default=0, min=0, max=sampling.SEED_MAX, control_after_generate=True, tooltip=_SEED_TIP),
         io.Int.Input("steps", default=flow.DEFAULT_STEPS, min=1, max=sampling.MAX_STEPS, tooltip=_STEPS_TIP),
     ]
+
+
+def _float_input(name: str, default: float, tooltip: str, lo: float = 0.0, hi: float = 30.0) -> io.Float.Input:
+    """A guidance-style float widget (step 0.1, rounded to 0.01); guidance scales by default, 0..30."""
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=0.1, round=0.01, tooltip=tooltip)
+
+
+def _shift_input() -> io.Float.Input:
+    return _float_input("shift", flow.DEFAULT_SHIFT, _SHIFT_TIP, lo=0.1, hi=20.0)
+
+
+def _settings(seed, steps, shift, guidance, **extra) -> sampling.Settings:
+    """The widgets both samplers share, as sampling.Settings (ComfyUI may pass them as other number types)."""
+    return sampling.Settings(seed=int(seed), steps=int(steps), shift=float(shift), guidance=float(guidance), **extra)
 
 
 class PSVAET2ISampler(io.ComfyNode):
@@ -50,11 +64,10 @@ class PSVAET2ISampler(io.ComfyNode):
             inputs=_common_inputs("prompt", "What the image should show. Must not be empty.",
                                   "a photo of a red fox in the snow")
             + [
-                io.Float.Input("cfg", default=flow.DEFAULT_GUIDANCE, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip=(f"Classifier-free guidance scale (paper: {flow.DEFAULT_GUIDANCE}); 1 = off "
-                                        "(half the work per step), higher follows the prompt more closely.")),
-                io.Float.Input("shift", default=flow.DEFAULT_SHIFT, min=0.1, max=20.0, step=0.1, round=0.01,
-                               tooltip=_SHIFT_TIP),
+                _float_input("cfg", flow.DEFAULT_GUIDANCE, (
+                    f"Classifier-free guidance scale (paper: {flow.DEFAULT_GUIDANCE}); 1 = off "
+                    "(half the work per step), higher follows the prompt more closely.")),
+                _shift_input(),
                 io.Int.Input("batch", default=1, min=1, max=sampling.MAX_BATCH,
                              tooltip="How many images to make from the prompt (seeds seed, seed + 1, ...)."),
                 io.Float.Input("cfg_interval_start", default=0.0, min=0.0, max=1.0, step=0.01, round=0.001,
@@ -80,8 +93,7 @@ class PSVAET2ISampler(io.ComfyNode):
         interval = None
         if (cfg_interval_start, cfg_interval_end) != (0.0, 1.0):
             interval = (float(cfg_interval_start), float(cfg_interval_end))
-        settings = sampling.Settings(seed=int(seed), steps=int(steps), shift=float(shift), guidance=float(cfg),
-                                     cfg_interval=interval)
+        settings = _settings(seed, steps, shift, cfg, cfg_interval=interval)
         return io.NodeOutput(sampling.run(gen, vae, prompt, "prompt", settings, int(batch), None, who))
 
 
@@ -100,13 +112,12 @@ class PSVAEEditSampler(io.ComfyNode):
             inputs=_common_inputs("instruction", "The edit to make, e.g. 'make the sky stormy'. Must not be empty.",
                                   "make it a watercolour painting")
             + [
-                io.Float.Input("text_guidance", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01, tooltip=(
+                _float_input("text_guidance", 5.0, (
                     "How strongly to follow the instruction (guidance of the instruction over the source alone).")),
-                io.Float.Input("image_guidance", default=1.5, min=0.0, max=30.0, step=0.1, round=0.01, tooltip=(
+                _float_input("image_guidance", 1.5, (
                     "How strongly to stay with the source (guidance of the source over nothing); 1 = neutral. "
                     "With both guidances at 1 a step needs a single pass.")),
-                io.Float.Input("shift", default=flow.DEFAULT_SHIFT, min=0.1, max=20.0, step=0.1, round=0.01,
-                               tooltip=_SHIFT_TIP),
+                _shift_input(),
                 io.Image.Input("source_image", optional=True, tooltip=(
                     "The image to edit (any size; centre-cropped to the generator's aspect ratio, then encoded "
                     "with the VAE). Connect this or source_latent, not both.")),
@@ -128,7 +139,6 @@ class PSVAEEditSampler(io.ComfyNode):
         gen, vae = sampling.require_models(generator, vae, who)
         sampling.tokenize(gen, instruction, "instruction", who)  # fail fast, before encoding the source
         source = sampling.source_latents(gen, vae, source_image, source_latent, who)
-        settings = sampling.Settings(seed=int(seed), steps=int(steps), shift=float(shift),
-                                     guidance=float(text_guidance), image_guidance=float(image_guidance))
+        settings = _settings(seed, steps, shift, text_guidance, image_guidance=float(image_guidance))
         return io.NodeOutput(sampling.run(gen, vae, instruction, "instruction", settings, int(source.shape[0]),
                                           source, who))

@@ -3,3 +3,10 @@ from comfy_api.latest import io
 
 PSVAEVae = io.Custom("PSVAE_VAE")
 PSVAEGenerator = io.Custom("PSVAE_GENERATOR")
+
+VAE_TIP = "The PS-VAE autoencoder from PS-VAE Loader."
+
+
+def vae_input(tooltip: str = VAE_TIP) -> io.Input:
+    """The `vae` input every PS-VAE node takes (the loader's VAE output)."""
+    return PSVAEVae.Input("vae", tooltip=tooltip)

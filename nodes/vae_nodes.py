@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import runtime
-from .types import PSVAEVae
+from .types import vae_input
 
 RESIZE_RULE = (
     "Any image size is accepted. 'center crop' (default) first crops the middle of the image to the "
@@ -25,7 +25,7 @@ class PSVAEEncode(io.ComfyNode):
                          "memory, with a progress bar. " + RESIZE_RULE),
             inputs=[
                 io.Image.Input("image", tooltip="The images to encode (any size; RGB, greyscale or RGBA over white)."),
-                PSVAEVae.Input("vae", tooltip="The PS-VAE autoencoder from PS-VAE Loader."),
+                vae_input(),
                 io.Combo.Input("resize", options=runtime.RESIZE_CHOICES, default="center crop",
                                tooltip=RESIZE_RULE),
             ],
@@ -55,7 +55,7 @@ class PSVAEDecode(io.ComfyNode):
                 io.Latent.Input("latent", tooltip=(
                     "Latents from PS-VAE Encode or a PS-VAE sampler, made with this same VAE (checked: the "
                     "channel count, and the VAE file the pack's nodes record in their latents).")),
-                PSVAEVae.Input("vae", tooltip="The PS-VAE autoencoder from PS-VAE Loader."),
+                vae_input(),
             ],
             outputs=[
                 io.Image.Output("image", display_name="image", tooltip="The decoded images, RGB, values 0..1."),

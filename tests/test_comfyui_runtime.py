@@ -34,6 +34,20 @@ def test_runtime_inside_comfyui(tmp_path):
 
 # ------------------------------------------------------------------------ runs inside ComfyUI
 
+def _expect_interrupt(work) -> None:  # pragma: no cover - executed in the child process
+    """work() must stop with ComfyUI's interrupt; the interrupt flag is cleared afterwards either way."""
+    import comfy.model_management as mm
+
+    try:
+        work()
+    except mm.InterruptProcessingException:
+        pass
+    else:
+        raise AssertionError("interrupt was not honoured")
+    finally:
+        mm.interrupt_current_processing(False)
+
+
 def _inside_comfyui() -> None:  # pragma: no cover - executed in the child process
     import importlib.util
 
@@ -148,14 +162,7 @@ def _inside_comfyui() -> None:  # pragma: no cover - executed in the child proce
 
     # 6. interrupt between batches.
     mm.interrupt_current_processing(True)
-    try:
-        runtime.decode_latents(handle, {"samples": z})
-    except mm.InterruptProcessingException:
-        pass
-    else:
-        raise AssertionError("interrupt was not honoured")
-    finally:
-        mm.interrupt_current_processing(False)
+    _expect_interrupt(lambda: runtime.decode_latents(handle, {"samples": z}))
     print("interrupt ok")
 
     # 7. dtypes: auto on the CPU = fp32; fp16 never on the CPU; bf16 runs and returns float32 images.
@@ -228,14 +235,8 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     ticks.clear()
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: (
         ticks.append(value), mm.interrupt_current_processing(True) if value == 2 else None))
-    try:
-        sampling.run(gen, vae, "a red fox", "prompt", sampling.Settings(1, 50, 3.0, 6.5), 1, None, "T2I")
-    except mm.InterruptProcessingException:
-        pass
-    else:
-        raise AssertionError("interrupt was not honoured")
-    finally:
-        mm.interrupt_current_processing(False)
+    _expect_interrupt(lambda: sampling.run(gen, vae, "a red fox", "prompt", sampling.Settings(1, 50, 3.0, 6.5), 1,
+                                           None, "T2I"))
     assert ticks == [1, 2], ticks
     comfy.utils.set_progress_bar_global_hook(None)
     print("interrupt ok")
