@@ -173,13 +173,14 @@ def save_component(path, *, kind: str, config: dict, tensors: dict,
             raise _fail(path, f"writing failed ({type(e).__name__}: {e})",
                         "check free disk space and write permission; the previous file, if any, is untouched") from e
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; directories cannot be opened this way on Windows.
+def fsync_path(path: Path) -> None:
+    """Best-effort fsync of a file or folder (a folder: makes a rename in it durable on POSIX);
+    anything that cannot be opened read-only this way (a folder on Windows) is passed over."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -441,13 +441,9 @@ def write_tiny_vae(path: Path, mode: str = "psvae", seed: int = 0, **changes) ->
 
 def tiny_tokenizer():
     """A word-level tokenizer built offline (ids < 256, the tiny LM's vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tiny_models import word_tokenizer
 
-    words = ["[PAD]", "[UNK]"] + sorted(set(TINY_WORDS))
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    return word_tokenizer(sorted(set(TINY_WORDS)))
 
 
 def pack_fingerprint(path: Path) -> str:

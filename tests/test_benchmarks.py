@@ -14,30 +14,14 @@ from psvae_core.fusion import FusionDiffuser
 from trainer import benchmarks as bm
 from trainer.samples import write_sample_photos
 
+from tiny_models import one_thread, word_tokenizer  # noqa: F401  (one_thread: an autouse fixture)
+
 WORDS = "a photo of the red blue green cat dog two on left right make it snowy remove background".split()
 GENEVAL = [
     {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
     {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a photo of a red dog"},
     {"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cat"},
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]"] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +31,7 @@ def model_files(tmp_path_factory):
     torch.manual_seed(0)
     vae = PSVAE(PRESETS["tiny"])
     gen = FusionDiffuser.from_preset("tiny", latent_channels=vae.latent_channels, latent_size=(16, 16))
-    gen.tokenizer = word_tokenizer()
+    gen.tokenizer = word_tokenizer(WORDS)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # wake the zero-initialised head so text and source matter
         for p in gen.head.parameters():

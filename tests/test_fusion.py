@@ -12,27 +12,14 @@ from psvae_core.fusion import PRESETS, FusionConfig, FusionDiffuser
 from psvae_core.fusion_heads import DDTHead, LinearHead
 from psvae_core.tokenizer_state import tokenizer_from_state, tokenizer_to_state
 
+from tiny_models import one_thread, word_tokenizer  # noqa: F401  (one_thread: an autouse fixture)
+
 COLOURS = "red blue green yellow purple orange white black".split()
 SHAPES = "square ring cross stripe".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core box: one thread avoids oversubscription (10x faster here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "a"] + COLOURS + SHAPES
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+def colour_tokenizer():
+    return word_tokenizer(["a"] + COLOURS + SHAPES)
 
 
 def tiny(seed=0, **changes):
@@ -257,7 +244,7 @@ def test_sampling_with_the_cached_prefix_equals_recomputing_it():
 
 # ------------------------------------------------------------------------------ checkpoint, tokenizer
 def test_tokenizer_state_rebuilds_the_tokenizer():
-    tok = word_tokenizer()
+    tok = colour_tokenizer()
     state = tokenizer_to_state(tok)
     assert set(state) == {"tokenizer_json", "tokenizer_config"} and all(isinstance(v, str) for v in state.values())
     again = tokenizer_from_state(json.loads(json.dumps(state)))
@@ -267,7 +254,7 @@ def test_tokenizer_state_rebuilds_the_tokenizer():
 
 def test_save_and_load_round_trip(tmp_path):
     model = awake(tiny())
-    model.tokenizer = word_tokenizer()
+    model.tokenizer = colour_tokenizer()
     path = tmp_path / "gen.safetensors"
     model.save(path)
     loaded = FusionDiffuser.from_file(path).eval()
@@ -295,7 +282,7 @@ def _pairs():
 def test_a_tiny_model_learns_its_captions():
     prompts, x0 = _pairs()  # 32 caption/latent pairs
     model = tiny()
-    model.tokenizer = word_tokenizer()
+    model.tokenizer = colour_tokenizer()
     ids, mask = model.tokenize(prompts)
 
     def distance():

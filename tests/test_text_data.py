@@ -14,15 +14,9 @@ from psvae_core.config import PRESETS
 from trainer import text_data as td
 from trainer.samples import write_sample_photos
 
+from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
+
 NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,11 @@ import pytest
 import torch
 
 from test_trainer_helpers import ROOT, cli, env, max_diff, metrics, weights
+from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
 
 T2I_TINY = ROOT / "trainer" / "configs" / "t2i_tiny.yaml"
 EDIT_TINY = ROOT / "trainer" / "configs" / "edit_tiny.yaml"
 STEPS = 40
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny_vae(path: Path, seed: int, images: torch.Tensor | None = None) -> Path:

@@ -37,6 +37,7 @@ from psvae_core.autoencoder import PSVAE
 from psvae_core.checkpoint import read_header
 from psvae_core.fusion import FusionDiffuser
 
+from .data import jsonl_lines
 from .text_data import DataError, load_image
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,21 @@ def _shard_filter(shard: tuple[int, int]) -> Callable[[int], bool]:
     return lambda i: i % world == rank
 
 
+def _start(sampler: BenchmarkSampler, bench: str, shard: tuple[int, int], overwrite: bool,
+           **extra) -> tuple[Callable[[int], bool], dict, "_Resume"]:
+    """This shard's filter, the run settings (+ `extra`) and the resume check of a benchmark run."""
+    settings = {**sampler.run_settings(bench), **extra}
+    return _shard_filter(shard), settings, _Resume(settings, overwrite)
+
+
+def _finish(sampler: BenchmarkSampler, jobs: list, write, log, prompts: int, resume: "_Resume",
+            scorer: Callable[[], str]) -> dict:
+    """Runs the jobs, logs the scorer's command line (`scorer()`, after the run) and returns the counts."""
+    made = _run_jobs(sampler, jobs, write, 256, log)
+    log(scorer())
+    return {"prompts": prompts, "generated": made, "kept": resume.kept}
+
+
 def _quiet(_msg: str) -> None:
     pass
 
@@ -248,13 +264,7 @@ def _quiet(_msg: str) -> None:
 def read_geneval_prompts(path) -> list[tuple[str, dict]]:
     """(raw line, parsed) per non-empty line of GenEval's evaluation_metadata(.jsonl / _long.jsonl)."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BenchmarkError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    for n, line, row in jsonl_lines(path, BenchmarkError):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise BenchmarkError(f'{path}:{n}: a GenEval line needs a "prompt" string')
         out.append((line.strip(), row))
@@ -268,9 +278,7 @@ def run_geneval(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit
     """`<out>/<index:05d>/metadata.jsonl` (the prompt's line) + `samples/<k:04d>.png`, k < samples."""
     out = Path(out)
     rows = read_geneval_prompts(prompts)[:limit]
-    mine = _shard_filter(shard)
-    settings = sampler.run_settings("geneval")
-    resume = _Resume(settings, overwrite)
+    mine, settings, resume = _start(sampler, "geneval", shard, overwrite)
     jobs = []
     for index, (line, row) in enumerate(rows):
         if not mine(index):
@@ -293,9 +301,7 @@ def run_geneval(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit
         info = {"run": settings, "prompt": job.text, "index": job.meta["index"], "sample": job.sample, "seed": job.seed}
         save_png(image, out / job.unit / "samples" / f"{job.sample:04d}.png", info)
 
-    made = _run_jobs(sampler, jobs, write, 256, log)
-    log(scorer_command("geneval", out))
-    return {"prompts": len(rows), "generated": made, "kept": resume.kept}
+    return _finish(sampler, jobs, write, log, len(rows), resume, lambda: scorer_command("geneval", out))
 
 
 # =================================================================================== DPG-Bench
@@ -327,9 +333,7 @@ def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Op
         raise ValueError("DPG-Bench grids hold 1 to 4 samples")
     out = Path(out)
     rows = read_dpg_prompts(prompts)[:limit]
-    mine = _shard_filter(shard)
-    settings = {**sampler.run_settings("dpg"), "samples": samples}
-    resume = _Resume(settings, overwrite)
+    mine, settings, resume = _start(sampler, "dpg", shard, overwrite, samples=samples)
     jobs = []
     for index, (pid, prompt) in enumerate(rows):
         if mine(index) and not resume.done(out / f"{pid}.png"):
@@ -355,9 +359,8 @@ def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Op
         save_png(grid, out / f"{job.unit}.png", info)
         del tiles[job.unit]
 
-    made = _run_jobs(sampler, jobs, write, 256, log)
-    log(scorer_command("dpg", out, resolution=tile_size.get("px", 256), samples=samples))
-    return {"prompts": len(rows), "generated": made, "kept": resume.kept}
+    return _finish(sampler, jobs, write, log, len(rows), resume,
+                   lambda: scorer_command("dpg", out, resolution=tile_size.get("px", 256), samples=samples))
 
 
 # =================================================================================== GEdit-Bench
@@ -367,13 +370,7 @@ def read_gedit_items(path) -> list[dict]:
     accepted for "language"); source paths relative to the file."""
     path = Path(path)
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BenchmarkError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    for n, _line, row in jsonl_lines(path, BenchmarkError):
         row = dict(row)
         row.setdefault("language", row.get("instruction_language"))
         missing = [k for k in ("key", "source", "instruction", "task_type", "language") if not row.get(k)]
@@ -397,9 +394,7 @@ def run_gedit(sampler: BenchmarkSampler, prompts, out, samples: int = 1, limit: 
     """`<out>/<task_type>/<language>/<key>.png`, one edit per item (the source is centre-cropped to 256)."""
     out = Path(out)
     items = read_gedit_items(prompts)[:limit]
-    mine = _shard_filter(shard)
-    settings = sampler.run_settings("gedit")
-    resume = _Resume(settings, overwrite)
+    mine, settings, resume = _start(sampler, "gedit", shard, overwrite)
     jobs = []
     for index, row in enumerate(items):
         target = out / row["task_type"] / row["language"] / f"{row['key']}.png"
@@ -414,9 +409,7 @@ def run_gedit(sampler: BenchmarkSampler, prompts, out, samples: int = 1, limit: 
         info = {"run": settings, "instruction": job.text, "key": job.meta["key"], "seed": job.seed}
         save_png(image, out / job.unit, info)
 
-    made = _run_jobs(sampler, jobs, write, 256, log)
-    log(scorer_command("gedit", out))
-    return {"prompts": len(items), "generated": made, "kept": resume.kept}
+    return _finish(sampler, jobs, write, log, len(items), resume, lambda: scorer_command("gedit", out))
 
 
 # =================================================================================== scorers

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from psvae_core.checkpoint import fsync_path
+
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -65,19 +67,6 @@ def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
     return path
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def tmp_dir(root: Path, step: int) -> Path:
     return root / f".{step_dir_name(step)}.tmp"
 
@@ -95,14 +84,14 @@ def commit(root: Path, step: int, keep_last: int) -> Path:
     """Rank 0, after every process wrote its files: marker, atomic rename, pruning."""
     tmp, final = tmp_dir(root, step), root / step_dir_name(step)
     for file in tmp.iterdir():
-        _fsync(file)
+        fsync_path(file)
     (tmp / MARKER).write_text(json.dumps({"step": step}) + "\n")
-    _fsync(tmp / MARKER)
-    _fsync(tmp)
+    fsync_path(tmp / MARKER)
+    fsync_path(tmp)
     if final.exists():  # re-saving a step (e.g. signal right after a scheduled save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     if keep_last > 0:
         for _, old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -18,7 +18,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 MANIFEST_SUFFIXES = {".jsonl", ".csv"}
 MANIFEST_KEYS = ("path", "file_name", "image", "file")  # jsonl keys / csv columns tried in order
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+EXAMPLES_PER_REASON = 5  # offending paths a DataReport keeps per reason
 
 
 class DataError(ValueError):
@@ -54,14 +55,14 @@ class DataReport:
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 5:
-            self.examples[reason].append(where)
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < EXAMPLES_PER_REASON:
+            shown.append(str(where))
 
     def to_dict(self) -> dict:
         return {"source": self.source, "kind": self.kind, "found": self.found, "used": self.used,
                 "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
-                "examples": self.examples}
+                "examples": {k: list(v) for k, v in self.examples.items()}}
 
     def summary(self) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
@@ -130,20 +131,24 @@ def _folder_paths(root: Path, report: DataReport) -> list[Path]:
     return paths
 
 
+def jsonl_lines(path, error: type[Exception] = DataError) -> Iterator[tuple[int, str, Any]]:
+    """(line number, line, parsed JSON) per non-empty line of a jsonl file; a line that is not JSON
+    raises `error` naming the file and line."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        yield n, line, row
+
+
 def _manifest_paths(manifest: Path, key: Optional[str], report: DataReport) -> list[Path]:
-    rows: list[dict] = []
-    text = manifest.read_text(encoding="utf-8")
     if manifest.suffix.lower() == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{manifest}:{n}: not valid JSON ({err.msg})") from None
-            rows.append(row if isinstance(row, dict) else {"path": row})
+        rows = [row if isinstance(row, dict) else {"path": row} for _n, _line, row in jsonl_lines(manifest)]
     else:
-        rows = list(csv.DictReader(text.splitlines()))
+        rows = list(csv.DictReader(manifest.read_text(encoding="utf-8").splitlines()))
     keys = (key,) if key else MANIFEST_KEYS
     paths = []
     for n, row in enumerate(rows, 1):
@@ -157,6 +162,20 @@ def _manifest_paths(manifest: Path, key: Optional[str], report: DataReport) -> l
     return paths
 
 
+def select_split(ds, split: Optional[str], where, hint: str = "", error: type[Exception] = DataError):
+    """The split `split` (default: "train" if there is one, else the first) of a `datasets.DatasetDict`;
+    any other dataset as it is. A missing split raises `error` ("<where>: no split ...<hint>")."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds
+    names = list(ds)
+    split = split or ("train" if "train" in ds else names[0])
+    if split not in ds:
+        raise error(f"{where}: no split {split!r}; it has {names}{hint}")
+    return ds[split]
+
+
 class _HFItems:
     """Rows of a `datasets.load_from_disk` folder, read lazily (each worker opens its own)."""
 
@@ -166,13 +185,7 @@ class _HFItems:
         except ImportError:
             raise DataError(f"{folder} is a Hugging Face `datasets` folder, but the `datasets` package is not "
                             f"installed; `pip install datasets` or export the images to a folder") from None
-        ds = datasets.load_from_disk(str(folder))
-        if isinstance(ds, datasets.DatasetDict):
-            names = list(ds)
-            split = split or ("train" if "train" in ds else names[0])
-            if split not in ds:
-                raise DataError(f"{folder}: no split {split!r}; it has {names} (set data.hf_split)")
-            ds = ds[split]
+        ds = select_split(datasets.load_from_disk(str(folder)), split, folder, " (set data.hf_split)")
         if column not in ds.column_names:
             raise DataError(f"{folder}: no column {column!r}; columns are {ds.column_names} (set data.hf_column)")
         self.ds, self.column = ds, column

@@ -48,13 +48,12 @@ from . import text_data as td
 from .config import BaseConfig, ConfigError, EMASection, as_dict
 from .data import DataError
 from .rng import derive_seed, global_randn
-from .stage import Stage, StepResult, Trainable, register
+from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # collate runs in forked DataLoader workers
 
 EXPORT_NAME = "generator.safetensors"
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-EXPORT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BYTES_TOKENIZER = "bytes"
 DEFAULT_PROMPTS = ["a photo of a cat sitting on a wooden table", "a red car parked on a city street at night",
                    "a bowl of fresh fruit, studio lighting", "a mountain lake at sunrise, mist over the water"]
@@ -275,6 +274,16 @@ def _rebased_error(err: Exception) -> DataError:
 
 # --------------------------------------------------------------------------- stages
 
+def _open_export(load, path: Path, setting: str, value, what: str):
+    """`load(path)` of the export file a setting names; a missing or unreadable file is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{setting}={value}: no such file; point it at {what}")
+    try:
+        return load(path)
+    except CheckpointError as err:
+        raise ConfigError(f"{setting}: {err}") from None
+
+
 class _GeneratorStage(Stage):
     config_class = T2IConfig
     task = "t2i"
@@ -334,13 +343,8 @@ class _GeneratorStage(Stage):
 
     def _load_vae(self) -> PSVAE:
         path = self.vae_path
-        if not path.is_file():
-            raise ConfigError(f"model.vae={self.cfg.model.vae}: no such file; point it at a PS-VAE export "
-                              f"(a psvae run's export/vae.safetensors)")
-        try:
-            vae = PSVAE.from_file(path)
-        except CheckpointError as err:
-            raise ConfigError(f"model.vae: {err}") from None
+        vae = _open_export(PSVAE.from_file, path, "model.vae", self.cfg.model.vae,
+                           "a PS-VAE export (a psvae run's export/vae.safetensors)")
         vae = vae.to(self.ctx.device).eval().requires_grad_(False)
         size = self.cfg.data.image_size
         self.latent_grid = tuple(vae.latent_grid(size, size))
@@ -375,13 +379,8 @@ class _GeneratorStage(Stage):
         torch.manual_seed(derive_seed(self.cfg.run.seed, "generator-init"))
         if m.init_from:
             path = Path(m.init_from).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"model.init_from={m.init_from}: no such file; point it at a t2i run's "
-                                  f"export/{EXPORT_NAME}")
-            try:
-                model = FusionDiffuser.from_file(path)
-            except CheckpointError as err:
-                raise ConfigError(f"model.init_from: {err}") from None
+            model = _open_export(FusionDiffuser.from_file, path, "model.init_from", m.init_from,
+                                 f"a t2i run's export/{EXPORT_NAME}")
             self._check_init_vae(path)
             init = {"kind": "file", "source": str(path), "sha256": file_sha256(path)}
         elif m.lm_path:

@@ -46,7 +46,7 @@ import uuid
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -58,6 +58,8 @@ from torch.utils.data import Dataset, IterableDataset
 from psvae_core.checkpoint import fingerprint as vae_fingerprint  # noqa: F401  (re-exported)
 from psvae_core.images import resize_center_crop
 
+from .data import DataReport as _ImageDataReport, select_split
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 256
@@ -66,7 +68,6 @@ TEXT_FIELDS = ("caption", "text", "txt", "prompt")  # json keys tried for a capt
 INSTRUCTION_FIELDS = ("instruction", "text", "prompt", "edit")
 NAME_FIELDS = ("name", "key", "id")
 RESIZE_RULE = "shorter-side-bicubic+centre-crop"  # psvae_core.images.resize_center_crop
-_EXAMPLES = 5  # offending paths kept per reason
 
 PathLike = Union[str, os.PathLike]
 
@@ -93,27 +94,9 @@ class BadSample(Exception):
 
 # ================================================================================== report
 
-@dataclass
-class DataReport:
-    """What a source held and what was skipped, by reason (same shape as trainer.data's report)."""
-
-    source: str
-    kind: str
-    found: int = 0
-    used: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)
-
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < _EXAMPLES:
-            shown.append(str(where))
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "kind": self.kind, "found": self.found, "used": self.used,
-                "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
-                "examples": {k: list(v) for k, v in self.examples.items()}}
+class DataReport(_ImageDataReport):
+    """trainer.data's report (found / used / skipped by reason, a few examples each); its summary
+    also names one offending path per reason."""
 
     def summary(self) -> str:
         reasons = ", ".join(f"{n} {r} (e.g. {self.examples[r][0]})" for r, n in sorted(self.skipped.items())) or "none"
@@ -239,6 +222,31 @@ class Entry:
     key: str
     text: Optional[str]
     images: dict
+
+
+def _manifest_entries(manifest: Path, report: DataReport, images: dict, text: tuple) -> list:
+    """The `Entry`s of a jsonl manifest. `images`: entry field -> (json key, skip reason when missing),
+    checked in order; `text`: (json key, skip reason). Key = the line's "key"/"id", else its "image"."""
+    entries, seen = [], set()
+    for n, row in _read_jsonl(manifest, report):
+        report.found += 1
+        where = f"{manifest}:{n}"
+        values = {name: _first(row, (key,)) for name, (key, _) in images.items()}
+        missing = next((reason for name, (_, reason) in images.items() if values[name] is None), None)
+        if missing is not None:
+            report.skip(missing, where)
+            continue
+        caption = _first(row, (text[0],))
+        if caption is None:
+            report.skip(text[1], where)
+            continue
+        key = _first(row, ("key", "id")) or values["image"]
+        if key in seen:
+            report.skip("duplicate_key", where)
+            continue
+        seen.add(key)
+        entries.append(Entry(key, caption, {name: _resolve(manifest.parent, v) for name, v in values.items()}))
+    return entries
 
 
 class _MapDataset(Dataset):
@@ -369,24 +377,8 @@ class CaptionManifest(_MapDataset):
     def __init__(self, manifest: PathLike, image_key: str = "image", text_key: str = "text", **kwargs):
         manifest = Path(manifest)
         super().__init__(str(manifest), **kwargs)
-        entries, seen = [], set()
-        for n, row in _read_jsonl(manifest, self._report):
-            self._report.found += 1
-            where = f"{manifest}:{n}"
-            image = _first(row, (image_key,))
-            text = _first(row, (text_key,))
-            if image is None:
-                self._report.skip("missing_image", where)
-                continue
-            if text is None:
-                self._report.skip("missing_caption", where)
-                continue
-            key = _first(row, ("key", "id")) or image
-            if key in seen:
-                self._report.skip("duplicate_key", where)
-                continue
-            seen.add(key)
-            entries.append(Entry(key, text, {"image": _resolve(manifest.parent, image)}))
+        entries = _manifest_entries(manifest, self._report, {"image": (image_key, "missing_image")},
+                                    (text_key, "missing_caption"))
         self._finish(entries, f'Each line of {manifest} needs {{"{image_key}": path, "{text_key}": caption}}.')
 
 
@@ -424,12 +416,7 @@ class HFCaptionDataset(_MapDataset):
             if not files:
                 raise DataError(f"no parquet file matches {path}")
             ds = datasets.load_dataset("parquet", data_files=files, split="train")
-        if isinstance(ds, datasets.DatasetDict):
-            names = list(ds)
-            split = split or ("train" if "train" in ds else names[0])
-            if split not in ds:
-                raise DataError(f"{path}: no split {split!r}; it has {names}")
-            ds = ds[split]
+        ds = select_split(ds, split, path, error=DataError)
         for column, what in ((image_column, "image_column"), (text_column, "text_column"), (key_column, "key_column")):
             if column is not None and column not in ds.column_names:
                 raise DataError(f"{path}: no column {column!r}; columns are {ds.column_names} (set {what})")
@@ -537,24 +524,9 @@ class EditManifest(_MapDataset):
                  instruction_key: str = "instruction", **kwargs):
         manifest = Path(manifest)
         super().__init__(str(manifest), **kwargs)
-        entries, seen = [], set()
-        for n, row in _read_jsonl(manifest, self._report):
-            self._report.found += 1
-            where = f"{manifest}:{n}"
-            src, tgt, text = _first(row, (source_key,)), _first(row, (target_key,)), _first(row, (instruction_key,))
-            if src is None or tgt is None:
-                self._report.skip("missing_source" if src is None else "missing_target", where)
-                continue
-            if text is None:
-                self._report.skip("missing_instruction", where)
-                continue
-            key = _first(row, ("key", "id")) or tgt
-            if key in seen:
-                self._report.skip("duplicate_key", where)
-                continue
-            seen.add(key)
-            entries.append(Entry(key, text, {"source": _resolve(manifest.parent, src),
-                                             "image": _resolve(manifest.parent, tgt)}))
+        entries = _manifest_entries(manifest, self._report, {"source": (source_key, "missing_source"),
+                                                             "image": (target_key, "missing_target")},
+                                    (instruction_key, "missing_instruction"))
         self._finish(entries, f'Each line of {manifest} needs {{"{source_key}", "{target_key}", "{instruction_key}"}}.')
 
 

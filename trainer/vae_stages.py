@@ -30,7 +30,7 @@ from .config import BaseConfig, ConfigError, OptimSection, as_dict
 from .data import build_image_dataset, split_holdout
 from .feature_cache import CachedFeatures, build_cache, cache_key
 from .rng import step_noise
-from .stage import Stage, StepResult, Trainable, register
+from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
 
 
 # --------------------------------------------------------------------------- config schema
@@ -465,7 +465,7 @@ class _VAEStage(Stage):
         vae.set_latent_stats(mean.to(vae.latents_mean.device), std.to(vae.latents_std.device))
         path = folder / "vae.safetensors"
         if self.ctx.rank == 0:
-            dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.export.dtype]
+            dtype = EXPORT_DTYPES[self.cfg.export.dtype]
             vae.save(path, provenance={**provenance, "latent_stats_images": min(len(self.train_images),
                                                                                  self.cfg.export.stats_images)},
                      dtype=dtype)
