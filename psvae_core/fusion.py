@@ -149,14 +149,17 @@ class FusionDiffuser(nn.Module):
         cfg = FusionConfig(**{"lm_source": source, **config, "lm": json.loads(lm.config.to_json_string(use_diff=False))})
         return cls(cfg, lm=lm, tokenizer=tokenizer)
 
-    def save(self, path, provenance: Optional[dict] = None) -> None:
-        """One self-contained .safetensors file: weights, config, and the tokenizer as metadata."""
+    def save(self, path, provenance: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """One self-contained .safetensors file: weights (cast to `dtype` if given), config, and the
+        tokenizer as metadata."""
         from .checkpoint import save_component
 
+        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                   for k, v in self.state_dict().items()}
         extra = {}
         if self.tokenizer is not None:
             extra = {_TOKENIZER_PREFIX + k: v for k, v in tokenizer_to_state(self.tokenizer).items()}
-        save_component(path, kind=KIND, config=self.config.to_dict(), tensors=self.state_dict(),
+        save_component(path, kind=KIND, config=self.config.to_dict(), tensors=tensors,
                        provenance=provenance, extra_metadata=extra)
 
     @classmethod

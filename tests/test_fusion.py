@@ -269,6 +269,19 @@ def test_save_and_load_round_trip(tmp_path):
         FusionDiffuser.from_file(vae)
 
 
+def test_save_casts_floating_weights_to_the_export_dtype(tmp_path):
+    from psvae_core.checkpoint import read_header
+
+    model = awake(tiny())
+    path = tmp_path / "gen_bf16.safetensors"
+    model.save(path, dtype=torch.bfloat16)
+    dtypes = {v["dtype"] for k, v in read_header(path).items() if k != "__metadata__"}
+    assert dtypes == {"BF16"}
+    loaded = FusionDiffuser.from_file(path)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value.to(torch.bfloat16).float())
+
+
 # ------------------------------------------------------------------------------ learning
 def _pairs():
     g = torch.Generator().manual_seed(0)

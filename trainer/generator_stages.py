@@ -758,13 +758,12 @@ class _GeneratorStage(Stage):
         path = folder / EXPORT_NAME
         if self.ctx.rank == 0:
             L = self.cfg.loss
-            dtype = EXPORT_DTYPES[self.cfg.export.dtype]
-            out = copy.deepcopy(model).to(dtype) if dtype is not None else model
             folder.mkdir(parents=True, exist_ok=True)
             dropout = {"text": L.text_dropout, **({"image": L.image_dropout} if self.task == "edit" else {})}
-            out.save(path, provenance={**provenance, **self.vae_provenance(), "task": self.task, "init": self.init,
-                                       "train_shift": self.shift, "cfg_dropout": dropout,
-                                       "image_size": self.cfg.data.image_size, "dtype": self.cfg.export.dtype})
+            model.save(path, provenance={**provenance, **self.vae_provenance(), "task": self.task, "init": self.init,
+                                         "train_shift": self.shift, "cfg_dropout": dropout,
+                                         "image_size": self.cfg.data.image_size, "dtype": self.cfg.export.dtype},
+                       dtype=EXPORT_DTYPES[self.cfg.export.dtype])
             self.ctx.log(f"exported {path}")
         return path
 
