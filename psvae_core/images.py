@@ -13,6 +13,7 @@ Rules (documented in README "Image input"):
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -71,10 +72,12 @@ def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.bool or not x.is_floating_point():
         raise ImageInputError(f"image dtype {x.dtype} is not supported; pass uint8 (0..255) or float (0..1)")
     x = x.float()
-    if not torch.isfinite(x).all():
+    # One host sync for both checks (this runs on every encode, training steps included):
+    # min/max propagate NaN and reach +-Inf, so non-finite values show up in them.
+    lo, hi = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = (~torch.isfinite(x)).sum().item()
         raise ImageInputError(f"the image contains {bad} NaN/Inf value(s); fix the upstream step that produced them")
-    lo, hi = x.min().item(), x.max().item()
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         hint = "divide by 255 (or pass uint8)" if hi > 2 else "map [-1,1] to [0,1] with (x + 1) / 2"
         raise ImageInputError(f"float images must be in 0..1, got values in [{lo:.4g}, {hi:.4g}]; {hint}")
