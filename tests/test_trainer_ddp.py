@@ -78,3 +78,11 @@ def test_checkpoints_move_between_process_counts_at_the_same_global_batch(tmp_pa
             assert diff < 1e-5, f"{run} {name}: max |ref - resumed| = {diff:.2e}"
     other = cli(*base, "run.name=one_then_two", "train.batch_size=2", "train.max_steps=6")
     assert other.returncode == 2 and "global batch 4, this run has 2" in other.stderr
+
+
+def test_fsdp_is_refused_for_the_autoencoder_stages(tmp_path):
+    data = photos(tmp_path / "photos", 128)
+    run = _torchrun("svae", "--config", TINY_SVAE, f"data.source={data}", f"run.output_dir={tmp_path}",
+                    "train.max_steps=1", "train.fsdp=true")
+    assert run.returncode != 0
+    assert "the 'svae' stage does not support FSDP" in run.stderr and "--multi_gpu" in run.stderr

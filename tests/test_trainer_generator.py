@@ -230,21 +230,26 @@ def test_edit_trains_on_triplets_with_independent_text_and_image_dropout(assets,
     assert prov["vae_fingerprint"] == _provenance(t2i_run / "export" / "generator.safetensors")["vae_fingerprint"]
 
 
-def test_edit_on_two_processes_matches_one(assets, t2i_run, tmp_path):
-    """torchrun with 2 processes x batch 2 (gloo on CPU) = 1 process x batch 4: latent cache filled
-    split by rank, source/text dropout and flow noise drawn for the global batch."""
+def _torchrun(*args):
+    """`python -m trainer ARGS` on 2 processes (gloo on CPU)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "--master_addr=127.0.0.1", "-m", "trainer", *map(str, args)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_edit_on_two_processes_matches_one(assets, t2i_run, tmp_path):
+    """torchrun with 2 processes x batch 2 (gloo on CPU) = 1 process x batch 4: latent cache filled
+    split by rank, source/text dropout and flow noise drawn for the global batch."""
     args = ["edit", "--config", EDIT_TINY, f"model.vae={assets['vae']}", f"data.source={assets['edits']}",
             f"model.init_from={t2i_run / 'export' / 'generator.safetensors'}", f"run.output_dir={tmp_path}",
             f"data.latent_cache={tmp_path / 'cache'}", "train.max_steps=3", "checkpoint.every=0", "log.every=1",
             "optim.eps=1e-5", "loss.text_dropout=0.5", "loss.image_dropout=0.5"]
     one = cli(*args, "run.name=one", "train.batch_size=4")
     assert one.returncode == 0, one.stderr[-4000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          "--master_addr=127.0.0.1", "-m", "trainer", *map(str, args), "run.name=two",
-                          "train.batch_size=2"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    two = _torchrun(*args, "run.name=two", "train.batch_size=2")
     assert two.returncode == 0, two.stderr[-4000:]
     assert "global batch 4 (2 process(es))" in two.stdout + two.stderr
     final = "checkpoints/step_00000003"
@@ -254,6 +259,51 @@ def test_edit_on_two_processes_matches_one(assets, t2i_run, tmp_path):
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["cfg/text_dropped"] == b["cfg/text_dropped"] and a["cfg/image_dropped"] == b["cfg/image_dropped"]
         assert a["generator/flow"] == pytest.approx(b["generator/flow"], abs=1e-5)
+
+
+def test_t2i_fsdp_matches_one_process_and_checkpoints_move_both_ways(assets, tmp_path):
+    """FSDP2 on 2 processes x batch 2 = 1 process x batch 4 (weights, EMA, losses, grad norms, the
+    held-out loss and the exported generator, which is gathered from the shards); a sharded
+    checkpoint resumes on 1 process and a 1-process one resumes sharded, both ending where the
+    uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    args = ["t2i", "--config", T2I_TINY, f"model.vae={assets['vae']}", f"data.source={assets['photos']}",
+            f"run.output_dir={tmp_path}", f"data.latent_cache={tmp_path / 'cache'}", "log.every=1", "optim.eps=1e-5",
+            "checkpoint.every=2", "checkpoint.keep_last=0", "data.val_count=2", "validation.every=2",
+            "log.images_every=2", "preview.steps=2"]
+    fsdp = ["train.batch_size=2", "train.fsdp=true"]
+    ref = cli(*args, "run.name=one", "train.batch_size=4", "train.max_steps=4")
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    sharded = _torchrun(*args, "run.name=fsdp", *fsdp, "train.max_steps=4")
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    assert "global batch 4 (2 process(es))" in sharded.stdout + sharded.stderr
+    assert "FSDP: 'generator' sharded over 2 processes" in sharded.stdout + sharded.stderr
+    assert (tmp_path / "fsdp" / "samples" / "step_00000002.png").is_file()
+
+    def resumed(name: str, checkpoint: Path, *layout):
+        run = (cli if not layout else _torchrun)(*args, f"run.name={name}", f"checkpoint.resume={checkpoint}",
+                                                 "train.max_steps=4", *(layout or ["train.batch_size=4"]))
+        assert run.returncode == 0, run.stderr[-4000:]
+        assert f"resuming a {1 if layout else 2}-process checkpoint" in run.stdout + run.stderr
+        return tmp_path / name
+
+    step2 = "checkpoints/step_00000002"
+    runs = [tmp_path / "fsdp", resumed("fsdp_then_one", tmp_path / "fsdp" / step2),
+            resumed("one_then_fsdp", tmp_path / "one" / step2, *fsdp)]
+    final = "checkpoints/step_00000004"
+    for run in runs:
+        for name in ("generator.safetensors", "generator.ema.safetensors"):
+            diff = max_diff(weights(tmp_path / "one" / final, name), weights(run / final, name))
+            assert diff < 1e-5, f"{run.name} {name}: max |one - run| = {diff:.2e}"
+        for a, b in zip(metrics(tmp_path / "one")[2:], metrics(run)[-2:]):
+            assert a["step"] == b["step"]
+            for key in ("generator/flow", "grad_norm/generator"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (run.name, key)
+        assert metrics(run, "val")[-1]["flow_loss"] == pytest.approx(metrics(tmp_path / "one", "val")[-1]["flow_loss"],
+                                                                     rel=1e-4)
+    exported = [load_file(str(r / "export" / "generator.safetensors")) for r in (tmp_path / "one", runs[0])]
+    assert max_diff(*exported) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------ configs

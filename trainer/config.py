@@ -42,6 +42,7 @@ class TrainSection:
     grad_accum: int = 1  # micro-batches per optimiser step
     num_workers: int = 2  # DataLoader worker processes per process
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
+    fsdp: bool = False  # generator stages: shard weights, grads, optimiser and EMA over processes (FSDP2) instead of DDP
 
 
 @dataclass

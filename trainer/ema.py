@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from .sharding import full_tensor, like
+
 
 class EMA:
     """Shadow copies of the trainable float parameters; buffers are copied as they are.
@@ -32,12 +34,17 @@ class EMA:
     def state_dict(self) -> dict:
         return {"shadow": self.shadow, "num_updates": self.num_updates}
 
+    def full_shadow(self) -> dict[str, torch.Tensor]:
+        """The whole averaged tensors; under FSDP the shadows are shards and every process must call this."""
+        return {name: full_tensor(v) for name, v in self.shadow.items()}
+
     def load_state_dict(self, state: dict) -> None:
+        """`state["shadow"]` holds whole tensors; a sharded EMA keeps its own shard of each."""
         missing = set(self.shadow) - set(state["shadow"])
         if missing:
             raise ValueError(f"EMA state lacks {sorted(missing)[:4]}")
         for name in self.shadow:
-            self.shadow[name].copy_(state["shadow"][name])
+            self.shadow[name].copy_(like(state["shadow"][name], self.shadow[name]))
         self.num_updates = int(state["num_updates"])
 
     @torch.no_grad()

@@ -43,6 +43,7 @@ from psvae_core.autoencoder import PSVAE
 from psvae_core.checkpoint import CheckpointError, read_metadata
 from psvae_core.fusion import PRESETS as GENERATOR_PRESETS
 from psvae_core.fusion import FusionConfig, FusionDiffuser
+from psvae_core.fusion_heads import DDTBlock
 
 from . import text_data as td
 from .config import BaseConfig, ConfigError, EMASection, as_dict
@@ -287,6 +288,9 @@ def _open_export(load, path: Path, setting: str, value, what: str):
 class _GeneratorStage(Stage):
     config_class = T2IConfig
     task = "t2i"
+    # The head's blocks are FSDP units; the LM's layers run piecewise (the text prefix is cached
+    # and reused by the image tokens), so their weights are gathered with the root.
+    shard_units = (DDTBlock,)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from . import __version__, checkpointing as ckpt
-from .config import config_hash, to_yaml
+from . import __version__, checkpointing as ckpt, sharding
+from .config import ConfigError, config_hash, to_yaml
 from .data import GlobalBatchSampler, shard_indices
 from .ema import EMA
 from .rng import capture_rng_state, restore_rng_state, seed_everything
@@ -51,10 +51,13 @@ def lr_factor(step: int, optim, max_steps: int) -> float:
 
 
 class _Group:
-    """A Trainable once the loop owns it: wrapped module, optimiser, schedule, EMA."""
+    """A Trainable once the loop owns it: wrapped module, optimiser, schedule, EMA, and (sharded)
+    a parameter-free template to rebuild the whole module for evaluation and export."""
 
-    def __init__(self, spec: Trainable, wrapped, raw, max_steps: int, ema: Optional[EMA]):
+    def __init__(self, spec: Trainable, wrapped, raw, max_steps: int, ema: Optional[EMA],
+                 template: Optional[torch.nn.Module] = None):
         self.name, self.spec, self.wrapped, self.raw, self.ema = spec.name, spec, wrapped, raw, ema
+        self.template = template
         o = spec.optim
         groups = defaultdict(list)
         for pname, p in raw.named_parameters():
@@ -89,14 +92,23 @@ def _worker_init(_):
 class Loop:
     def __init__(self, stage_cls: type[Stage], cfg):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg = cfg
         cuda = torch.cuda.is_available()
         # On CPU accelerate only forms a gloo process group with cpu=True; mixed precision is then our
         # own autocast (the config, not the launcher, decides precision: one place to set it).
-        self.acc = Accelerator(mixed_precision=cfg.precision.mixed if cuda else "no", cpu=not cuda)
+        # Gradients as views of DDP's buckets: no copy into the buckets, one gradient buffer less.
+        ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+        self.acc = Accelerator(mixed_precision=cfg.precision.mixed if cuda else "no", cpu=not cuda,
+                               kwargs_handlers=[ddp])
         launcher_mp = os.environ.get("ACCELERATE_MIXED_PRECISION")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        launcher_fsdp = str(self.acc.distributed_type).endswith("FSDP")
+        self.sharded = (cfg.train.fsdp or launcher_fsdp) and self.world > 1
+        if self.sharded and not stage_cls.shard_units:
+            raise ConfigError(f"the '{cfg.stage}' stage does not support FSDP (train.fsdp / accelerate launch "
+                              f"--use_fsdp); it trains with DDP: set train.fsdp=false and launch with --multi_gpu")
         self.device = self.acc.device
         self.main = self.rank == 0
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -122,6 +134,11 @@ class Loop:
         if launcher_mp and launcher_mp != cfg.precision.mixed:
             self.log(f"note: the launcher asked for mixed precision {launcher_mp!r}; the config's "
                      f"precision.mixed={cfg.precision.mixed!r} is used")
+        if launcher_fsdp:
+            self.log("note: FSDP from the launcher: the trainer shards with FSDP2 over the stage's blocks "
+                     "(accelerate's other FSDP options are not used)")
+        if cfg.train.fsdp and self.world == 1:
+            self.log("note: train.fsdp with one process: nothing to shard, training unsharded")
 
     # ------------------------------------------------------------------ small helpers
     def log(self, text: str) -> None:
@@ -170,7 +187,11 @@ class Loop:
                           persistent_workers=False)
 
     def eval_model(self, group: _Group, use_ema: bool):
-        """The module used for validation/preview/export: an EMA copy, or the plain module."""
+        """The module used for validation/preview/export: an EMA copy, or the plain module. Sharded,
+        a whole copy rebuilt on every process (all processes must call this)."""
+        if self.sharded:
+            overrides = group.ema.full_shadow() if use_ema and group.ema is not None else {}
+            return sharding.materialize(group.template, group.raw, overrides).eval()
         if use_ema and group.ema is not None:
             return group.ema.copy_of(group.raw).eval()
         return group.raw
@@ -183,16 +204,19 @@ class Loop:
         self.acc.wait_for_everyone()
         tmp = ckpt.tmp_dir(root, step)
         ckpt.save_object(tmp / f"rng_rank{self.rank}.pt", capture_rng_state())
-        # Every process takes part in gathering the weights (a no-op copy under DDP, a gather under FSDP).
-        weights = {name: self.acc.get_state_dict(g.wrapped) for name, g in self.groups.items()}
-        if self.main:
-            for g in self.groups.values():
-                ckpt.save_tensors(tmp / f"{g.name}.safetensors", weights[g.name])
-                if g.ema is not None:
-                    ckpt.save_tensors(tmp / f"{g.name}.ema.safetensors", g.ema.shadow)
+        # Every process takes part in gathering full tensors (copies when replicated, gathers when sharded).
+        for g in self.groups.values():
+            weights = sharding.model_state(g.raw)
+            shadow = g.ema.full_shadow() if g.ema is not None else None
+            optimizer = sharding.optimizer_state(g.raw, g.optimizer)
+            if self.main:
+                ckpt.save_tensors(tmp / f"{g.name}.safetensors", weights)
+                if shadow is not None:
+                    ckpt.save_tensors(tmp / f"{g.name}.ema.safetensors", shadow)
                     ckpt.write_json(tmp / f"{g.name}.ema.json", {"num_updates": g.ema.num_updates})
-                ckpt.save_object(tmp / f"{g.name}.optim.pt", {"optimizer": g.optimizer.state_dict(),
+                ckpt.save_object(tmp / f"{g.name}.optim.pt", {"optimizer": optimizer,
                                                               "scheduler": g.scheduler.state_dict()})
+        if self.main:
             if self.scaler is not None:
                 ckpt.save_object(tmp / "scaler.pt", self.scaler.state_dict())
             ckpt.write_json(tmp / "trainer_state.json", {
@@ -206,9 +230,6 @@ class Loop:
             final = ckpt.commit(root, step, self.cfg.checkpoint.keep_last)
             self.log(f"saved checkpoint {final}")
         self.acc.wait_for_everyone()
-
-    def _sharded(self) -> bool:
-        return str(self.acc.distributed_type).endswith("FSDP")
 
     def _read_state(self, folder: Path) -> dict:
         state = ckpt.read_json(folder / "trainer_state.json")
@@ -236,7 +257,7 @@ class Loop:
     def _load_rest(self, folder: Path, state: dict) -> None:
         for g in self.groups.values():
             blob = ckpt.load_object(folder / f"{g.name}.optim.pt")
-            g.optimizer.load_state_dict(blob["optimizer"])
+            sharding.load_optimizer_state(g.raw, g.optimizer, blob["optimizer"])
             g.scheduler.load_state_dict(blob["scheduler"])
             if g.ema is not None:
                 shadow = ckpt.load_tensors(folder / f"{g.name}.ema.safetensors")
@@ -263,15 +284,24 @@ class Loop:
         self.groups: dict[str, _Group] = {}
         for spec in specs:
             spec.module.to(self.device)
-            wrapped = self.acc.prepare(spec.module)
-            raw = self.acc.unwrap_model(wrapped)
+            template = None
+            if self.sharded:
+                template = sharding.meta_template(spec.module)
+                wrapped = raw = sharding.shard(spec.module, self.stage.shard_units, self.device)
+                local = sum(p.to_local().numel() for p in raw.parameters())
+                self.log(f"FSDP: '{spec.name}' sharded over {self.world} processes "
+                         f"({local:,} of {sum(p.numel() for p in raw.parameters()):,} parameters on rank {self.rank})")
+            else:
+                wrapped = self.acc.prepare(spec.module)
+                raw = self.acc.unwrap_model(wrapped)
             ema = EMA(raw, cfg.ema.decay, cfg.ema.warmup) if (spec.ema and cfg.ema.enabled) else None
-            self.groups[spec.name] = _Group(spec, wrapped, raw, cfg.train.max_steps, ema)
-        self.models = Models({n: g.wrapped for n, g in self.groups.items()}, self.acc.unwrap_model)
+            self.groups[spec.name] = _Group(spec, wrapped, raw, cfg.train.max_steps, ema, template)
+        unwrap = (lambda m: m) if self.sharded else self.acc.unwrap_model
+        self.models = Models({n: g.wrapped for n, g in self.groups.items()}, unwrap)
         self.main_group = self.groups[specs[0].name]
         self.scaler = None
         if cfg.precision.mixed == "fp16":
-            if self._sharded():
+            if self.sharded:
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
                 self.scaler = ShardedGradScaler()
             else:
@@ -293,7 +323,11 @@ class Loop:
             self.position += 1
             last = micro == accum - 1
             with contextlib.ExitStack() as stack:
-                if not last and self.world > 1:  # skip the gradient all-reduce until the last micro-batch
+                # Reduce gradients over processes on the last micro-batch only.
+                if self.sharded:
+                    for g in self.groups.values():
+                        g.wrapped.set_requires_gradient_sync(last)
+                elif not last and self.world > 1:
                     for g in self.groups.values():
                         stack.enter_context(self.acc.no_sync(g.wrapped))
                 with self.autocast():
@@ -327,7 +361,11 @@ class Loop:
                 if self.scaler is not None:
                     self.scaler.unscale_(g.optimizer)
                 clip = g.spec.optim.grad_clip
-                norm = self.acc.clip_grad_norm_(g.params, clip if clip > 0 else float("inf"))
+                clip = clip if clip > 0 else float("inf")
+                if self.sharded:  # the norm of sharded gradients is itself sharded until gathered
+                    norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(g.params, clip))
+                else:
+                    norm = self.acc.clip_grad_norm_(g.params, clip)
                 grad_norms[f"grad_norm/{name}"] = float(norm)
             nonfinite = [k for k, v in grad_norms.items() if not math.isfinite(v)]
             if nonfinite and self.scaler is None:
@@ -395,6 +433,8 @@ class Loop:
         count = min(cfg.log.images_count, len(source))
         batch = self._to_device(self.stage.collate([source[i] for i in range(count)]))
         model = self.eval_model(self.main_group, cfg.validation.use_ema)
+        if not self.main:  # sharded: every process helped to gather the model
+            return
         with self.autocast():
             images = self.stage.preview(model, batch)
         if images is None:
@@ -447,7 +487,7 @@ class Loop:
                     main_loss = sum(v for k, v in mean.items() if k.startswith(self.main_group.name + "/"))
                     self.tracker.progress(step, {"loss": main_loss, "lr": lr, "img/s": ips})
                     window_start, window_steps = time.perf_counter(), 0
-                if cfg.log.images_every and step % cfg.log.images_every == 0 and self.main:
+                if cfg.log.images_every and step % cfg.log.images_every == 0 and (self.main or self.sharded):
                     self.preview()
                 if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.max_steps:
                     self._log_validation(step)

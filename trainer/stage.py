@@ -93,6 +93,9 @@ EXPORT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.f
 class Stage:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
+    # Module classes that are their own FSDP unit (their forward must be what runs them); empty: the
+    # stage trains with DDP only and FSDP is refused.
+    shard_units: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx

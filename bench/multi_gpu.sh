@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The two-GPU runs of docs/BENCHMARKS.md, in parts that each fit in ten minutes on a 2 x H200 host.
+#   bash bench/multi_gpu.sh t2i      OUT  # link speed; T2I 1 GPU vs 2 (DDP); checkpoints 2->1 and 1->2 GPUs
+#   bash bench/multi_gpu.sh t2i-more OUT  # T2I on 2 GPUs under torchrun (DDP) and with FSDP
+#   bash bench/multi_gpu.sh psvae    OUT  # PS-VAE stage 2 on 1 and 2 GPUs (DDP)
+# NVLink multicast stays off (it can take a shared host's GPUs down).
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+part=$1 out=$2 work=${WORK:-/tmp/psvae_multi}
+mkdir -p "$out" "$work"
+t2i() { timeout "$1" python3 bench/t2i_multi.py --work "$work" --batch 184 --micro 46 "${@:2}"; }
+if [ "$part" = t2i ]; then
+  nvidia-smi topo -m > "$out/topology.txt" 2>&1
+  timeout 120 python3 -m torch.distributed.run --nproc_per_node=2 bench/allreduce_bw.py --out "$out/allreduce.json"
+  t2i 230 --processes 1 --steps 20 --checkpoint-every 10 --out "$out/t2i_1gpu.json"
+  t2i 150 --processes 2 --steps 20 --checkpoint-every 10 --out "$out/t2i_2gpu_ddp.json"
+  t2i 110 --processes 1 --steps 20 --name t2i_2to1 --resume "$work/runs/t2i_2gpu_accelerate/checkpoints/step_00000010" --out "$out/t2i_2to1.json"
+  t2i 110 --processes 2 --steps 20 --name t2i_1to2 --resume "$work/runs/t2i_1gpu_accelerate/checkpoints/step_00000010" --out "$out/t2i_1to2.json"
+elif [ "$part" = t2i-more ]; then
+  t2i 250 --processes 2 --steps 30 --launcher torchrun --out "$out/t2i_2gpu_torchrun.json"
+  t2i 200 --processes 2 --steps 30 --fsdp --out "$out/t2i_2gpu_fsdp.json"
+else
+  timeout 330 python3 bench/psvae_stage2.py --work "$work/psvae" --steps 80 --no-flops --out "$out/psvae_1gpu.json"
+  timeout 200 python3 bench/psvae_stage2.py --work "$work/psvae" --steps 80 --no-flops --processes 2 --out "$out/psvae_2gpu.json"
+fi

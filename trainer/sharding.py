@@ -1,0 +1,94 @@
+"""How the loop spreads a trained module over processes, and how its state comes back whole.
+
+Two layouts:
+- replicated (one process, or DDP through accelerate): every process holds the whole module;
+- sharded (FSDP2, `torch.distributed.fsdp.fully_shard`): parameters, gradients, optimiser and EMA
+  state are split over the processes; a stage's blocks (`Stage.shard_units`) are their own units so
+  their weights are gathered one block at a time, the rest is gathered with the root.
+
+Checkpoints hold full tensors in both layouts (optimiser state keyed by parameter name through
+`torch.distributed.checkpoint.state_dict`), so a run saved sharded on two GPUs resumes replicated on
+one and the other way round. Every function here that takes a module is called by every process.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+_TO_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_FULL = StateDictOptions(full_state_dict=True)
+
+
+def shard(module: nn.Module, units: tuple[type, ...], device: torch.device) -> nn.Module:
+    """FSDP2 over all processes: each module of a class in `units` is one unit, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for sub in list(module.modules())[1:]:
+        if units and isinstance(sub, units):
+            fully_shard(sub, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a gather over processes when `t` is a shard)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `target`: this process's shard when `target` is sharded."""
+    if isinstance(target, DTensor):
+        return distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements)
+    return full
+
+
+def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full weights and persistent buffers on the CPU of rank 0 (empty elsewhere)."""
+    return get_model_state_dict(module, options=_TO_RANK0)
+
+
+def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Full optimiser state keyed by parameter name, on the CPU of rank 0 (empty elsewhere)."""
+    return get_optimizer_state_dict(module, optimizer, options=_TO_RANK0)
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `optimizer_state`; every process passes the full state and keeps its share."""
+    set_optimizer_state_dict(module, optimizer, state, options=_FULL)
+
+
+def meta_template(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters are on the meta device (no memory); buffers and other
+    attributes are real. `materialize` turns it into a plain module with given weights."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def materialize(template: nn.Module, sharded: nn.Module, overrides: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain, whole module on this process: `template` with the sharded module's gathered weights,
+    `overrides` (e.g. EMA weights, by parameter name) taking their place."""
+    state = get_model_state_dict(sharded, options=_FULL)
+    for name, value in overrides.items():
+        state[name] = value.to(state[name].dtype)
+    plain = copy.deepcopy(template)
+    device = _device_of(sharded)
+    plain.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    return plain.to(device)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters())
+    return p.to_local().device if isinstance(p, DTensor) else p.device
