@@ -3,6 +3,8 @@
 #   bash bench/multi_gpu.sh t2i      OUT  # link speed; T2I 1 GPU vs 2 (DDP); checkpoints 2->1 and 1->2 GPUs
 #   bash bench/multi_gpu.sh t2i-more OUT  # T2I on 2 GPUs under torchrun (DDP) and with FSDP
 #   bash bench/multi_gpu.sh psvae    OUT  # PS-VAE stage 2 on 1 and 2 GPUs (DDP)
+#   bash bench/multi_gpu.sh t2i-check OUT # 1 GPU at another micro-batch split (the rounding baseline
+#                                         # of the loss curves); FSDP and 1 GPU side by side
 # NVLink multicast stays off (it can take a shared host's GPUs down).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -19,6 +21,10 @@ if [ "$part" = t2i ]; then
 elif [ "$part" = t2i-more ]; then
   t2i 250 --processes 2 --steps 30 --launcher torchrun --out "$out/t2i_2gpu_torchrun.json"
   t2i 200 --processes 2 --steps 30 --fsdp --out "$out/t2i_2gpu_fsdp.json"
+elif [ "$part" = t2i-check ]; then
+  t2i 200 --processes 1 --steps 15 --micro 23 --name t2i_1gpu_micro23 --out "$out/t2i_1gpu_micro23.json"
+  t2i 150 --processes 2 --steps 30 --fsdp --out "$out/t2i_2gpu_fsdp.json"
+  t2i 150 --processes 1 --steps 30 --out "$out/t2i_1gpu.json"
 else
   timeout 330 python3 bench/psvae_stage2.py --work "$work/psvae" --steps 80 --no-flops --out "$out/psvae_1gpu.json"
   timeout 200 python3 bench/psvae_stage2.py --work "$work/psvae" --steps 80 --no-flops --processes 2 --out "$out/psvae_2gpu.json"

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from .sharding import full_tensor, like
+from .sharding import full_tensor, like, local
 
 
 class EMA:
@@ -26,9 +26,11 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         d = self.decay_at(self.num_updates)
-        for name, p in module.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
+        pairs = [(self.shadow[name], p) for name, p in module.named_parameters() if name in self.shadow]
+        # One foreach kernel over all tensors; shards are updated locally (shadow and weight share a layout).
+        shadows = [local(s) for s, _ in pairs]
+        weights = [local(p.detach()).float() for _, p in pairs]
+        torch._foreach_lerp_(shadows, weights, 1.0 - d)
         self.num_updates += 1
 
     def state_dict(self) -> dict:

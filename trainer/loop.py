@@ -55,7 +55,7 @@ class _Group:
     a parameter-free template to rebuild the whole module for evaluation and export."""
 
     def __init__(self, spec: Trainable, wrapped, raw, max_steps: int, ema: Optional[EMA],
-                 template: Optional[torch.nn.Module] = None):
+                 template: Optional[torch.nn.Module] = None, fused: bool = False):
         self.name, self.spec, self.wrapped, self.raw, self.ema = spec.name, spec, wrapped, raw, ema
         self.template = template
         o = spec.optim
@@ -66,7 +66,7 @@ class _Group:
                 groups[scale].append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": ps, "lr": o.lr * s} for s, ps in sorted(groups.items())],
-            lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+            lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, **({"fused": True} if fused else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, o, max_steps))
         self.params = [p for ps in groups.values() for p in ps]
 
@@ -115,6 +115,8 @@ class Loop:
         self.ckpt_root = self.run_dir / "checkpoints"
         if cuda and cfg.precision.tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # Training batches have one shape: let cuDNN time its convolution algorithms once.
+        torch.backends.cudnn.benchmark = cuda
         self.amp_dtype = DTYPES[cfg.precision.mixed]
         self.global_batch = cfg.train.batch_size * self.world * cfg.train.grad_accum
         self.hash = config_hash(cfg)
@@ -295,7 +297,9 @@ class Loop:
                 wrapped = self.acc.prepare(spec.module)
                 raw = self.acc.unwrap_model(wrapped)
             ema = EMA(raw, cfg.ema.decay, cfg.ema.warmup) if (spec.ema and cfg.ema.enabled) else None
-            self.groups[spec.name] = _Group(spec, wrapped, raw, cfg.train.max_steps, ema, template)
+            # One fused AdamW kernel on CUDA (replicated weights; sharded ones use the foreach path).
+            fused = self.device.type == "cuda" and not self.sharded
+            self.groups[spec.name] = _Group(spec, wrapped, raw, cfg.train.max_steps, ema, template, fused)
         unwrap = (lambda m: m) if self.sharded else self.acc.unwrap_model
         self.models = Models({n: g.wrapped for n, g in self.groups.items()}, unwrap)
         self.main_group = self.groups[specs[0].name]

@@ -47,6 +47,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of `t` (all of it when `t` is not sharded)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`full` laid out like `target`: this process's shard when `target` is sharded."""
     if isinstance(target, DTensor):
