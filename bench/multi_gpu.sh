@@ -3,6 +3,7 @@
 #   bash bench/multi_gpu.sh t2i      OUT  # link speed; T2I 1 GPU vs 2 (DDP); checkpoints 2->1 and 1->2 GPUs
 #   bash bench/multi_gpu.sh t2i-more OUT  # T2I on 2 GPUs under torchrun (DDP) and with FSDP
 #   bash bench/multi_gpu.sh psvae    OUT  # PS-VAE stage 2 on 1 and 2 GPUs (DDP)
+#   bash bench/multi_gpu.sh t2i-ddp  OUT  # T2I 1 GPU vs 2 (DDP) side by side, no checkpoints
 #   bash bench/multi_gpu.sh t2i-check OUT # 1 GPU at another micro-batch split (the rounding baseline
 #                                         # of the loss curves); FSDP and 1 GPU side by side
 # NVLink multicast stays off (it can take a shared host's GPUs down).
@@ -21,6 +22,9 @@ if [ "$part" = t2i ]; then
 elif [ "$part" = t2i-more ]; then
   t2i 250 --processes 2 --steps 30 --launcher torchrun --out "$out/t2i_2gpu_torchrun.json"
   t2i 200 --processes 2 --steps 30 --fsdp --out "$out/t2i_2gpu_fsdp.json"
+elif [ "$part" = t2i-ddp ]; then
+  t2i 120 --processes 1 --steps 20 --out "$out/t2i_1gpu.json"
+  t2i 100 --processes 2 --steps 20 --out "$out/t2i_2gpu_ddp.json"
 elif [ "$part" = t2i-check ]; then
   t2i 200 --processes 1 --steps 15 --micro 23 --name t2i_1gpu_micro23 --out "$out/t2i_1gpu_micro23.json"
   t2i 150 --processes 2 --steps 30 --fsdp --out "$out/t2i_2gpu_fsdp.json"
