@@ -82,7 +82,7 @@ def test_dataset_smaller_than_one_batch(capsys, tmp_path):
         extra.unlink()
     code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={data}", "train.batch_size=4",
                          f"run.output_dir={tmp_path / 'runs'}")
-    assert code == 2 and "3 usable images, fewer than one global micro-batch" in err
+    assert code == 2 and "3 usable images, fewer than one optimiser step's batch" in err
 
 
 def test_folder_skips_and_reports_odd_files(photo_dir, tmp_path):
@@ -114,17 +114,21 @@ def test_manifests_jsonl_and_csv(photo_dir, tmp_path):
 
 
 def test_global_sampler_matches_across_process_layouts():
-    one = iter(GlobalBatchSampler(10, 4, 1, 0, seed=3))
-    two = [iter(GlobalBatchSampler(10, 2, 2, r, seed=3)) for r in range(2)]
-    for _ in range(7):  # crosses epoch boundaries (2 global batches per epoch, tail dropped)
-        assert next(one) == next(two[0]) + next(two[1])
-    resumed = iter(GlobalBatchSampler(10, 4, 1, 0, seed=3, start=5))
-    fresh = iter(GlobalBatchSampler(10, 4, 1, 0, seed=3))
-    for _ in range(5):
-        next(fresh)
-    assert next(resumed) == next(fresh)
-    with pytest.raises(DataError, match="fewer than one global micro-batch"):
+    """Every split of global batch 4 (processes x batch x accumulation) sees the same samples at
+    every step, across epoch boundaries; resuming at a step continues the order."""
+    def steps(batch, world, accum, start=0, count=7):
+        samplers = [iter(GlobalBatchSampler(10, batch, world, r, seed=3, accum=accum, start_step=start))
+                    for r in range(world)]
+        # A step's samples in the sampler's order: micro-batch by micro-batch, process by process.
+        return [[i for _ in range(accum) for s in samplers for i in next(s)] for _ in range(count)]
+
+    one = steps(4, 1, 1)  # 2 steps per epoch (10 items, tail of 2 dropped): crosses epoch boundaries
+    assert steps(2, 2, 1) == one and steps(2, 1, 2) == one and steps(1, 2, 2) == one and steps(1, 1, 4) == one
+    assert steps(4, 1, 1, start=5, count=2) == one[5:7] and steps(1, 2, 2, start=5, count=2) == one[5:7]
+    with pytest.raises(DataError, match="fewer than one optimiser step's batch"):
         GlobalBatchSampler(3, 2, 2, 0, seed=0)
+    with pytest.raises(DataError, match="train.grad_accum"):
+        GlobalBatchSampler(7, 2, 1, 0, seed=0, accum=4)
 
 
 @pytest.mark.parametrize("name", ["svae_paper", "psvae_paper", "rae_paper", "svae_tiny", "psvae_tiny",

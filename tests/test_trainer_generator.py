@@ -206,7 +206,7 @@ def test_edit_trains_on_triplets_with_independent_text_and_image_dropout(assets,
     assert len(rows) == steps and all(r["cfg/samples"] == batch for r in rows)
     totals = {k: 0 for k in ("text", "image", "both")}
     for row in rows:  # the masks the stage used are the counter-derived ones, drawn independently
-        keep_text, keep_image = cfg_dropout_masks(0, row["step"] - 1, 0, batch, p_text, p_image)
+        keep_text, keep_image = cfg_dropout_masks(0, row["step"] - 1, batch, p_text, p_image)
         assert row["cfg/text_dropped"] == int((~keep_text).sum())
         assert row["cfg/image_dropped"] == int((~keep_image).sum())
         assert row["cfg/both_dropped"] == int((~keep_text & ~keep_image).sum())
@@ -262,7 +262,7 @@ def test_edit_on_two_processes_matches_one(assets, t2i_run, tmp_path):
 
 
 def test_t2i_fsdp_matches_one_process_and_checkpoints_move_both_ways(assets, tmp_path):
-    """FSDP2 on 2 processes x batch 2 = 1 process x batch 4 (weights, EMA, losses, grad norms, the
+    """FSDP2 on 2 processes x batch 1 x 2 accumulation = 1 process x batch 4 (weights, EMA, losses, grad norms, the
     held-out loss and the exported generator, which is gathered from the shards); a sharded
     checkpoint resumes on 1 process and a 1-process one resumes sharded, both ending where the
     uninterrupted run ends."""
@@ -272,7 +272,7 @@ def test_t2i_fsdp_matches_one_process_and_checkpoints_move_both_ways(assets, tmp
             f"run.output_dir={tmp_path}", f"data.latent_cache={tmp_path / 'cache'}", "log.every=1", "optim.eps=1e-5",
             "checkpoint.every=2", "checkpoint.keep_last=0", "data.val_count=2", "validation.every=2",
             "log.images_every=2", "preview.steps=2"]
-    fsdp = ["train.batch_size=2", "train.fsdp=true"]
+    fsdp = ["train.batch_size=1", "train.grad_accum=2", "train.fsdp=true"]  # accumulation: no reduce until the last
     ref = cli(*args, "run.name=one", "train.batch_size=4", "train.max_steps=4")
     assert ref.returncode == 0, ref.stderr[-4000:]
     sharded = _torchrun(*args, "run.name=fsdp", *fsdp, "train.max_steps=4")

@@ -1,7 +1,7 @@
 """Training-state checkpoints: atomic folders with a completion marker.
 
     <run>/checkpoints/step_00001000/
-        trainer_state.json      counters, data position, config hash, batch layout
+        trainer_state.json      step (also the data position), counters, config hash, batch layout
         <group>.safetensors     weights of each trained module (model, disc)
         <group>.ema.safetensors EMA weights
         <group>.optim.pt        optimiser + LR schedule state (tensors and numbers only)

@@ -5,9 +5,9 @@
 - Every image becomes a `size` x `size` RGB crop (shorter side resized, centre crop: the
   project's data rule, `psvae_core.images.resize_center_crop`), returned as uint8 so workers ship
   4x less data; the encoder resizes it to its own input size (224) itself.
-- `GlobalBatchSampler` cuts one seeded global sequence of micro-batches into per-process slices,
-  so N processes with batch b see exactly the samples one process with batch N*b sees, and the
-  data position is a single counter (what resume restores).
+- `GlobalBatchSampler` cuts one seeded global sequence of optimiser steps into per-process
+  micro-batches, so any layout of the same global batch (processes x batch x accumulation) sees
+  exactly the same samples at each step, and the step is the only data position resume needs.
 """
 from __future__ import annotations
 
@@ -302,37 +302,42 @@ def split_holdout(dataset: ImageDataset, count: int, seed: int) -> tuple[ImageDa
 class GlobalBatchSampler:
     """Infinite micro-batches of this process, cut from one seeded global order.
 
-    Epoch e is a permutation seeded by (seed, e); it is split into global micro-batches of
-    `batch_size * world_size` (an incomplete tail is dropped so every process stays in step), and
-    process r takes the r-th `batch_size` slice of each. Position p (micro-batches consumed since
-    the start of training) fixes everything, so resuming is `start=p`.
+    Epoch e is a permutation seeded by (seed, e), cut into optimiser steps of
+    `batch_size * world_size * accum` samples (an incomplete tail is dropped so every process stays
+    in step). Inside a step, micro-batch m of process r is the `batch_size` slice starting at
+    (m * world_size + r) * batch_size. The samples of a step therefore depend only on the step and
+    the global batch, not on how processes and accumulation split it, and resuming at step s is
+    `start_step=s` whatever layout wrote the checkpoint.
     """
 
-    def __init__(self, num_items: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
-        self.global_batch = batch_size * world_size
-        self.per_epoch = num_items // self.global_batch
+    def __init__(self, num_items: int, batch_size: int, world_size: int, rank: int, seed: int,
+                 accum: int = 1, start_step: int = 0):
+        self.step_batch = batch_size * world_size * accum
+        self.per_epoch = num_items // self.step_batch
         if self.per_epoch == 0:
-            raise DataError(f"the dataset has {num_items} usable images, fewer than one global micro-batch "
-                            f"({batch_size} per process x {world_size} processes = {self.global_batch}); "
-                            f"add images or lower train.batch_size")
-        self.num_items, self.batch_size, self.rank, self.seed, self.start = num_items, batch_size, rank, seed, start
+            raise DataError(f"the dataset has {num_items} usable images, fewer than one optimiser step's batch "
+                            f"({batch_size} per process x {world_size} processes x {accum} accumulation = "
+                            f"{self.step_batch}); add images, or lower train.batch_size or train.grad_accum")
+        self.num_items, self.batch_size, self.world_size, self.rank = num_items, batch_size, world_size, rank
+        self.seed, self.accum, self.start_step = seed, accum, start_step
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(self.seed, "data-order", epoch))
         return torch.randperm(self.num_items, generator=g)
 
     def __iter__(self):
-        position, epoch, order = self.start, None, None
+        step, epoch, order = self.start_step, None, None
         while True:
-            e, k = divmod(position, self.per_epoch)
+            e, k = divmod(step, self.per_epoch)
             if e != epoch:
                 epoch, order = e, self.epoch_order(e)
-            first = k * self.global_batch + self.rank * self.batch_size
-            yield order[first:first + self.batch_size].tolist()
-            position += 1
+            for micro in range(self.accum):
+                first = k * self.step_batch + (micro * self.world_size + self.rank) * self.batch_size
+                yield order[first:first + self.batch_size].tolist()
+            step += 1
 
     def __len__(self):  # DataLoader asks; the stream is infinite, report one epoch
-        return self.per_epoch
+        return self.per_epoch * self.accum
 
 
 def shard_indices(n: int, world_size: int, rank: int) -> list[int]:

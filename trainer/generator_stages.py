@@ -48,7 +48,7 @@ from psvae_core.fusion_heads import DDTBlock
 from . import text_data as td
 from .config import BaseConfig, ConfigError, EMASection, as_dict
 from .data import DataError
-from .rng import derive_seed, global_randn
+from .rng import derive_seed, step_noise
 from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # collate runs in forked DataLoader workers
@@ -153,13 +153,14 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=symbol[0])
 
 
-def cfg_dropout_masks(seed: int, step: int, micro: int, global_batch: int, p_text: float,
+def cfg_dropout_masks(seed: int, step: int, step_batch: int, p_text: float,
                       p_image: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep_text, keep_image) bool [global_batch] of one global micro-batch: drawn with
+    """(keep_text, keep_image) bool [step_batch] for all samples of one optimiser step: drawn with
     text_data.dropout_masks (independent per condition) from a generator seeded by the counters, so
-    they depend on neither the process layout nor resuming. Process r uses rows r*b:(r+1)*b."""
-    g = torch.Generator().manual_seed(derive_seed(seed, "cfg-dropout", step, micro))
-    return td.dropout_masks(global_batch, p_text, p_image, generator=g)
+    they depend on neither the process layout, the accumulation split nor resuming. Micro-batch m of
+    process r (b rows each) uses rows (m * processes + r) * b onwards, the sampler's order."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "cfg-dropout", step))
+    return td.dropout_masks(step_batch, p_text, p_image, generator=g)
 
 
 def file_sha256(path: Path) -> str:
@@ -681,21 +682,26 @@ class _GeneratorStage(Stage):
     def _masks(self, b: int, step: int, micro: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         ctx, L = self.ctx, self.cfg.loss
         p_image = L.image_dropout if self.task == "edit" else 0.0
-        keep_text, keep_image = cfg_dropout_masks(ctx.seed, step, micro, b * ctx.world_size, L.text_dropout, p_image)
+        accum = self.cfg.train.grad_accum
+        keep_text, keep_image = cfg_dropout_masks(ctx.seed, step, b * ctx.world_size * accum, L.text_dropout, p_image)
         if micro == 0:
             self._drops = Counter()
-        self._drops["samples"] += len(keep_text)  # global counts (every process draws the same masks)
-        self._drops["text_dropped"] += int((~keep_text).sum())
+        # Counts over this micro-batch of every process (every process draws the same masks).
+        now = slice(micro * ctx.world_size * b, (micro + 1) * ctx.world_size * b)
+        self._drops["samples"] += len(keep_text[now])
+        self._drops["text_dropped"] += int((~keep_text[now]).sum())
         if self.task == "edit":
-            self._drops["image_dropped"] += int((~keep_image).sum())
-            self._drops["both_dropped"] += int((~keep_text & ~keep_image).sum())
-        rows = slice(ctx.rank * b, (ctx.rank + 1) * b)
+            self._drops["image_dropped"] += int((~keep_image[now]).sum())
+            self._drops["both_dropped"] += int((~keep_text[now] & ~keep_image[now]).sum())
+        first = (micro * ctx.world_size + ctx.rank) * b
+        rows = slice(first, first + b)
         keep_image = keep_image[rows].to(ctx.device) if self.task == "edit" else None
         return keep_text[rows].to(ctx.device), keep_image
 
     def _noise(self, shape, step: int, micro: int, what: str) -> torch.Tensor:
         ctx = self.ctx
-        return global_randn(shape, ctx.rank, ctx.world_size, ctx.device, ctx.seed, what, step, micro)
+        return step_noise(shape, ctx.rank, ctx.world_size, micro, self.cfg.train.grad_accum, ctx.device,
+                          ctx.seed, what, step)
 
     def training_step(self, models, batch, step, micro) -> StepResult:
         L = self.cfg.loss

@@ -3,8 +3,9 @@ modules and losses (stage.py); this file supplies processes, precision, accumula
 EMA, checkpoints, logging, the NaN guard, validation, previews, signals and the final export.
 
 Invariants that make resume exact and N processes equal one:
-- the data position is one counter (micro-batches consumed), the sampler derives everything from it;
-- training noise is drawn per global micro-batch from counter-derived seeds (rng.py);
+- the data position is the optimiser step; the sampler derives every micro-batch of every process
+  from it and the global batch (any split into processes x batch x accumulation sees the same data);
+- training noise is drawn per optimiser step (all its micro-batches) from counter-derived seeds (rng.py);
 - everything else (weights, EMA, both optimisers, LR schedules, grad scaler, RNGs of every
   process, counters) is saved in the checkpoint and restored before the first step.
 """
@@ -181,9 +182,10 @@ class Loop:
             return batch.to(self.device, non_blocking=True)
         return batch
 
-    def _loader(self, dataset, position: int) -> DataLoader:
+    def _loader(self, dataset, step: int) -> DataLoader:
         t = self.cfg.train
-        sampler = GlobalBatchSampler(len(dataset), t.batch_size, self.world, self.rank, self.cfg.run.seed, position)
+        sampler = GlobalBatchSampler(len(dataset), t.batch_size, self.world, self.rank, self.cfg.run.seed,
+                                     t.grad_accum, step)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=self.stage.collate,
                           pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if t.num_workers else None,
                           persistent_workers=False)
@@ -199,7 +201,7 @@ class Loop:
         return group.raw
 
     # ------------------------------------------------------------------ checkpoint I/O
-    def _save(self, step: int, position: int, counters: dict) -> None:
+    def _save(self, step: int, counters: dict) -> None:
         root = self.ckpt_root
         if self.main:
             ckpt.begin(root, step)
@@ -222,7 +224,7 @@ class Loop:
             if self.scaler is not None:
                 ckpt.save_object(tmp / "scaler.pt", self.scaler.state_dict())
             ckpt.write_json(tmp / "trainer_state.json", {
-                "step": step, "position": position, **counters, "stage": self.cfg.stage,
+                "step": step, **counters, "stage": self.cfg.stage,
                 "world_size": self.world, "batch_size": self.cfg.train.batch_size,
                 "grad_accum": self.cfg.train.grad_accum, "global_batch": self.global_batch,
                 "config_hash": self.hash, "trainer_version": __version__})
@@ -277,7 +279,8 @@ class Loop:
         cfg = self.cfg
         train_ds, self.val_ds = self.stage.datasets()
         self.train_ds = train_ds
-        GlobalBatchSampler(len(train_ds), cfg.train.batch_size, self.world, self.rank, cfg.run.seed)  # size check
+        GlobalBatchSampler(len(train_ds), cfg.train.batch_size, self.world, self.rank, cfg.run.seed,
+                           cfg.train.grad_accum)  # size check
         specs = self.stage.build()
         state = None
         if self.resume_dir is not None:
@@ -310,11 +313,11 @@ class Loop:
                 self.scaler = ShardedGradScaler()
             else:
                 self.scaler = torch.amp.GradScaler(self.device.type)
-        self.step, self.position = 0, 0
+        self.step = 0
         self.counters = {"nan_steps": 0, "nan_consecutive": 0, "scaler_skips": 0}
         if state is not None:
             self._load_rest(self.resume_dir, state)
-            self.step, self.position = int(state["step"]), int(state["position"])
+            self.step = int(state["step"])
             self.counters.update({k: int(state.get(k, 0)) for k in self.counters})
             self.log(f"resumed from {self.resume_dir} at step {self.step}")
 
@@ -324,7 +327,6 @@ class Loop:
         sums, logs, active, bad = defaultdict(float), {}, set(), set()
         for micro in range(accum):
             batch = self._to_device(next(batches))
-            self.position += 1
             last = micro == accum - 1
             with contextlib.ExitStack() as stack:
                 # Reduce gradients over processes on the last micro-batch only.
@@ -469,7 +471,7 @@ class Loop:
                                cfg.train.max_steps, self.step)
         flag: dict = {}
         previous = _signal_handlers(flag)
-        batches = iter(self._loader(self.train_ds, self.position))
+        batches = iter(self._loader(self.train_ds, self.step))
         last_saved = self.step if self.resume_dir is not None else -1
         summary: dict = {"run_dir": str(self.run_dir), "start_step": self.step}
         window_start, window_steps = time.perf_counter(), 0
@@ -497,7 +499,7 @@ class Loop:
                     self._log_validation(step)
                 stop = self._any(bool(flag.get("signal"))) if self.world > 1 else bool(flag.get("signal"))
                 if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop:
-                    self._save(step, self.position, self.counters)
+                    self._save(step, self.counters)
                     last_saved = step
                 if stop:
                     signum = flag.get("signal") or signal.SIGTERM
@@ -506,7 +508,7 @@ class Loop:
                     summary.update(stopped=True, step=step, exit_code=128 + int(signum))
                     return summary
             if last_saved != self.step:
-                self._save(self.step, self.position, self.counters)
+                self._save(self.step, self.counters)
             summary["validation"] = self._log_validation(self.step)
             summary["export"] = str(self.export() or "")
             summary.update(step=self.step, stopped=False, exit_code=0, **self.counters)

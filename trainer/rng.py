@@ -1,6 +1,6 @@
 """Randomness: seeds derived from counters, and the per-process RNG states saved in checkpoints.
 
-Training noise (posterior samples, decoder-input noise) is drawn from generators seeded by
+Training noise (posterior samples, decoder-input noise, flow times and noise, CFG dropout) is drawn from generators seeded by
 (seed, purpose, step) for the whole global batch of an optimiser step and then sliced to this
 process's rows of this micro-batch. So it depends only on counters, never on how many processes
 share the batch, how it is split for accumulation, or whether the run was resumed. The global RNGs (python, numpy, torch, CUDA) are still saved per process for
@@ -36,12 +36,6 @@ def step_noise(local_shape, rank: int, world_size: int, micro: int, accum: int, 
     full = draw((b * world_size * accum, *local_shape[1:]), generator=g, device=device)
     first = (micro * world_size + rank) * b
     return full[first:first + b]
-
-
-def global_randn(local_shape, rank: int, world_size: int, device, *seed_parts) -> torch.Tensor:
-    """This process's rows of one standard-normal tensor of a global micro-batch (seeded by
-    `seed_parts`). Prefer `step_noise`, which also makes accumulation splits equal."""
-    return step_noise(local_shape, rank, world_size, 0, 1, device, *seed_parts)
 
 
 def seed_everything(seed: int) -> None:
