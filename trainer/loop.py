@@ -67,7 +67,7 @@ class _Group:
                 groups[scale].append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": ps, "lr": o.lr * s} for s, ps in sorted(groups.items())],
-            lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, **({"fused": True} if fused else {}))
+            lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, o, max_steps))
         self.params = [p for ps in groups.values() for p in ps]
 
