@@ -104,7 +104,7 @@ def main(argv=None):
         train = [r for r in rows if r["kind"] == "train" and "images_per_s" in r]
         # Steady state: after the first window (warm-up), and no window that holds a checkpoint save.
         first = train[0]["step"] if train else 0
-        saves = {s for s in range(args.checkpoint_every, args.steps + 1, args.checkpoint_every or args.steps + 1)}
+        saves = set(range(args.checkpoint_every, args.steps + 1, args.checkpoint_every)) if args.checkpoint_every else set()
         steady = [r for r in train if r["step"] > first and (r["step"] - 5) not in saves] or train
         if steady:
             result["images_per_s"] = round(sum(r["images_per_s"] for r in steady) / len(steady), 1)

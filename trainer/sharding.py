@@ -38,10 +38,6 @@ def shard(module: nn.Module, units: tuple[type, ...], device: torch.device) -> n
     return module
 
 
-def is_sharded(module: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in module.parameters())
-
-
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (a gather over processes when `t` is a shard)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
