@@ -53,6 +53,24 @@ def _torchrun(*args):
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
+def test_processes_end_with_no_process_group_threads_left(tmp_path):
+    """Gloo's worker threads must be gone before the interpreter shuts down: left alive, one that is
+    still freeing a collective's tensors needs the GIL during shutdown and aborts the process
+    ("terminate called without an active exception") after a run that otherwise succeeded."""
+    data = photos(tmp_path / "photos", 128)
+    script = tmp_path / "run_and_count_threads.py"
+    script.write_text("import os, sys\nfrom trainer.__main__ import main\ncode = main(sys.argv[1:])\n"
+                      "print('threads', os.environ['RANK'], len(os.listdir('/proc/self/task')), flush=True)\nsys.exit(code)\n")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), "svae",
+                          "--config", str(TINY_SVAE), f"data.source={data}", f"run.output_dir={tmp_path}",
+                          "train.batch_size=2", "train.max_steps=1", "train.num_workers=0"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    counts = sorted(line.split()[1:] for line in run.stdout.splitlines() if line.startswith("threads "))
+    assert counts == [["0", "1"], ["1", "1"]], f"threads alive after main() returned: {counts}"
+
+
 def test_checkpoints_move_between_process_counts_at_the_same_global_batch(tmp_path):
     """Saved by 2 processes and resumed by 1, and the other way round, both end equal to one
     uninterrupted single-process run; another global batch is refused."""

@@ -43,7 +43,24 @@ def main(argv=None) -> int:
     except TrainingHalted as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    finally:
+        _leave_process_group()
     return int(summary.get("exit_code", 0))
+
+
+def _leave_process_group() -> None:
+    # Gloo's worker threads free a collective's tensors after it completes and need the GIL for it;
+    # if they are still alive when the interpreter shuts down, they abort the process ("terminate
+    # called without an active exception") after a run that finished cleanly. Leave the group and
+    # collect the training loop's reference cycles (DDP holds the group) while Python still runs:
+    # the group's destructor joins its threads with the GIL released.
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        gc.collect()
 
 
 if __name__ == "__main__":
