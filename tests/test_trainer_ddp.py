@@ -1,11 +1,7 @@
 """Two processes (torchrun, gloo on CPU) with batch 2 each match one process with batch 4."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-
-from test_trainer_helpers import GAN_ON, ROOT, TINY_SVAE, cli, env, max_diff, metrics, photos, weights
+from test_trainer_helpers import GAN_ON, TINY_SVAE, cli, max_diff, metrics, photos, torchrun, weights
 
 STEPS = 4
 # A larger Adam eps keeps float-rounding-level gradients (e.g. conv biases before a GroupNorm,
@@ -18,21 +14,12 @@ COMMON = [f"train.max_steps={STEPS}", "checkpoint.every=0", "log.every=1", "opti
           *GAN_ON, f"gan.start_step={STEPS - 1}", "gan.disc_start_step=0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
     data = photos(tmp_path / "photos", 128)
     base = ["svae", "--config", TINY_SVAE, f"data.source={data}", f"run.output_dir={tmp_path}", *COMMON]
     one = cli(*base, "run.name=one", "train.batch_size=4")
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "trainer",
-                          *map(str, base), "run.name=two", "train.batch_size=2"],
-                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    two = torchrun(*base, "run.name=two", "train.batch_size=2")
     assert two.returncode == 0, two.stderr[-4000:]
     assert "global batch 4 (2 process(es))" in two.stdout + two.stderr
 
@@ -47,12 +34,6 @@ def test_two_processes_match_one(tmp_path):
                 assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
 
 
-def _torchrun(*args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "trainer", *map(str, args)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-
-
 def test_processes_end_with_no_process_group_threads_left(tmp_path):
     """Gloo's worker threads must be gone before the interpreter shuts down: left alive, one that is
     still freeing a collective's tensors needs the GIL during shutdown and aborts the process
@@ -61,11 +42,8 @@ def test_processes_end_with_no_process_group_threads_left(tmp_path):
     script = tmp_path / "run_and_count_threads.py"
     script.write_text("import os, sys\nfrom trainer.__main__ import main\ncode = main(sys.argv[1:])\n"
                       "print('threads', os.environ['RANK'], len(os.listdir('/proc/self/task')), flush=True)\nsys.exit(code)\n")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), "svae",
-                          "--config", str(TINY_SVAE), f"data.source={data}", f"run.output_dir={tmp_path}",
-                          "train.batch_size=2", "train.max_steps=1", "train.num_workers=0"],
-                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    run = torchrun("svae", "--config", TINY_SVAE, f"data.source={data}", f"run.output_dir={tmp_path}",
+                    "train.batch_size=2", "train.max_steps=1", "train.num_workers=0", entry=(str(script),))
     assert run.returncode == 0, run.stderr[-4000:]
     counts = sorted(line.split()[1:] for line in run.stdout.splitlines() if line.startswith("threads "))
     assert counts == [["0", "1"], ["1", "1"]], f"threads alive after main() returned: {counts}"
@@ -79,14 +57,14 @@ def test_checkpoints_move_between_process_counts_at_the_same_global_batch(tmp_pa
             "optim.eps=1e-5", "checkpoint.every=2", "checkpoint.resume=latest"]
     ref = cli(*base, "run.name=ref", "train.batch_size=4", "train.max_steps=4")
     assert ref.returncode == 0, ref.stderr
-    first = _torchrun(*base, "run.name=two_then_one", "train.batch_size=2", "train.max_steps=2")
+    first = torchrun(*base, "run.name=two_then_one", "train.batch_size=2", "train.max_steps=2")
     assert first.returncode == 0, first.stderr[-4000:]
     then = cli(*base, "run.name=two_then_one", "train.batch_size=4", "train.max_steps=4")
     assert then.returncode == 0, then.stderr
     assert "resuming a 2-process checkpoint on 1 process(es)" in then.stdout + then.stderr
     first = cli(*base, "run.name=one_then_two", "train.batch_size=4", "train.max_steps=2")
     assert first.returncode == 0, first.stderr
-    then = _torchrun(*base, "run.name=one_then_two", "train.batch_size=2", "train.max_steps=4")
+    then = torchrun(*base, "run.name=one_then_two", "train.batch_size=2", "train.max_steps=4")
     assert then.returncode == 0, then.stderr[-4000:]
     final = "step_00000004"
     for run in ("two_then_one", "one_then_two"):
@@ -100,7 +78,7 @@ def test_checkpoints_move_between_process_counts_at_the_same_global_batch(tmp_pa
 
 def test_fsdp_is_refused_for_the_autoencoder_stages(tmp_path):
     data = photos(tmp_path / "photos", 128)
-    run = _torchrun("svae", "--config", TINY_SVAE, f"data.source={data}", f"run.output_dir={tmp_path}",
+    run = torchrun("svae", "--config", TINY_SVAE, f"data.source={data}", f"run.output_dir={tmp_path}",
                     "train.max_steps=1", "train.fsdp=true")
     assert run.returncode != 0
     assert "the 'svae' stage does not support FSDP" in run.stderr and "--multi_gpu" in run.stderr

@@ -7,16 +7,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import socket
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_trainer_helpers import ROOT, cli, env, max_diff, metrics, weights
+from test_trainer_helpers import ROOT, cli, max_diff, metrics, torchrun, weights
 from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
 
 T2I_TINY = ROOT / "trainer" / "configs" / "t2i_tiny.yaml"
@@ -230,16 +227,6 @@ def test_edit_trains_on_triplets_with_independent_text_and_image_dropout(assets,
     assert prov["vae_fingerprint"] == _provenance(t2i_run / "export" / "generator.safetensors")["vae_fingerprint"]
 
 
-def _torchrun(*args):
-    """`python -m trainer ARGS` on 2 processes (gloo on CPU)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                           "--master_addr=127.0.0.1", "-m", "trainer", *map(str, args)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_edit_on_two_processes_matches_one(assets, t2i_run, tmp_path):
     """torchrun with 2 processes x batch 2 (gloo on CPU) = 1 process x batch 4: latent cache filled
     split by rank, source/text dropout and flow noise drawn for the global batch."""
@@ -249,7 +236,7 @@ def test_edit_on_two_processes_matches_one(assets, t2i_run, tmp_path):
             "optim.eps=1e-5", "loss.text_dropout=0.5", "loss.image_dropout=0.5"]
     one = cli(*args, "run.name=one", "train.batch_size=4")
     assert one.returncode == 0, one.stderr[-4000:]
-    two = _torchrun(*args, "run.name=two", "train.batch_size=2")
+    two = torchrun(*args, "run.name=two", "train.batch_size=2")
     assert two.returncode == 0, two.stderr[-4000:]
     assert "global batch 4 (2 process(es))" in two.stdout + two.stderr
     final = "checkpoints/step_00000003"
@@ -275,14 +262,14 @@ def test_t2i_fsdp_matches_one_process_and_checkpoints_move_both_ways(assets, tmp
     fsdp = ["train.batch_size=1", "train.grad_accum=2", "train.fsdp=true"]  # accumulation: no reduce until the last
     ref = cli(*args, "run.name=one", "train.batch_size=4", "train.max_steps=4")
     assert ref.returncode == 0, ref.stderr[-4000:]
-    sharded = _torchrun(*args, "run.name=fsdp", *fsdp, "train.max_steps=4")
+    sharded = torchrun(*args, "run.name=fsdp", *fsdp, "train.max_steps=4")
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     assert "global batch 4 (2 process(es))" in sharded.stdout + sharded.stderr
     assert "FSDP: 'generator' sharded over 2 processes" in sharded.stdout + sharded.stderr
     assert (tmp_path / "fsdp" / "samples" / "step_00000002.png").is_file()
 
     def resumed(name: str, checkpoint: Path, *layout):
-        run = (cli if not layout else _torchrun)(*args, f"run.name={name}", f"checkpoint.resume={checkpoint}",
+        run = (cli if not layout else torchrun)(*args, f"run.name={name}", f"checkpoint.resume={checkpoint}",
                                                  "train.max_steps=4", *(layout or ["train.batch_size=4"]))
         assert run.returncode == 0, run.stderr[-4000:]
         assert f"resuming a {1 if layout else 2}-process checkpoint" in run.stdout + run.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,16 @@ def env() -> dict:
 def cli(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def torchrun(*args, entry=("-m", "trainer")) -> subprocess.CompletedProcess:
+    """Two gloo processes (CPU) running `entry` (the trainer, or a script) with `args`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "--master_addr=127.0.0.1", *entry, *map(str, args)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
 
 
 def weights(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
