@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from psvae_core.images import resize_center_crop
 
-from .rng import derive_seed
+from .rng import derive_seed, micro_rows
 
 logger = logging.getLogger(__name__)
 
@@ -331,9 +331,9 @@ class GlobalBatchSampler:
             e, k = divmod(step, self.per_epoch)
             if e != epoch:
                 epoch, order = e, self.epoch_order(e)
+            step_order = order[k * self.step_batch:(k + 1) * self.step_batch]
             for micro in range(self.accum):
-                first = k * self.step_batch + (micro * self.world_size + self.rank) * self.batch_size
-                yield order[first:first + self.batch_size].tolist()
+                yield step_order[micro_rows(self.batch_size, self.rank, self.world_size, micro)].tolist()
             step += 1
 
     def __len__(self):  # DataLoader asks; the stream is infinite, report one epoch

@@ -48,7 +48,7 @@ from psvae_core.fusion_heads import DDTBlock
 from . import text_data as td
 from .config import BaseConfig, ConfigError, EMASection, as_dict
 from .data import DataError
-from .rng import derive_seed, step_noise
+from .rng import derive_seed, micro_rows, step_noise
 from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # collate runs in forked DataLoader workers
@@ -693,8 +693,7 @@ class _GeneratorStage(Stage):
         if self.task == "edit":
             self._drops["image_dropped"] += int((~keep_image[now]).sum())
             self._drops["both_dropped"] += int((~keep_text[now] & ~keep_image[now]).sum())
-        first = (micro * ctx.world_size + ctx.rank) * b
-        rows = slice(first, first + b)
+        rows = micro_rows(b, ctx.rank, ctx.world_size, micro)
         keep_image = keep_image[rows].to(ctx.device) if self.task == "edit" else None
         return keep_text[rows].to(ctx.device), keep_image
 

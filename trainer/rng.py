@@ -1,10 +1,11 @@
 """Randomness: seeds derived from counters, and the per-process RNG states saved in checkpoints.
 
-Training noise (posterior samples, decoder-input noise, flow times and noise, CFG dropout) is drawn from generators seeded by
-(seed, purpose, step) for the whole global batch of an optimiser step and then sliced to this
-process's rows of this micro-batch. So it depends only on counters, never on how many processes
-share the batch, how it is split for accumulation, or whether the run was resumed. The global RNGs (python, numpy, torch, CUDA) are still saved per process for
-anything outside that scheme (e.g. dropout in a user's model).
+Training noise (posterior samples, decoder-input noise, flow times and noise, CFG dropout) is drawn
+from generators seeded by (seed, purpose, step) for the whole global batch of an optimiser step and
+then sliced to this process's rows of this micro-batch (`micro_rows`, the sampler's order). So it
+depends only on counters, never on how many processes share the batch, how it is split for
+accumulation, or whether the run was resumed. The global RNGs (python, numpy, torch, CUDA) are still
+saved per process for anything outside that scheme (e.g. dropout in a user's model).
 """
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def micro_rows(batch_size: int, rank: int, world_size: int, micro: int) -> slice:
+    """Rows of micro-batch `micro` of process `rank` within one optimiser step's global batch, which
+    is ordered micro-batch by micro-batch and, inside one, process by process."""
+    first = (micro * world_size + rank) * batch_size
+    return slice(first, first + batch_size)
+
+
 def step_noise(local_shape, rank: int, world_size: int, micro: int, accum: int, device, *seed_parts,
                uniform: bool = False) -> torch.Tensor:
     """This process's rows of one noise tensor covering a whole optimiser step.
@@ -34,8 +42,7 @@ def step_noise(local_shape, rank: int, world_size: int, micro: int, accum: int, 
     g = torch.Generator(device=device).manual_seed(derive_seed(*seed_parts))
     draw = torch.rand if uniform else torch.randn
     full = draw((b * world_size * accum, *local_shape[1:]), generator=g, device=device)
-    first = (micro * world_size + rank) * b
-    return full[first:first + b]
+    return full[micro_rows(b, rank, world_size, micro)]
 
 
 def seed_everything(seed: int) -> None:
