@@ -1,6 +1,6 @@
 """Where PS-VAE model files live inside ComfyUI, and cheap header-only checks on them.
 
-`models/psvae` is registered under the folder key "psvae" (COMFYUI.md §2.5): folders that
+`models/psvae` is registered under the folder key "psvae" (docs/COMFYUI_PACK.md, Development): folders that
 `extra_model_paths.yaml` already added under that key are kept, the default folder goes first,
 and the extension set is fixed (a new key would otherwise list every file, READMEs included).
 Pickle-based extensions are listed on purpose: picking one gives an error that explains why it

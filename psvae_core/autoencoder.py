@@ -111,7 +111,7 @@ class PSVAE(nn.Module):
 
     def forward(self, images, sample: bool = True, generator: Optional[torch.Generator] = None,
                 detach_pixel_input: bool = False) -> AutoencoderOutput:
-        """One full pass. `detach_pixel_input` is stage 1's `f_l.detach()` (PAPER.md §2)."""
+        """One full pass. `detach_pixel_input` is stage 1's `f_l.detach()` (docs/PAPER.md §2)."""
         features = self.semantic_features(images)
         posterior = self.posterior_from_features(features)
         z = posterior.sample(generator) if sample else posterior.mode()

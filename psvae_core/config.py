@@ -55,7 +55,7 @@ class _Serialisable:
 
 @dataclass(frozen=True)
 class EncoderConfig(_Serialisable):
-    """Which representation encoder, and how its features are read (PAPER.md §1).
+    """Which representation encoder, and how its features are read (docs/PAPER.md §1).
 
     family: one of ENCODER_FAMILIES ("dinov2_reg" = DINOv2 with registers, the paper's default).
     hf_config: the full transformers config dict; it alone rebuilds the architecture.
@@ -85,7 +85,7 @@ class EncoderConfig(_Serialisable):
 
 @dataclass(frozen=True)
 class SemanticConfig(_Serialisable):
-    """E_s / D_s (PAPER.md §2): `depth` transformer blocks at the encoder width plus an MLP.
+    """E_s / D_s (docs/PAPER.md §2): `depth` transformer blocks at the encoder width plus an MLP.
 
     block_init: "copy" = the blocks are copies of the encoder's last `depth` blocks (weights
         included: the literal reading of "inherited from the encoder", the default);
@@ -106,7 +106,7 @@ class SemanticConfig(_Serialisable):
 
 @dataclass(frozen=True)
 class PixelDecoderConfig(_Serialisable):
-    """Pixel decoder (PAPER.md §3). kind="conv": LDM-style ResNet decoder, x2**(len(channel_mult)-1)
+    """Pixel decoder (docs/PAPER.md §3). kind="conv": LDM-style ResNet decoder, x2**(len(channel_mult)-1)
     upsampling (x16 by default: 16x16 latent -> 256 px). kind="vit": RAE-style ViT decoder whose
     tokens are unpatchified with patch `vit_patch` (16 -> x16)."""
 

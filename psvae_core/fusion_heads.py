@@ -1,5 +1,5 @@
 """The image-side pieces around the generator's LM backbone: timestep embedding, 2-D position
-embedding, and the wide DDT head (PAPER.md §5.1, PEERS.md §1.6) or its plain-linear ablation.
+embedding, and the wide DDT head (docs/PAPER.md §5.1, §9.2) or its plain-linear ablation.
 
 Latent tokens are patch-1 pixels of the latent grid, `[B, h*w, C]`, raster order.
 """

@@ -1,4 +1,4 @@
-"""Training losses of PS-VAE (PAPER.md §2-§4).
+"""Training losses of PS-VAE (docs/PAPER.md §2-§4).
 
 - L_s, the semantic reconstruction loss: L2 + cosine on representation features.
 - L_KL: the diagonal-Gaussian KL to N(0, I), reduced as in LDM.
@@ -43,7 +43,7 @@ def semantic_loss(pred: torch.Tensor, target: torch.Tensor, l2_weight: float = 1
     Layouts: `[B, D, h, w]` feature maps (the feature dim is dim 1) or `[B, N, D]` / `[B, D]`
     tokens (the feature dim is the last one).
 
-    Reduction (the paper leaves it open, PAPER.md §2):
+    Reduction (the paper leaves it open, docs/PAPER.md §2):
     - "l2":  mean squared error over *all* elements (B, D and tokens), i.e. per-element MSE.
     - "cos": cosine similarity per token along the feature dim, then the mean of (1 - cos) over
       all B x tokens. It lies in [0, 2]; 1 for orthogonal features.

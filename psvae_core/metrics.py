@@ -1,6 +1,6 @@
 """Reconstruction metrics shared by the demo, trainer evaluation and benchmarks.
 
-Every reported number should carry its implementation and settings (ECOSYSTEM.md §3.1: the FID
+Every reported number should carry its implementation and settings (docs/EVALUATION.md: the FID
 implementation alone changes rFID by ~2x); `METRIC_IMPLEMENTATIONS` holds the text for reports.
 Images are `[B, 3, H, W]` in 0..1.
 """

@@ -1,4 +1,4 @@
-"""Pixel decoders (PAPER.md §3): latent [B,C,h,w] -> image [B,3,f*h,f*w] in [-1,1].
+"""Pixel decoders (docs/PAPER.md §3): latent [B,C,h,w] -> image [B,3,f*h,f*w] in [-1,1].
 
 - `ConvDecoder`: the LDM autoencoder's ResNet decoder (conv_in, middle res/attn/res, one level per
   channel multiplier with nearest x2 upsampling between levels, GroupNorm/SiLU, conv_out).

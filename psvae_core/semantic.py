@@ -1,4 +1,4 @@
-"""S-VAE parts (PAPER.md §2): the semantic encoder E_s and its mirror, the semantic decoder D_s.
+"""S-VAE parts (docs/PAPER.md §2): the semantic encoder E_s and its mirror, the semantic decoder D_s.
 
 E_s: features [B,D,h,w] -> transformer blocks at width D -> LayerNorm -> MLP -> (mean, logvar)
      of the C-channel latent (a DiagonalGaussian).

@@ -1,4 +1,4 @@
-"""Flow matching pieces against closed-form references (PAPER.md §5.2, PEERS.md §1.7)."""
+"""Flow matching pieces against closed-form references (docs/PAPER.md §5.2, §9.3)."""
 import math
 
 import pytest

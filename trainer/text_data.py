@@ -1,4 +1,4 @@
-"""Data for the generator stages (PAPER.md §5.3): captioned images (T2I) and edit triplets.
+"""Data for the generator stages (docs/PAPER.md §5.3): captioned images (T2I) and edit triplets.
 
 Every sample is a dict:
 

@@ -1,4 +1,4 @@
-"""The autoencoder stages: `svae` (stage 1), `psvae` (stage 2) and `rae` (baseline), PAPER.md §2-§4.
+"""The autoencoder stages: `svae` (stage 1), `psvae` (stage 2) and `rae` (baseline), docs/PAPER.md §2-§4.
 
     svae   encoder frozen; E_s/D_s trained with L_s + L_KL; the pixel decoder trained with L_P on
            the detached latent (the paper's f_l.detach()).
@@ -201,7 +201,7 @@ class _VAEStage(Stage):
             ctx.log(f"gradient checkpointing on {n} blocks")
         self.teacher = None
         if self.train_encoder and self.mode == "psvae":
-            self.teacher = self.vae.encoder.frozen_copy().to(ctx.device)  # the L_s anchor (PAPER.md §4)
+            self.teacher = self.vae.encoder.frozen_copy().to(ctx.device)  # the L_s anchor (docs/PAPER.md §4)
         L = cfg.loss
         self.lpips = losses.LPIPSLoss(L.lpips_net, L.lpips_weights).to(ctx.device) if L.lpips_weight > 0 else None
         self.use_gan = cfg.gan.weight > 0
