@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (H200_BF16_PEAK, environment, measured_matmul_peak,  # noqa: E402
                           peak_memory_gib, reset_peak_memory, synchronize, timed, write_result)
-from psvae_core import flow  # noqa: E402
+from psvae_core import flow, generation  # noqa: E402
 from psvae_core.fusion import FusionDiffuser  # noqa: E402
 
 
@@ -96,17 +96,17 @@ def main(argv=None):
     # Sampling: 50 Euler steps, CFG 6.5, shift 3, bf16 weights; cached prefix vs re-encoding every step.
     model = model.to(torch.bfloat16).eval()
     ids = torch.randint(0, vocab, (args.sample_batch, args.text_len), device=dev)
-    noise = flow.make_noise((args.sample_batch, cfg.latent_channels, *cfg.latent_size), 0, dev, torch.bfloat16)
+    shape = (cfg.latent_channels, *cfg.latent_size)
+    noise = generation.make_noise(shape, generation.row_seeds(0, args.sample_batch), dev)
     reset_peak_memory()
     with torch.no_grad():
         for _ in range(2):  # warm-up of both paths
-            model.sample(ids, batch_size=args.sample_batch, steps=2)
-        with timed(r, "sample_cached_s"):
-            cached = flow.euler_sample(model.velocity_fn(model.encode_text(ids)), noise, 50, 3.0, 6.5)
-        null = model.null_text(1)
+            generation.generate(model, ids, steps=2)
+        with timed(r, "sample_cached_s"):  # the one generation path: the prefix once, 50 steps
+            cached = generation.generate(model, ids, seed=0, steps=50, shift=3.0, guidance=6.5)
 
         def uncached(x, t, branches):  # the prompt goes through the LM again at every step
-            return model.velocity_fn(model.encode_text(ids), null_text=null)(x, t, branches)
+            return model.velocity_fn(model.encode_text(ids))(x, t, branches)
 
         with timed(r, "sample_uncached_s"):
             again = flow.euler_sample(uncached, noise, 50, 3.0, 6.5)

@@ -1,10 +1,9 @@
 """Text-to-image and editing with the generator inside ComfyUI: input checks, model management,
-the seeded noise, the Euler loop's per-step progress bar with a live preview, interrupts, and the
-conversion between the generator's normalised latents and the raw latents LATENT dicts carry.
-
-Noise: row i of a batch starts from `flow.make_noise` seeded with seed + i, drawn on the CPU, so a
-seed gives the same picture on every device and whatever the batch size (row i of a batch at seed
-s is the picture a batch of one makes at seed s + i).
+the per-step progress bar with a live preview, interrupts, and the conversion between the
+generator's normalised latents and the raw latents LATENT dicts carry. The sampling itself is
+`psvae_core.generation.generate`, the library's one generation path (row i of a batch uses
+seed + i, the Euler state is float32), so a seed makes the same picture here, in the trainer's
+previews and in the benchmark outputs.
 """
 from __future__ import annotations
 
@@ -20,11 +19,11 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy.cli_args import args as comfy_args
 
-from ..psvae_core import flow
+from ..psvae_core import flow, generation
 from . import runtime
 from .generator import GeneratorHandle, check_pair
 
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
+SEED_MAX = generation.SEED_MAX
 MAX_STEPS = 1000
 MAX_BATCH = 64
 
@@ -98,12 +97,6 @@ def check_settings(s: Settings, batch: int, who: str) -> None:
                              f"(times run from 1 = noise to 0 = image), got {lo}..{hi}")
 
 
-def make_noise(gen: GeneratorHandle, batch: int, size: tuple[int, int], seed: int, device) -> torch.Tensor:
-    shape = (1, gen.latent_channels, *size)
-    rows = [flow.make_noise(shape, (seed + i) % (SEED_MAX + 1), device, gen.dtype) for i in range(batch)]
-    return torch.cat(rows)
-
-
 def preview_image(vae: runtime.PSVAEHandle, x0: torch.Tensor) -> Image.Image:
     """The first image's current clean estimate (normalised latents) as a picture at latent
     resolution: denormalised, then mapped to RGB by the VAE's stored latent -> RGB map. ComfyUI's
@@ -122,24 +115,19 @@ def run(gen: GeneratorHandle, vae: runtime.PSVAEHandle, text: str, what: str, s:
     branches = len(flow.branches_for(s.guidance, s.image_guidance))
     image_tokens = size[0] * size[1] * (2 if source is not None else 1)
     device = gen.load(gen.memory_required(batch, int(ids.shape[1]), image_tokens, branches))
-    model = gen.model
     pbar = comfy.utils.ProgressBar(s.steps)
     max_preview = int(getattr(comfy_args, "preview_size", 512) or 512)
 
     def callback(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        mm.throw_exception_if_processing_interrupted()
         preview = ("JPEG", preview_image(vae, x0), max_preview)
         pbar.update_absolute(step, total, preview)  # also an interrupt point (ComfyUI's progress hook)
 
     with torch.inference_mode():
-        text_cache = model.encode_text(ids.to(device), mask.to(device))
-        null = model.null_text(1)
-        src = source.to(device=device, dtype=gen.dtype) if source is not None else None
-        velocity = model.velocity_fn(text_cache, src, null)
-        noise = make_noise(gen, batch, size, s.seed, device)
-        out = flow.euler_sample(velocity, noise, steps=s.steps, shift=s.shift, guidance=s.guidance,
-                                image_guidance=s.image_guidance, cfg_interval=s.cfg_interval, callback=callback)
-        out = out.float()
+        src = source.to(device) if source is not None else None
+        out = generation.generate(gen.model, (ids, mask), src, seed=s.seed, batch_size=batch, size=size,
+                                  steps=s.steps, shift=s.shift, guidance=s.guidance,
+                                  image_guidance=s.image_guidance, cfg_interval=s.cfg_interval,
+                                  callback=callback, interrupt=mm.throw_exception_if_processing_interrupted)
     if not torch.isfinite(out).all():
         hint = " (fp16 overflowed: set the loader's dtype to bf16 or fp32)" if gen.dtype == torch.float16 else ""
         raise ValueError(f"{who}: the generator produced NaN/Inf values{hint}")

@@ -4,7 +4,7 @@ Convention (RAE's, the paper's): x_t = (1 - t) x0 + t noise, so t = 1 is pure no
 data; the model predicts the velocity v = noise - x0. Training draws t logit-normal and shifts it
 towards noise by s = sqrt(C P^2 / 16); sampling integrates from t = 1 to t = 0 with Euler steps on a
 grid shifted the same way (by the fixed inference shift 3). One sampler serves the ComfyUI nodes,
-the trainer's previews and the evaluation.
+the trainer's previews and the benchmark outputs, through `generation.generate`.
 """
 from __future__ import annotations
 
@@ -34,12 +34,17 @@ def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def train_times(u: torch.Tensor, shift: float = 1.0, loc: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """Training times from standard-normal draws `u`: logit-normal(loc, scale) (SD3, RAE), then
+    shifted; values in (0, 1). The draws are the caller's (the trainer's are counter-seeded)."""
+    return time_shift(torch.sigmoid(loc + scale * u), shift)
+
+
 def sample_train_times(n: int, shift: float = 1.0, generator: Optional[torch.Generator] = None,
                        loc: float = 0.0, scale: float = 1.0, device=None) -> torch.Tensor:
-    """Training times: logit-normal(loc, scale) (SD3, RAE) then shifted; shape [n], values in (0, 1)."""
+    """`train_times` of n draws from `generator`; shape [n]."""
     device = device if device is not None else (generator.device if generator is not None else "cpu")
-    u = torch.randn(n, generator=generator, device=device)
-    return time_shift(torch.sigmoid(loc + scale * u), shift)
+    return train_times(torch.randn(n, generator=generator, device=device), shift, loc, scale)
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,32 +1,37 @@
 """`FusionDiffuser`: the paper's Transfusion-style generator (docs/PAPER.md §5) on a Qwen2/Llama LM.
 
 Sequences: T2I [text (causal) ; noisy latent (bidirectional)]; editing [clean source latent ;
-instruction ; noisy latent]. Image tokens enter the LM's residual stream as
+instruction ; noisy latent], the paper's order: the instruction is causal and sees the source, the
+source sees only itself, the target sees everything. Image tokens enter the LM's residual stream as
     target: x_embedder(x_t) + 2-D sin-cos PE + t_emb + segment[1]
     source: source_embedder(x_src) + 2-D sin-cos PE + segment[0]   (clean, so no timestep)
-RoPE positions: text 0..n-1 over its n real tokens; every source token shares position n and every
-target token n+1 (one position per image, as in Bagel): the 2-D PE carries the layout, RoPE only
-the order "text, source, target". The text never attends to images (`fusion_backbone`), so a prompt
-is encoded once and reused at every step. The backbone output at the target tokens drives the wide
-DDT head (`fusion_heads`), which predicts the velocity; the loss covers target tokens only, since
-nothing else is predicted.
+Source and text form the prefix, which never attends to the target: it is encoded once per prompt
+or edit (`encode_prefix` -> `PrefixCache`) and reused at every step. RoPE positions are in
+`fusion_backbone`. The backbone output at the target tokens drives the wide DDT head
+(`fusion_heads`), which predicts the velocity; the loss covers target tokens only, since nothing
+else is predicted.
 
-Null conditioning for classifier-free guidance: null text = zero text tokens (`null_text`, or
-`TextCache.drop` for rows of a batch); a dropped source = its keys hidden from the target
-(`source_keep=False`), the same as passing no source.
+Null conditioning for classifier-free guidance: null text = no text keys (`null_text`, zero tokens,
+or `PrefixCache.drop` for rows of a batch); a dropped source (`source_keep=False`) is hidden from
+the instruction and the target, so the instruction is encoded as if there were no source.
+`PrefixCache.null()` hides both (the unconditional branch).
+
+Edit checkpoints trained before the prefix order changed (instruction first, blind to the source)
+load with the same weights but were trained on another sequence: retrain or fine-tune them
+(docs/TRAINER_GENERATOR.md).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import flow
 from .config import _Serialisable
-from .fusion_backbone import SUPPORTED_MODEL_TYPES, LMBackbone, TextCache
+from .fusion_backbone import SUPPORTED_MODEL_TYPES, LMBackbone, PrefixCache
 from .fusion_heads import DDTHead, LinearHead, TimestepEmbedder, sincos_2d
 from .tokenizer_state import tokenizer_from_state, tokenizer_to_state
 
@@ -197,104 +202,113 @@ class FusionDiffuser(nn.Module):
         device = self.x_embedder.weight.device
         return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
-    def encode_text(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> TextCache:
-        """The causal text prefix, computed once per prompt (per-layer K/V for the image tokens)."""
-        return self.backbone.encode_text(token_ids, attention_mask)
+    def encode_prefix(self, text, source: Optional[torch.Tensor] = None,
+                      source_keep: Optional[torch.Tensor] = None) -> PrefixCache:
+        """The prefix [source ; text], computed once per prompt or edit (per-layer K/V for the target).
 
-    def encode_prompts(self, prompts: Sequence[str]) -> TextCache:
-        return self.encode_text(*self.tokenize(prompts))
+        text: token ids [B, L], (ids, attention mask) or a list of prompts.
+        source: clean (normalised) source latents [B, C, h, w] for editing; source_keep [B] bool
+            drops it per row. A batch of one text or one source is broadcast to the other's batch.
+        """
+        if isinstance(text, (tuple, list)) and text and all(isinstance(p, str) for p in text):
+            text = self.tokenize(text)
+        if isinstance(text, torch.Tensor):
+            text = (text, None)
+        if not (isinstance(text, (tuple, list)) and len(text) == 2 and isinstance(text[0], torch.Tensor)):
+            raise TypeError("text must be a PrefixCache, token ids, (token ids, attention mask) or a list of prompts")
+        ids, mask = text
+        device = self.x_embedder.weight.device
+        ids = ids.to(device)
+        mask = torch.ones_like(ids) if mask is None else mask.to(device)
+        if source is None:
+            return self.backbone.encode_prefix(ids, mask)
+        B = max(ids.shape[0], source.shape[0])
+        ids, mask = ids.expand(B, -1), mask.expand(B, -1)
+        dtype, dim = self.x_embedder.weight.dtype, self.backbone.hidden_size
+        hs, ws = source.shape[-2:]
+        src = self.source_embedder(_tokens(source.to(device).expand(B, -1, -1, -1)).to(dtype))
+        src = src + sincos_2d(hs, ws, dim, device).to(dtype) + self.segment[0]
+        return self.backbone.encode_prefix(ids, mask, src, source_keep)
 
-    def null_text(self, batch_size: int = 1) -> TextCache:
+    def encode_text(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> PrefixCache:
+        """The T2I prefix: the causal text alone."""
+        return self.encode_prefix((token_ids, attention_mask))
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PrefixCache:
+        return self.encode_prefix(list(prompts))
+
+    def null_text(self, batch_size: int = 1) -> PrefixCache:
         """The unconditional text: no tokens at all."""
         device = self.x_embedder.weight.device
         return self.encode_text(torch.zeros(batch_size, 0, dtype=torch.long, device=device))
-
-    def _as_cache(self, text) -> TextCache:
-        if isinstance(text, TextCache):
-            return text
-        if isinstance(text, torch.Tensor):
-            return self.encode_text(text)
-        if isinstance(text, (tuple, list)) and len(text) == 2 and isinstance(text[0], torch.Tensor):
-            return self.encode_text(*text)
-        if isinstance(text, (tuple, list)) and all(isinstance(p, str) for p in text):
-            return self.encode_prompts(text)
-        raise TypeError("text must be a TextCache, token ids, (token ids, attention mask) or a list of prompts")
 
     # ---------------------------------------------------------------------------- images
     def forward(self, x_t: torch.Tensor, t, text, source: Optional[torch.Tensor] = None,
                 source_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Velocity [B, C, h, w] for noisy latents x_t at times t (scalar or [B]).
 
-        text: a TextCache (reused across steps), token ids, (ids, mask) or prompts.
-        source: clean source latent [B, C, h', w'] for editing; source_keep [B] bool drops it per row.
+        text: a PrefixCache (reused across steps; it holds the source already), or what
+        `encode_prefix` takes together with `source` / `source_keep`.
         """
         B, C, h, w = x_t.shape
         dtype, device = self.x_embedder.weight.dtype, self.x_embedder.weight.device
-        cache = self._as_cache(text).expand(B)
+        if isinstance(text, PrefixCache):
+            if source is not None:
+                raise ValueError("this PrefixCache was encoded already (with its source, if any); "
+                                 "pass the source to encode_prefix, not to forward")
+            prefix = text
+        else:
+            prefix = self.encode_prefix(text, source, source_keep)
+        prefix = prefix.expand(B)
         t = torch.as_tensor(t, device=device, dtype=torch.float32).expand(B)
         t_emb = self.t_embedder(t)
         dim = self.backbone.hidden_size
-        after_text = cache.lengths.to(device)[:, None]
-
         x_tokens = _tokens(x_t).to(dtype)
         tokens = self.x_embedder(x_tokens) + sincos_2d(h, w, dim, device).to(dtype) + t_emb[:, None] + self.segment[1]
-        positions = (after_text + 1).expand(B, h * w)
-        image_mask = None
-        if source is not None:
-            hs, ws = source.shape[-2:]
-            src = self.source_embedder(_tokens(source.expand(B, -1, -1, -1)).to(dtype))
-            src = src + sincos_2d(hs, ws, dim, device).to(dtype) + self.segment[0]
-            tokens = torch.cat([src, tokens], 1)
-            positions = torch.cat([after_text.expand(B, hs * ws), positions], 1)
-            if source_keep is not None:
-                keep = source_keep.to(device, torch.bool)[:, None].expand(B, hs * ws)
-                image_mask = torch.cat([keep, torch.ones(B, h * w, dtype=torch.bool, device=device)], 1)
-
-        s = self.backbone.forward_images(tokens, positions, cache, image_mask)[:, -h * w:]
+        s = self.backbone.forward_images(tokens, prefix)
         v = self.head(s, x_tokens, t_emb, (h, w))
         return v.transpose(1, 2).reshape(B, C, h, w).to(x_t.dtype)
 
     def training_loss(self, x0: torch.Tensor, text, source: Optional[torch.Tensor] = None,
-                      source_keep: Optional[torch.Tensor] = None, shift: Optional[float] = None,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Flow-matching velocity loss on the target latents (docs/PAPER.md §5.2); shift defaults to
-        sqrt(C/16) of this latent (2.449 for 96 channels)."""
-        shift = flow.shift_for_latent(self.config.latent_channels) if shift is None else shift
-        t = flow.sample_train_times(x0.shape[0], shift, generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        pred = self(flow.interpolate(x0, noise, t), t, text, source, source_keep)
+                      source_keep: Optional[torch.Tensor] = None, *, t: Optional[torch.Tensor] = None,
+                      noise: Optional[torch.Tensor] = None, shift: Optional[float] = None,
+                      generator: Optional[torch.Generator] = None,
+                      wrapped: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+        """Flow-matching velocity loss on the target latents (docs/PAPER.md §5.2).
+
+        t, noise: the times [B] and noise (like x0) to use; each one not given is drawn from
+            `generator` (t: logit-normal, shifted by `shift`, default sqrt(C/16): 2.449 for 96
+            channels). The trainer passes both, drawn from its counter-seeded streams.
+        wrapped: the module to call for the forward, when this model is wrapped (DDP): the
+            wrapper's forward is what synchronises gradients.
+        """
+        if t is None:
+            shift = flow.shift_for_latent(self.config.latent_channels) if shift is None else shift
+            t = flow.sample_train_times(x0.shape[0], shift, generator=generator, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        forward = wrapped if wrapped is not None else self
+        pred = forward(flow.interpolate(x0, noise, t), t, text, source, source_keep)
         return flow.flow_loss(pred, x0, noise)
 
-    def velocity_fn(self, text: TextCache, source: Optional[torch.Tensor] = None,
-                    null_text: Optional[TextCache] = None) -> flow.VelocityFn:
+    def velocity_fn(self, prefix: PrefixCache) -> flow.VelocityFn:
         """The `flow.euler_sample` velocity function: every branch a step asks for ("cond": text and
-        source, "image": source only, "uncond": neither) goes through one batched forward."""
-        null = null_text if null_text is not None else self.null_text(1)
+        source, "image": source only, "uncond": neither) is a view of the one cached prefix (keys
+        hidden), and all go through one batched forward."""
 
         def fn(x, t, branches):
             B, n = x.shape[0], len(branches)
-            cache = TextCache.cat([(text if b == flow.COND else null).expand(B) for b in branches])
-            src, keep = None, None
-            if source is not None:
-                src = source.expand(B, -1, -1, -1).repeat(n, 1, 1, 1)
-                keep = torch.tensor([b != flow.UNCOND for b in branches], device=x.device).repeat_interleave(B)
-            v = self(x.repeat(n, 1, 1, 1), t.repeat(n), cache, src, keep)
+            p = prefix.expand(B)
+            views = {flow.COND: lambda: p, flow.IMAGE: lambda: p.drop(torch.ones(B, dtype=torch.bool)),
+                     flow.UNCOND: p.null}
+            cache = views[branches[0]]() if n == 1 else PrefixCache.cat([views[b]() for b in branches])
+            v = self(x.repeat(n, 1, 1, 1), t.repeat(n), cache)
             return v.chunk(n)
 
         return fn
 
-    @torch.no_grad()
-    def sample(self, text, source: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
-               size: Optional[tuple] = None, seed=0, steps: int = flow.DEFAULT_STEPS,
-               shift: float = flow.DEFAULT_SHIFT, guidance: float = flow.DEFAULT_GUIDANCE,
-               image_guidance: Optional[float] = None, cfg_interval: Optional[tuple] = None,
-               callback: Optional[flow.Callback] = None) -> torch.Tensor:
-        """Latents [B, C, h, w] for prompts/ids/cache `text` (and a source to edit), same for a seed."""
-        cache = self._as_cache(text)
-        B = batch_size or max(cache.batch_size, 1 if source is None else source.shape[0])
-        h, w = size or (source.shape[-2:] if source is not None else self.config.latent_size)
-        weight = self.x_embedder.weight
-        noise = flow.make_noise((B, self.config.latent_channels, h, w), seed, weight.device, weight.dtype)
-        return flow.euler_sample(self.velocity_fn(cache, source), noise, steps=steps, shift=shift, guidance=guidance,
-                                 image_guidance=image_guidance, cfg_interval=cfg_interval, callback=callback)
+    def sample(self, text, source: Optional[torch.Tensor] = None, **settings) -> torch.Tensor:
+        """Normalised latents: `psvae_core.generation.generate(self, text, source, **settings)`."""
+        from .generation import generate
 
+        return generate(self, text, source, **settings)

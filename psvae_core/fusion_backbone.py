@@ -1,15 +1,22 @@
 """A Hugging Face Qwen2 / Llama-family decoder run as a Transfusion backbone (docs/PAPER.md §5.1).
 
-The sequence is [text ; image tokens]. Text is causal among itself and never attends to images;
-image tokens (the editing source and the noisy target) attend to every text token and to each other
-bidirectionally. Because the text never sees the images, its per-layer keys/values are computed once
-per prompt (`encode_text` -> `TextCache`) and reused at every sampling step: image queries attend to
-[cached text K/V ; their own K/V] with plain SDPA, so no dense mask is built (only a key-padding
-mask when some text is padding or dropped).
+The sequence is [prefix ; noisy target], the prefix being [clean source image ; text] for editing
+and [text] for T2I. Source tokens attend to each other (bidirectional); text tokens are causal among
+themselves and see every source token; the noisy target tokens see the whole prefix and each other
+(bidirectional). Nothing in the prefix attends to the target, so its per-layer keys/values are
+computed once per prompt or edit (`encode_prefix` -> `PrefixCache`) and reused at every sampling
+step: target queries attend to [cached prefix K/V ; their own K/V] with plain SDPA, so no dense mask
+is built at a step (only a key-padding mask when some prefix key is padding or dropped).
+
+RoPE positions: every source token shares position 0, the text counts its real tokens from there
+(0..n-1 without a source, 1..n with one), and every target token sits two positions after the last
+text token (n+1, resp. n+2), the distance T2I has always used, so an edit model initialised from a
+T2I one keeps its text-to-target geometry. The 2-D sin-cos PE carries the image layout.
 
 The layer forward is written here from the LM's own modules (norms, q/k/v/o projections, MLP,
 rotary embedding), not by calling the HF decoder layer, whose call signature changes between
-transformers versions. Text-only hidden states equal the LM's own outputs (tests/test_fusion.py).
+transformers versions. Text-only hidden states equal the LM's own outputs, and the cached path
+equals the LM's forward over the full sequence with the dense mask (tests/test_fusion.py).
 """
 from __future__ import annotations
 
@@ -41,44 +48,66 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 @dataclass
-class TextCache:
-    """A text prefix encoded once: per-layer keys/values (RoPE applied) for the image queries.
+class PrefixCache:
+    """The conditioning prefix [source ; text] encoded once: per-layer keys/values (RoPE applied)
+    for the target queries.
 
-    keys, values: one [B, kv_heads, L, head_dim] tensor per layer.
-    mask: [B, L] bool, True for real tokens (False: padding, or the text of a dropped prompt).
-    hidden: [B, L, hidden] the LM's final (normed) hidden states, i.e. `last_hidden_state`.
-    Text positions are 0..n-1 over the real tokens, n = `lengths`.
+    keys, values: one [B, kv_heads, P, head_dim] tensor per layer, P = source_tokens + text length.
+    mask: [B, P] bool, the keys the target sees (False: text padding, dropped text or source).
+    hidden: [B, P, hidden] the LM's final (normed) hidden states of the prefix; its text part
+        (`text_hidden`) is the LM's `last_hidden_state` when there is no source.
+    source_tokens: how many leading entries are source-image tokens (0 for T2I).
     """
 
     keys: tuple
     values: tuple
     mask: torch.Tensor
     hidden: torch.Tensor
+    source_tokens: int = 0
 
     @property
     def batch_size(self) -> int:
         return self.mask.shape[0]
 
     @property
-    def lengths(self) -> torch.Tensor:
-        return self.mask.sum(-1)
+    def text_hidden(self) -> torch.Tensor:
+        return self.hidden[:, self.source_tokens:]
 
-    def expand(self, batch_size: int) -> "TextCache":
-        """One prompt for a whole batch (a cache of batch 1 broadcast to `batch_size`)."""
+    @property
+    def target_position(self) -> torch.Tensor:
+        """[B] RoPE position of the target tokens: two after the last real (kept) text token.
+        Dropped text counts as no text, as for the null prompt; a dropped source keeps its slot."""
+        text = self.mask[:, self.source_tokens:].sum(-1)
+        return text + (1 if self.source_tokens else 0) + 1
+
+    def expand(self, batch_size: int) -> "PrefixCache":
+        """One prefix for a whole batch (a cache of batch 1 broadcast to `batch_size`)."""
         if self.batch_size == batch_size:
             return self
         if self.batch_size != 1:
-            raise ValueError(f"text batch {self.batch_size} does not match image batch {batch_size}")
+            raise ValueError(f"prefix batch {self.batch_size} does not match image batch {batch_size}")
         grow = lambda x: x.expand(batch_size, *x.shape[1:])  # noqa: E731
-        return TextCache(tuple(map(grow, self.keys)), tuple(map(grow, self.values)), grow(self.mask), grow(self.hidden))
+        return replace(self, keys=tuple(map(grow, self.keys)), values=tuple(map(grow, self.values)),
+                       mask=grow(self.mask), hidden=grow(self.hidden))
 
-    def drop(self, rows: torch.Tensor) -> "TextCache":
-        """Null text for the rows where `rows` is True (classifier-free-guidance dropout)."""
-        return replace(self, mask=self.mask & ~rows.to(self.mask.device, torch.bool)[:, None])
+    def drop(self, rows: torch.Tensor) -> "PrefixCache":
+        """Null text for the rows where `rows` is True (classifier-free guidance): the text keys are
+        hidden from the target. The source stays: text never changes a source token."""
+        rows = rows.to(self.mask.device, torch.bool)[:, None]
+        text = torch.zeros_like(self.mask)
+        text[:, self.source_tokens:] = True
+        return replace(self, mask=self.mask & ~(rows & text))
+
+    def null(self) -> "PrefixCache":
+        """No text and no source: every prefix key hidden (the unconditional guidance branch)."""
+        return replace(self, mask=torch.zeros_like(self.mask))
 
     @staticmethod
-    def cat(caches: Sequence["TextCache"]) -> "TextCache":
+    def cat(caches: Sequence["PrefixCache"]) -> "PrefixCache":
         """Stack caches along the batch, right-padding shorter texts with masked keys."""
+        source = {c.source_tokens for c in caches}
+        if len(source) != 1:
+            raise ValueError(f"cannot batch prefixes with different source sizes {sorted(source)}")
         length = max(c.mask.shape[1] for c in caches)
 
         def pad(x, dim):
@@ -86,11 +115,12 @@ class TextCache:
             return F.pad(x, widths)
 
         layers = len(caches[0].keys)
-        return TextCache(
+        return PrefixCache(
             keys=tuple(torch.cat([pad(c.keys[i], 2) for c in caches]) for i in range(layers)),
             values=tuple(torch.cat([pad(c.values[i], 2) for c in caches]) for i in range(layers)),
             mask=torch.cat([pad(c.mask, 1) for c in caches]),
             hidden=torch.cat([pad(c.hidden, 1) for c in caches]),
+            source_tokens=source.pop(),
         )
 
 
@@ -127,42 +157,58 @@ class LMBackbone(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=self.num_kv_heads != self.num_heads)
 
-    def encode_text(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> TextCache:
-        """Run the causal text prefix once. Padding may be on either side: positions count real
-        tokens only, and padded keys are masked."""
+    def encode_prefix(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      source: Optional[torch.Tensor] = None,
+                      source_keep: Optional[torch.Tensor] = None) -> PrefixCache:
+        """Run the prefix [source ; text] once. Text padding may be on either side: positions count
+        real tokens only, and padded keys are masked. `source`: embedded source-image tokens
+        [B, S, hidden]; `source_keep` [B] bool hides the source of a row from its text and from the
+        target (a dropped source: the text is then encoded as without one)."""
         B, L = token_ids.shape
         mask = torch.ones_like(token_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         x = self.lm.embed_tokens(token_ids)
-        if L == 0:
+        S = 0 if source is None else source.shape[1]
+        device = x.device
+        keep = torch.ones(B, dtype=torch.bool, device=device) if source_keep is None else source_keep.to(device, torch.bool)
+        key_mask = torch.cat([keep[:, None].expand(B, S), mask], 1)
+        if S + L == 0:
             empty = x.new_zeros(B, self.num_kv_heads, 0, self.head_dim)
-            return TextCache((empty,) * len(self.lm.layers), (empty,) * len(self.lm.layers), mask, x)
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+            return PrefixCache((empty,) * len(self.lm.layers), (empty,) * len(self.lm.layers), key_mask, x)
+        offset = 1 if S else 0
+        text_pos = (mask.long().cumsum(-1) - 1).clamp_min(0) + offset
+        positions = torch.cat([text_pos.new_zeros(B, S), text_pos], 1)
+        if S:
+            x = torch.cat([source.to(x.dtype), x], 1)
         cos, sin = self.lm.rotary_emb(x, positions)
         dense = None
-        if not bool(mask.all()):  # causal AND real key; the diagonal keeps all-padding rows finite
-            eye = torch.eye(L, dtype=torch.bool, device=x.device)
-            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-            dense = ((causal & mask[:, None, :]) | eye)[:, None]
+        if S or not bool(mask.all()):
+            # source <-> source; text -> kept source; text -> earlier real text; the diagonal keeps
+            # all-padding rows finite.
+            P = S + L
+            allowed = torch.zeros(B, P, P, dtype=torch.bool, device=device)
+            allowed[:, :S, :S] = True
+            allowed[:, S:, :S] = keep[:, None, None]
+            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            allowed[:, S:, S:] = causal & mask[:, None, :]
+            dense = (allowed | torch.eye(P, dtype=torch.bool, device=device))[:, None]
         keys, values = [], []
         for layer in self.lm.layers:
             q, k, v = self._qkv(layer, x, cos, sin)
             keys.append(k)
             values.append(v)
             x = self._finish(layer, x, self._attend(layer, q, k, v, dense, dense is None))
-        return TextCache(tuple(keys), tuple(values), mask, self.lm.norm(x))
+        return PrefixCache(tuple(keys), tuple(values), key_mask, self.lm.norm(x), S)
 
-    def forward_images(self, x: torch.Tensor, positions: torch.Tensor, text: TextCache,
-                       image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Image tokens [B, N, hidden] at RoPE `positions` [B, N] through every layer, attending to the
-        cached text and to all image tokens; `image_mask` [B, N] hides image keys (a dropped source).
-        Returns the final normed hidden states [B, N, hidden]."""
+    def forward_images(self, x: torch.Tensor, prefix: PrefixCache) -> torch.Tensor:
+        """Target tokens [B, N, hidden] through every layer, attending to the cached prefix and to
+        each other, all at `prefix.target_position`. Returns the final normed hidden states."""
         B, N, _ = x.shape
-        keep = torch.cat([text.mask.to(x.device),
-                          torch.ones(B, N, dtype=torch.bool, device=x.device) if image_mask is None else image_mask], 1)
+        keep = torch.cat([prefix.mask.to(x.device), torch.ones(B, N, dtype=torch.bool, device=x.device)], 1)
         mask = None if bool(keep.all()) else keep[:, None, None, :]  # key padding only, broadcast over queries
+        positions = prefix.target_position.to(x.device)[:, None].expand(B, N)
         cos, sin = self.lm.rotary_emb(x, positions)
-        for layer, text_k, text_v in zip(self.lm.layers, text.keys, text.values):
+        for layer, prefix_k, prefix_v in zip(self.lm.layers, prefix.keys, prefix.values):
             q, k, v = self._qkv(layer, x, cos, sin)
-            k, v = torch.cat([text_k, k], 2), torch.cat([text_v, v], 2)
+            k, v = torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)
             x = self._finish(layer, x, self._attend(layer, q, k, v, mask, False))
         return self.lm.norm(x)

@@ -188,6 +188,7 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     import comfy.utils
     from psvae_pack.nodes import generator as gen_mod
     from psvae_pack.nodes import runtime, sampling
+    from psvae_pack.psvae_core import generation
     from psvae_pack.psvae_core.autoencoder import PSVAE
     from psvae_pack.psvae_core.config import PRESETS
     from psvae_pack.psvae_core.fusion import PRESETS as GEN_PRESETS
@@ -222,6 +223,9 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     alone = sampling.run(gen, vae, "a red fox", "prompt", sampling.Settings(8, 4, 3.0, 6.5), 1, None, "T2I")
     assert torch.allclose(alone["samples"][0], out["samples"][1], atol=1e-4), "row 1 of seed 7 != seed 8 alone"
     assert torch.allclose(vae.normalize(vae.denormalize(out["samples"])), out["samples"], atol=1e-5)
+    ids, mask = sampling.tokenize(gen, "a red fox", "prompt", "T2I")
+    library = generation.generate(gen.model, (ids, mask), seed=7, batch_size=2, steps=4, shift=3.0, guidance=6.5)
+    assert torch.allclose(out["samples"], vae.denormalize(library), atol=1e-6), "the node and the library differ"
     print("seeds ok")
     for text, needle in (("a " * 600, "600 tokens long"), ("  ", "prompt is empty")):
         try:
@@ -283,6 +287,10 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
                                                 tokenizer=tiny_tokenizer()), "bf", torch.bfloat16, cpu, cpu, {})
     lat = sampling.run(bf, vae, "a cat", "prompt", sampling.Settings(0, 2, 3.0, 1.0), 1, None, "T2I")["samples"]
     assert lat.dtype == torch.float32 and torch.isfinite(lat).all()
+    # The Euler state stays float32 under bf16 weights: the library's float32 path, to float rounding.
+    ids, mask = sampling.tokenize(bf, "a cat", "prompt", "T2I")
+    library = vae.denormalize(generation.generate(bf.model, (ids, mask), seed=0, steps=2, shift=3.0, guidance=1.0))
+    assert torch.allclose(lat, library, atol=1e-6), f"bf16 node state: {(lat - library).abs().max()}"
     assert gen.memory_required(4, 20, 512, 3) > gen.memory_required(1, 20, 256, 2) > 0
     print("generator dtypes ok")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from psvae_core import flow
+from psvae_core import flow, generation
 from psvae_core.fusion import PRESETS, FusionConfig, FusionDiffuser
 from psvae_core.fusion_heads import DDTHead, LinearHead
 from psvae_core.tokenizer_state import tokenizer_from_state, tokenizer_to_state
@@ -126,39 +126,88 @@ def test_a_loaded_lm_round_trips_through_a_checkpoint(lm_dir, tmp_path):
     torch.testing.assert_close(awake(loaded)(x, 0.5, ids), awake(model)(x, 0.5, ids), atol=0, rtol=0)
 
 
+def _paper_mask(mask, S, N):
+    """The dense mask of [source (S) ; text (mask) ; target (N)]: source bidirectional among itself,
+    text causal over real tokens and seeing the source, target seeing everything real."""
+    B, L = mask.shape
+    P = S + L
+    allowed = torch.zeros(B, P + N, P + N, dtype=torch.bool)
+    allowed[:, :S, :S] = True
+    allowed[:, S:P, :S] = True
+    allowed[:, S:P, S:P] = torch.ones(L, L, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+    allowed[:, P:, :S] = True
+    allowed[:, P:, S:P] = mask.bool()[:, None, :]
+    allowed[:, P:, P:] = True
+    allowed |= torch.eye(P + N, dtype=torch.bool)
+    return torch.zeros(B, 1, P + N, P + N).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+
+
+def _paper_positions(mask, S, N):
+    """Source tokens at 0, text counting real tokens after it, the target two past the last text token."""
+    B = mask.shape[0]
+    offset = 1 if S else 0
+    text = (mask.cumsum(-1) - 1).clamp_min(0) + offset
+    target = mask.sum(-1) + offset + 1
+    return torch.cat([torch.zeros(B, S, dtype=torch.long), text, target[:, None].expand(B, N)], 1)
+
+
+@pytest.mark.parametrize("source_tokens", [0, 3])
 @torch.no_grad()
-def test_image_tokens_see_everything_and_text_sees_no_image(lm_dir):
-    """Reference: the LM's own forward over the whole sequence [text ; images] with the dense
-    Transfusion mask (text causal, images bidirectional over everything)."""
+def test_the_cached_prefix_equals_the_lm_over_the_full_sequence(lm_dir, source_tokens):
+    """Reference: the LM's own forward over the whole sequence [source ; text ; target] with the
+    dense mask of the paper's layout. The prefix is computed once; the target reuses its K/V."""
     model = FusionDiffuser.from_pretrained_lm(lm_dir, load_tokenizer=False, latent_channels=8,
                                               head_width=64, head_heads=4, head_depth=1)
     ref, backbone = _reference(lm_dir), model.backbone
     ids, mask = _padded_batch()
-    B, L, N = ids.shape[0], ids.shape[1], 6
-    images = torch.randn(B, N, 64, generator=torch.Generator().manual_seed(4))
-    lengths = mask.sum(-1)
-    image_pos = torch.cat([lengths[:, None].expand(B, 3), (lengths + 1)[:, None].expand(B, 3)], 1)
-    cache = backbone.encode_text(ids, mask)
-    ours = backbone.forward_images(images, image_pos, cache)
+    B, L, S, N = ids.shape[0], ids.shape[1], source_tokens, 4
+    g = torch.Generator().manual_seed(4)
+    source, target = torch.randn(B, S, 64, generator=g), torch.randn(B, N, 64, generator=g)
+    prefix = backbone.encode_prefix(ids, mask, source if S else None)
+    ours = backbone.forward_images(target, prefix)
 
-    allowed = torch.zeros(B, L + N, L + N, dtype=torch.bool)
-    allowed[:, :L, :L] = torch.ones(L, L, dtype=torch.bool).tril() & mask.bool()[:, None, :]
-    allowed[:, L:, :L] = mask.bool()[:, None, :]
-    allowed[:, L:, L:] = True
-    allowed |= torch.eye(L + N, dtype=torch.bool)
-    dense = torch.zeros(B, 1, L + N, L + N).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
-    positions = torch.cat([(mask.cumsum(-1) - 1).clamp_min(0), image_pos], 1)
+    dense, positions = _paper_mask(mask, S, N), _paper_positions(mask, S, N)
 
-    def joint(images):
-        embeds = torch.cat([ref.embed_tokens(ids), images], 1)
+    def joint(source, target):
+        embeds = torch.cat([source, ref.embed_tokens(ids), target], 1)
         return ref(inputs_embeds=embeds, attention_mask=dense, position_ids=positions).last_hidden_state
 
-    full = joint(images)
+    full = joint(source, target)
     real = mask.bool()
-    torch.testing.assert_close(ours, full[:, L:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache.hidden[real], full[:, :L][real], atol=1e-5, rtol=1e-5)
-    changed = joint(images + 1.0)  # changing image tokens never changes a text state
-    torch.testing.assert_close(changed[:, :L][real], full[:, :L][real], atol=0, rtol=0)
+    torch.testing.assert_close(ours, full[:, S + L:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prefix.text_hidden[real], full[:, S:S + L][real], atol=1e-5, rtol=1e-5)
+    changed = joint(source, target + 1.0)  # the target never changes a prefix state
+    torch.testing.assert_close(changed[:, :S + L], full[:, :S + L], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_the_instruction_sees_the_source_in_the_edit_velocity(lm_dir):
+    """The edit forward (velocity) equals the paper's layout computed by the LM in one pass:
+    [clean source ; instruction ; noisy target], the instruction causal and seeing the source."""
+    model = awake(FusionDiffuser.from_pretrained_lm(lm_dir, load_tokenizer=False, latent_channels=8,
+                                                    head_width=64, head_heads=4, head_depth=1))
+    ref = _reference(lm_dir)
+    ids, mask = _padded_batch()
+    B, L = ids.shape
+    g = torch.Generator().manual_seed(5)
+    x, src, t = torch.randn(B, 8, 4, 4, generator=g), torch.randn(B, 8, 4, 4, generator=g), torch.full((B,), 0.4)
+    ours = model(x, t, (ids, mask), source=src)
+
+    from psvae_core.fusion_heads import sincos_2d
+    pe = sincos_2d(4, 4, 64)
+    tokens = lambda z: z.flatten(2).transpose(1, 2)  # noqa: E731
+    t_emb = model.t_embedder(t)
+    source = model.source_embedder(tokens(src)) + pe + model.segment[0]
+    target = model.x_embedder(tokens(x)) + pe + t_emb[:, None] + model.segment[1]
+    embeds = torch.cat([source, ref.embed_tokens(ids), target], 1)
+    hidden = ref(inputs_embeds=embeds, attention_mask=_paper_mask(mask, 16, 16),
+                 position_ids=_paper_positions(mask, 16, 16)).last_hidden_state
+    v = model.head(hidden[:, 16 + L:], tokens(x), t_emb, (4, 4)).transpose(1, 2).reshape(B, 8, 4, 4)
+    torch.testing.assert_close(ours, v, atol=1e-5, rtol=1e-5)
+    # The instruction's own hidden states depend on the source (they did not when it came first).
+    a, b = model.encode_prefix((ids, mask), src), model.encode_prefix((ids, mask), src + 1.0)
+    real = mask.bool()
+    assert (a.text_hidden[real] - b.text_hidden[real]).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------ conditioning
@@ -206,12 +255,11 @@ def test_editing_source_conditions_the_output_and_can_be_dropped():
     model = awake(tiny())
     x, ids = torch.randn(2, 8, 4, 4), torch.randint(3, 20, (2, 4))
     src = torch.randn(2, 8, 4, 4)
-    cache = model.encode_text(ids)
-    with_src = model(x, 0.5, cache, source=src)
-    assert (model(x, 0.5, cache, source=src + 0.5) - with_src).abs().amax(dim=(1, 2, 3)).min() > 1e-4
-    no_src = model(x, 0.5, cache)
+    with_src = model(x, 0.5, ids, source=src)
+    assert (model(x, 0.5, ids, source=src + 0.5) - with_src).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    no_src = model(x, 0.5, ids)
     assert (with_src - no_src).abs().max() > 1e-4
-    dropped = model(x, 0.5, cache, source=src, source_keep=torch.tensor([False, True]))
+    dropped = model(x, 0.5, ids, source=src, source_keep=torch.tensor([False, True]))
     torch.testing.assert_close(dropped[0], no_src[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dropped[1], with_src[1], atol=1e-5, rtol=1e-5)
 
@@ -234,7 +282,7 @@ def test_sampling_with_the_cached_prefix_equals_recomputing_it():
 
     kwargs = dict(steps=6, guidance=4.0, image_guidance=1.5)
     cached = model.sample((ids, mask), source=src, seed=5, **kwargs)
-    noise = flow.make_noise(cached.shape, seed=5)
+    noise = generation.make_noise(cached.shape[1:], [5, 6])  # row i: seed + i
     reference = flow.euler_sample(uncached, noise, shift=flow.DEFAULT_SHIFT, **kwargs)
     torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.sample((ids, mask), source=src, seed=5, **kwargs), cached, atol=0, rtol=0)
@@ -348,8 +396,28 @@ def test_smollm2_loads_and_reproduces_the_lm(smollm2):
     own = smollm2.backbone.lm(input_ids=ids).last_hidden_state  # the HF model's own forward, same weights
     assert cache.hidden.shape == own.shape == (1, ids.shape[1], 576)
     torch.testing.assert_close(cache.hidden, own, atol=1e-5, rtol=1e-5)
-    v = smollm2(torch.randn(1, 8, 4, 4), 0.5, cache, source=torch.randn(1, 8, 4, 4))
+    v = smollm2(torch.randn(1, 8, 4, 4), 0.5, (ids, mask), source=torch.randn(1, 8, 4, 4))
     assert v.shape == (1, 8, 4, 4) and torch.isfinite(v).all()
     rebuilt = tokenizer_from_state(tokenizer_to_state(smollm2.tokenizer))
     text = ["a photo of a red cat on a blue sofa", "Édition: remove the dog 🐕"]
     assert rebuilt(text)["input_ids"] == smollm2.tokenizer(text)["input_ids"]
+
+
+# ------------------------------------------------------------------------------ seeds, precision
+@torch.no_grad()
+def test_row_i_of_a_batch_is_the_picture_of_seed_plus_i():
+    model = awake(tiny())
+    ids = torch.randint(3, 20, (1, 4))
+    pair = model.sample(ids, batch_size=2, seed=0, steps=3, guidance=2.0)
+    one = model.sample(ids, batch_size=1, seed=1, steps=3, guidance=2.0)
+    torch.testing.assert_close(pair[1:], one, atol=1e-6, rtol=1e-6)
+    explicit = generation.generate(model, ids, seed=[7, 1], steps=3, guidance=2.0)  # seeds per row
+    torch.testing.assert_close(explicit[1:], one, atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_the_euler_state_stays_float32_under_a_bf16_model():
+    model = awake(tiny()).to(torch.bfloat16)
+    ids, states = torch.randint(3, 20, (1, 4)), []
+    out = model.sample(ids, steps=3, guidance=2.0, callback=lambda i, n, x, x0: states.append(x.dtype))
+    assert out.dtype == torch.float32 and states == [torch.float32] * 3

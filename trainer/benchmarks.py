@@ -11,8 +11,8 @@ index), so a run is reproducible whatever the batch size, sharding or interrupti
 outputs already on disk are kept (after checking they were made with the same settings, which each
 PNG carries in a "psvae" text chunk). PNGs are written atomically.
 
-Sampling is the one sampler (`flow.euler_sample` through `FusionDiffuser.velocity_fn`), decoding is
-`PSVAE.decode` of denormalised latents, as in the ComfyUI nodes.
+Sampling and decoding are `psvae_core.generation.generate`, the path the ComfyUI nodes and the
+trainer's previews take.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from psvae_core import flow
+from psvae_core import flow, generation
 from psvae_core.autoencoder import PSVAE
 from psvae_core.checkpoint import read_header
 from psvae_core.fusion import FusionDiffuser
@@ -78,8 +78,8 @@ class SamplingSettings:
 class BenchmarkSampler:
     """A VAE + generator pair that turns (prompt, seed) or (source, instruction, seed) into images.
 
-    Each row's noise is drawn from its own seed (`flow.make_noise`), so an image does not depend on
-    which other rows share its batch (up to floating-point batching effects on the accelerator).
+    Each row's noise is drawn from its own seed (`generation.make_noise`), so an image does not depend
+    on which other rows share its batch (up to floating-point batching effects on the accelerator).
     """
 
     def __init__(self, vae: PSVAE, generator: FusionDiffuser, settings: SamplingSettings = SamplingSettings(),
@@ -104,40 +104,20 @@ class BenchmarkSampler:
     def device(self) -> torch.device:
         return self.generator.x_embedder.weight.device
 
-    def _noise(self, seeds: Sequence[int], size) -> torch.Tensor:
-        weight = self.generator.x_embedder.weight
-        shape = (1, self.generator.config.latent_channels, *size)
-        return torch.cat([flow.make_noise(shape, s, weight.device, weight.dtype) for s in seeds])
+    def _generate(self, text: Sequence[str], seeds: Sequence[int], source=None) -> torch.Tensor:
+        s = self.settings
+        self.batches += 1
+        return generation.generate(self.generator, list(text), source, seed=list(seeds), steps=s.steps, shift=s.shift,
+                                   guidance=s.cfg, image_guidance=s.image_cfg if source is not None else None,
+                                   vae=self.vae)
 
-    @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = self.vae.denormalize_latents(latents.float())
-        return self.vae.decode(z).clamp(0, 1)
-
-    @torch.no_grad()
     def text_to_image(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         """[B,3,H,W] in 0..1, one image per (prompt, seed)."""
-        s = self.settings
-        self.batches += 1
-        text = self.generator.encode_prompts(list(prompts))
-        noise = self._noise(seeds, self.generator.config.latent_size)
-        latents = flow.euler_sample(self.generator.velocity_fn(text), noise, steps=s.steps, shift=s.shift,
-                                    guidance=s.cfg)
-        return self._decode(latents)
+        return self._generate(prompts, seeds)
 
-    @torch.no_grad()
     def edit(self, sources: torch.Tensor, instructions: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         """Edits of `sources` [B,3,S,S] (0..1); dual guidance (text cfg, image_cfg) as in training."""
-        s = self.settings
-        self.batches += 1
-        vae_weight = next(self.vae.parameters())
-        source = self.vae.encode(sources.to(vae_weight.device, vae_weight.dtype)).mode()
-        source = self.vae.normalize_latents(source).to(self.device, self.generator.x_embedder.weight.dtype)
-        text = self.generator.encode_prompts(list(instructions))
-        noise = self._noise(seeds, source.shape[-2:])
-        latents = flow.euler_sample(self.generator.velocity_fn(text, source), noise, steps=s.steps, shift=s.shift,
-                                    guidance=s.cfg, image_guidance=s.image_cfg)
-        return self._decode(latents)
+        return self._generate(instructions, seeds, generation.encode_source(self.vae, sources))
 
     def run_settings(self, benchmark: str) -> dict:
         """What every output PNG of a run records, and what a resumed run must match."""

@@ -38,7 +38,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from torch.utils.data import Subset
 
-from psvae_core import flow
+from psvae_core import flow, generation
 from psvae_core.autoencoder import PSVAE
 from psvae_core.checkpoint import CheckpointError, read_metadata
 from psvae_core.fusion import PRESETS as GENERATOR_PRESETS
@@ -673,7 +673,7 @@ class _GeneratorStage(Stage):
     @torch.no_grad()
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         with self._precise():
-            return self.vae.decode(self.vae.denormalize_latents(z.float())).float().clamp(0, 1)
+            return generation.decode(self.vae, z)
 
     # --- training -----------------------------------------------------------------------------
     def build(self) -> list[Trainable]:
@@ -709,11 +709,10 @@ class _GeneratorStage(Stage):
         b = x0.shape[0]
         keep_text, keep_image = self._masks(b, step, micro)
         mask = batch["attention_mask"] * keep_text[:, None].to(batch["attention_mask"].dtype)  # null text = no keys
-        u = self._noise((b,), step, micro, "flow-time")
-        t = flow.time_shift(torch.sigmoid(L.logit_mean + L.logit_std * u), self.shift)
+        t = flow.train_times(self._noise((b,), step, micro, "flow-time"), self.shift, L.logit_mean, L.logit_std)
         noise = self._noise(tuple(x0.shape), step, micro, "flow-noise")
-        pred = models["generator"](flow.interpolate(x0, noise, t), t, (batch["input_ids"], mask), source, keep_image)
-        loss = flow.flow_loss(pred, x0, noise)
+        loss = models.raw("generator").training_loss(x0, (batch["input_ids"], mask), source, keep_image, t=t,
+                                                     noise=noise, wrapped=models["generator"])
         logs = {f"cfg/{k}": float(v) for k, v in self._drops.items()}
         return StepResult({"generator": {"flow": loss}}, logs)
 
@@ -730,7 +729,7 @@ class _GeneratorStage(Stage):
             us.append(torch.randn(1, generator=g))
             noises.append(torch.randn(x0.shape[1:], generator=g))
         u = torch.cat(us).to(x0.device)
-        t = flow.time_shift(torch.sigmoid(L.logit_mean + L.logit_std * u), self.shift)
+        t = flow.train_times(u, self.shift, L.logit_mean, L.logit_std)
         noise = torch.stack(noises).to(x0.device)
         pred = model(flow.interpolate(x0, noise, t), t, (batch["input_ids"], batch["attention_mask"]), source)
         per = ((pred.float() - flow.velocity_target(x0, noise).float()) ** 2).flatten(1).mean(1)
@@ -742,13 +741,13 @@ class _GeneratorStage(Stage):
         P = self.cfg.preview
         if self.task == "edit":
             source = self._latents(batch, "source")
-            z = model.sample(list(batch["text"]), source=source, steps=P.steps, shift=P.shift, guidance=P.guidance,
-                             image_guidance=P.image_guidance, seed=P.seed)
+            z = generation.generate(model, list(batch["text"]), source, steps=P.steps, shift=P.shift,
+                                    guidance=P.guidance, image_guidance=P.image_guidance, seed=P.seed)
             target = batch["image"].float() if "image" in batch else self._decode(self._latents(batch, "image"))
             shown = batch["source"].float() if "source" in batch else self._decode(source)
             return torch.cat([shown, self._decode(z), target])
         prompts = list(P.prompts) or list(batch["text"])
-        z = model.sample(prompts, steps=P.steps, shift=P.shift, guidance=P.guidance, seed=P.seed)
+        z = generation.generate(model, prompts, steps=P.steps, shift=P.shift, guidance=P.guidance, seed=P.seed)
         return self._decode(z)
 
     def vae_provenance(self) -> dict:

@@ -1,0 +1,98 @@
+"""Generation: prompt or edit -> latents -> images, the one path that the ComfyUI samplers, the
+trainer's previews and the benchmark outputs all call (README "Using the library", docs/PAPER.md §5.2).
+
+Pure functions around one denoise loop (`flow.euler_sample`):
+
+    seeds = row_seeds(seed, batch)            # row i uses seed + i
+    noise = make_noise(shape, seeds)          # float32, drawn on the CPU row by row
+    latents = generate(model, prompts, ...)   # the prefix once, then Euler steps in float32
+    images = decode(vae, latents)             # 0..1
+
+One seed rule: row i of a batch starts from `flow.make_noise` seeded with its own seed (seed + i
+when one seed is given, or the caller's list), drawn on the CPU, so a seed gives the same picture
+on every device and in every batch size (row i of a batch at seed s is the picture a batch of one
+makes at seed s + i). The Euler state stays float32 whatever the model's dtype: the model casts its
+inputs, and the steps accumulate in full precision.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from . import flow
+from .fusion_backbone import PrefixCache
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF  # seeds are unsigned 64-bit (ComfyUI's widget range); seed + i wraps
+
+Seeds = Union[int, Sequence[int]]
+
+
+def row_seeds(seed: Seeds, batch_size: int) -> list[int]:
+    """The noise seed of every row: seed + i for one seed (wrapping at 2**64), or the given list."""
+    if isinstance(seed, int):
+        return [(seed + i) % (SEED_MAX + 1) for i in range(batch_size)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch_size:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {batch_size}")
+    return seeds
+
+
+def make_noise(shape, seeds: Sequence[int], device=None) -> torch.Tensor:
+    """Starting noise [len(seeds), *shape] float32: row i from `flow.make_noise` at seeds[i]."""
+    return torch.cat([flow.make_noise((1, *shape), s, device) for s in seeds])
+
+
+@torch.no_grad()
+def generate(model, text, source: Optional[torch.Tensor] = None, *, seed: Seeds = 0,
+             batch_size: Optional[int] = None, size: Optional[tuple] = None, steps: int = flow.DEFAULT_STEPS,
+             shift: float = flow.DEFAULT_SHIFT, guidance: float = flow.DEFAULT_GUIDANCE,
+             image_guidance: Optional[float] = None, cfg_interval: Optional[tuple] = None,
+             callback: Optional[flow.Callback] = None, interrupt: Optional[Callable[[], None]] = None,
+             vae=None) -> torch.Tensor:
+    """Normalised latents [B, C, h, w] float32 (or, with `vae`, its decoded images [B, 3, H, W] 0..1).
+
+    model: a FusionDiffuser. text: prompts, token ids, (ids, mask) or a PrefixCache (for an edit
+        one encoded with its source). source: normalised source latents [B or 1, C, h, w] to edit.
+    seed: one seed (row i uses seed + i) or one per row. batch_size: default the text's or
+        source's batch, or the number of seeds. size: latent (h, w); default the source's, else
+        the model's.
+    guidance: text classifier-free guidance (1 = off); image_guidance: not None = dual guidance
+        (editing); cfg_interval: guidance only for t in [lo, hi] (flow.euler_sample).
+    callback(step, total, x, x0_estimate) after every step (progress, previews); interrupt() before
+        every step: raise there to stop (ComfyUI's cancel).
+    """
+    prefix = text if source is None and isinstance(text, PrefixCache) else model.encode_prefix(text, source)
+    if batch_size is None:
+        batch_size = len(seed) if not isinstance(seed, int) else prefix.batch_size
+    h, w = size or (source.shape[-2:] if source is not None else model.config.latent_size)
+    device = model.x_embedder.weight.device
+    noise = make_noise((model.config.latent_channels, h, w), row_seeds(seed, batch_size), device)
+    step_callback = callback
+    if interrupt is not None:
+        interrupt()
+
+        def step_callback(step, total, x, x0):
+            if callback is not None:
+                callback(step, total, x, x0)
+            if step < total:
+                interrupt()
+
+    latents = flow.euler_sample(model.velocity_fn(prefix), noise, steps=steps, shift=shift, guidance=guidance,
+                                image_guidance=image_guidance, cfg_interval=cfg_interval, callback=step_callback)
+    return latents if vae is None else decode(vae, latents)
+
+
+@torch.no_grad()
+def encode_source(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in 0..1 -> the normalised source latents an edit starts from (posterior mean)."""
+    weight = next(vae.parameters())
+    return vae.normalize_latents(vae.encode(images.to(weight.device, weight.dtype)).mode().float())
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents -> images [B, 3, H, W] float32 in 0..1 (`PSVAE.decode` of the raw latents)."""
+    weight = next(vae.parameters())
+    raw = vae.denormalize_latents(latents.float())
+    return vae.decode(raw.to(weight.device, weight.dtype)).float().clamp(0, 1)
