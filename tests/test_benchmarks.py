@@ -203,3 +203,15 @@ def test_cli_runs_and_prints_the_scorer_command(model_files, geneval_prompts, tm
     with pytest.raises(SystemExit):
         bm.main(args[:-2] + ["--seed", "6"])  # settings differ from the outputs there
     assert "other settings" in capsys.readouterr().err
+
+
+def test_benchmark_images_are_the_library_generation_of_their_seeds(sampler):
+    """The benchmark outputs are `generation.generate` with one seed per row, decoded by the VAE:
+    the same images a batch of one at that seed makes (the nodes' and previews' rule)."""
+    from psvae_core import generation
+
+    images = sampler.text_to_image(["a photo of a cat", "a red dog"], [11, 12])
+    alone = generation.generate(sampler.generator, ["a red dog"], seed=12, steps=2, vae=sampler.vae)
+    torch.testing.assert_close(images[1:], alone, atol=1e-5, rtol=0)
+    latents = generation.generate(sampler.generator, ["a photo of a cat"], seed=11, steps=2)
+    torch.testing.assert_close(images[:1], generation.decode(sampler.vae, latents), atol=1e-5, rtol=0)

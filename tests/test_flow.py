@@ -29,6 +29,10 @@ def test_train_times_are_logit_normal_then_shifted_and_seeded():
     assert plain.median().item() == pytest.approx(0.5, abs=0.02)
     assert shifted.median().item() == pytest.approx(0.75, abs=0.02)
     torch.testing.assert_close(shifted, flow.time_shift(plain, 3.0))
+    # The times are a pure function of the normal draws, which a caller (the trainer) may bring.
+    u = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(flow.train_times(u, 3.0), shifted)
+    torch.testing.assert_close(flow.train_times(u, 1.0, loc=0.5, scale=2.0), torch.sigmoid(0.5 + 2.0 * u))
 
 
 def test_path_endpoints_and_velocity_is_its_derivative():
