@@ -421,3 +421,24 @@ def test_the_euler_state_stays_float32_under_a_bf16_model():
     ids, states = torch.randint(3, 20, (1, 4)), []
     out = model.sample(ids, steps=3, guidance=2.0, callback=lambda i, n, x, x0: states.append(x.dtype))
     assert out.dtype == torch.float32 and states == [torch.float32] * 3
+
+
+# ------------------------------------------------------------------------------ public API
+def test_the_public_api_is_at_the_top_level_and_imported_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, psvae_core\n"
+            "light = not {'torch', 'transformers'} & set(sys.modules)\n"
+            "from psvae_core import generate, FusionDiffuser, CheckpointError\n"
+            "no_hf = 'transformers' not in sys.modules  # the generation path imports transformers lazily\n"
+            "from psvae_core import PSVAE, RepresentationEncoder, flow\n"
+            "from psvae_core.generation import generate as g\n"
+            "from psvae_core.checkpoint import CheckpointError as C\n"
+            "print(light, no_hf, g is generate, C is CheckpointError, 'generate' in dir(psvae_core))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["True"] * 5, out.stdout + out.stderr
+    import psvae_core
+    with pytest.raises(AttributeError, match="no attribute 'PSVEA'"):
+        psvae_core.PSVEA
