@@ -26,11 +26,10 @@ from typing import Optional
 import torch
 
 import comfy.model_management as mm
-import comfy.model_patcher
 
 from ..psvae_core import checkpoint
 from ..psvae_core.fusion import FusionDiffuser
-from . import runtime
+from .handles import ModelHandle, PSVAEHandle, choose_dtype
 
 log = logging.getLogger("PS-VAE")
 
@@ -57,20 +56,16 @@ def recorded_vae(provenance: dict) -> dict:
             "fingerprint": fingerprint if isinstance(fingerprint, str) else None, "latent_stats": stats}
 
 
-class GeneratorHandle:
-    """What the loader's `generator` output carries: a FusionDiffuser in a ModelPatcher, its dtype,
-    and what its file records about the VAE it was trained with."""
+class GeneratorHandle(ModelHandle):
+    """What the loader's `generator` output carries: a FusionDiffuser, and what its file records
+    about the VAE it was trained with."""
 
     def __init__(self, model: FusionDiffuser, name: str, dtype: torch.dtype, load_device, offload_device,
                  provenance: Optional[dict] = None):
-        self.model = model.to(dtype=dtype).eval().requires_grad_(False)
-        self.name = name
-        self.dtype = dtype
+        super().__init__(model, name, dtype, load_device, offload_device)
         self.config = model.config
         self.provenance = provenance or {}
         self.recorded_vae = recorded_vae(self.provenance)
-        self.patcher = comfy.model_patcher.ModelPatcher(self.model, load_device=load_device,
-                                                        offload_device=offload_device)
         self._checked: set = set()
 
     @property
@@ -83,19 +78,15 @@ class GeneratorHandle:
         return int(h), int(w)
 
     @property
-    def load_device(self) -> torch.device:
-        return self.patcher.load_device
-
-    @property
     def max_text_tokens(self) -> int:
-        return int(self.config.lm.get("max_position_embeddings", 2048)) - 2  # text, then one position per image
+        return int(self.config.lm.get("max_position_embeddings", 2048)) - 3  # the source's, a gap, the target's
 
     def memory_required(self, batch: int, text_tokens: int, image_tokens: int, branches: int) -> int:
         """Activation memory of one guided step (bytes, generous); the weights are counted by ComfyUI."""
         lm = self.config.lm
         hidden, inter = int(lm.get("hidden_size", 1024)), int(lm.get("intermediate_size", 4096))
         heads = int(lm.get("num_attention_heads", 16))
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = self.element_size()
         rows = batch * branches
         tokens = image_tokens + text_tokens
         per_row = (image_tokens * (hidden * 16 + inter * 4 + self.config.head_width * 12)
@@ -103,15 +94,10 @@ class GeneratorHandle:
         text = text_tokens * hidden * int(lm.get("num_hidden_layers", 24)) * 4 * elem  # cached K/V
         return int(1.25 * (rows * per_row + text)) + 64 * 1024 * 1024
 
-    def load(self, memory_required: int) -> torch.device:
-        # Fully loaded (a plain torch module, see runtime.PSVAEHandle.load).
-        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
-        return self.load_device
-
 
 # ----------------------------------------------------------------------------- compatibility
 
-def _stats_differ(recorded: dict, vae: runtime.PSVAEHandle) -> Optional[str]:
+def _stats_differ(recorded: dict, vae: PSVAEHandle) -> Optional[str]:
     mean, std = vae.latent_stats
     try:
         r_mean = torch.tensor([float(v) for v in recorded["mean"]])
@@ -129,7 +115,7 @@ def _stats_differ(recorded: dict, vae: runtime.PSVAEHandle) -> Optional[str]:
     return None
 
 
-def pair_problems(gen: GeneratorHandle, vae: runtime.PSVAEHandle) -> list[str]:
+def pair_problems(gen: GeneratorHandle, vae: PSVAEHandle) -> list[str]:
     """Why `gen` cannot sample in `vae`'s latent space, in words (empty when they belong together)."""
     problems = []
     if gen.latent_channels != vae.latent_channels:
@@ -161,7 +147,7 @@ def pair_problems(gen: GeneratorHandle, vae: runtime.PSVAEHandle) -> list[str]:
     return problems
 
 
-def check_pair(gen: GeneratorHandle, vae: runtime.PSVAEHandle, who: str) -> None:
+def check_pair(gen: GeneratorHandle, vae: PSVAEHandle, who: str) -> None:
     """Raise a ValueError in words when `gen` and `vae` do not belong together."""
     problems = pair_problems(gen, vae)
     if problems:
@@ -188,7 +174,7 @@ def auto_dtype(device) -> torch.dtype:
     return dtype
 
 
-def load_generator(path: str, name: str, vae_handle: runtime.PSVAEHandle, dtype_choice: str) -> GeneratorHandle:
+def load_generator(path: str, name: str, vae_handle: PSVAEHandle, dtype_choice: str) -> GeneratorHandle:
     who = "PS-VAE Loader (generator_name)"
     try:
         model = FusionDiffuser.from_file(path)
@@ -201,7 +187,7 @@ def load_generator(path: str, name: str, vae_handle: runtime.PSVAEHandle, dtype_
         raise ValueError(f"{who}: {name} carries no tokenizer, so prompts cannot be read; export the generator "
                          "with its tokenizer (FusionDiffuser.from_pretrained_lm keeps it)")
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
-    dtype = runtime.choose_dtype(dtype_choice, device, lambda: auto_dtype(device))
+    dtype = choose_dtype(dtype_choice, device, lambda: auto_dtype(device))
     handle = GeneratorHandle(model, name, dtype, device, offload, provenance)
     check_pair(handle, vae_handle, "PS-VAE Loader")
     return handle

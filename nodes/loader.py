@@ -14,7 +14,7 @@ from comfy_api.latest import io
 
 from ..psvae_core import checkpoint
 from ..psvae_core.autoencoder import PSVAE
-from . import model_files, runtime
+from . import handles, model_files
 from .generator import load_generator
 from .types import PSVAEGenerator, PSVAEVae
 
@@ -43,7 +43,7 @@ class PSVAELoader(io.ComfyNode):
                                tooltip=("The PS-VAE generator file (kind 'generator') used by the T2I and Edit "
                                         "samplers, or 'none' to load only the autoencoder. It must belong to the "
                                         "VAE above (checked). " + _WHERE)),
-                io.Combo.Input("dtype", options=runtime.DTYPE_CHOICES, default="auto", tooltip=(
+                io.Combo.Input("dtype", options=handles.DTYPE_CHOICES, default="auto", tooltip=(
                     "Weight/compute precision. 'auto' follows ComfyUI (bf16 where the GPU supports it, else "
                     "fp32; --fp16-vae / --bf16-vae / --fp32-vae and --fp16-unet / --bf16-unet override it). "
                     "fp16 is never used on the CPU.")),
@@ -92,8 +92,8 @@ class PSVAELoader(io.ComfyNode):
         device, offload = mm.vae_device(), mm.vae_offload_device()
         # auto: bf16 where the device runs it natively, else fp32 (fp16 only when forced: the conv
         # decoder can overflow in fp16).
-        vae_dtype = runtime.choose_dtype(dtype, device, lambda: mm.vae_dtype(device, [torch.bfloat16, torch.float32]))
-        handle = runtime.PSVAEHandle(vae, vae_name, vae_dtype, device, offload, path=path)
+        vae_dtype = handles.choose_dtype(dtype, device, lambda: mm.vae_dtype(device, [torch.bfloat16, torch.float32]))
+        handle = handles.PSVAEHandle(vae, vae_name, vae_dtype, device, offload, path=path)
         generator = None
         if generator_name != model_files.NONE:
             generator = load_generator(model_files.resolve(generator_name, "generator"), generator_name, handle, dtype)

@@ -21,6 +21,8 @@ from comfy.cli_args import args as comfy_args
 
 from ..psvae_core import flow, generation
 from . import runtime
+from .handles import PSVAEHandle
+from .latents import check_latent, make_latent
 from .generator import GeneratorHandle, check_pair
 
 SEED_MAX = generation.SEED_MAX
@@ -38,14 +40,14 @@ class Settings:
     cfg_interval: Optional[tuple[float, float]] = None
 
 
-def require_models(generator, vae, who: str) -> tuple[GeneratorHandle, runtime.PSVAEHandle]:
+def require_models(generator, vae, who: str) -> tuple[GeneratorHandle, PSVAEHandle]:
     if generator is None:
         raise ValueError(f"{who}: no generator: the PS-VAE Loader's generator_name is 'none'. Pick a generator "
                          "file there (kind 'generator', in ComfyUI/models/psvae).")
     if not isinstance(generator, GeneratorHandle):
         raise ValueError(f"{who}: the generator input is not a PS-VAE generator (got {type(generator).__name__}); "
                          "connect the 'generator' output of PS-VAE Loader")
-    if not isinstance(vae, runtime.PSVAEHandle):
+    if not isinstance(vae, PSVAEHandle):
         raise ValueError(f"{who}: the vae input is not a PS-VAE autoencoder (got {type(vae).__name__}); "
                          "connect the 'vae' output of PS-VAE Loader")
     check_pair(generator, vae, who)
@@ -97,7 +99,7 @@ def check_settings(s: Settings, batch: int, who: str) -> None:
                              f"(times run from 1 = noise to 0 = image), got {lo}..{hi}")
 
 
-def preview_image(vae: runtime.PSVAEHandle, x0: torch.Tensor) -> Image.Image:
+def preview_image(vae: PSVAEHandle, x0: torch.Tensor) -> Image.Image:
     """The first image's current clean estimate (normalised latents) as a picture at latent
     resolution: denormalised, then mapped to RGB by the VAE's stored latent -> RGB map. ComfyUI's
     server scales it (bilinear) to --preview-size before sending it."""
@@ -105,7 +107,7 @@ def preview_image(vae: runtime.PSVAEHandle, x0: torch.Tensor) -> Image.Image:
     return Image.fromarray((rgb[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy())
 
 
-def run(gen: GeneratorHandle, vae: runtime.PSVAEHandle, text: str, what: str, s: Settings, batch: int,
+def run(gen: GeneratorHandle, vae: PSVAEHandle, text: str, what: str, s: Settings, batch: int,
         source: Optional[torch.Tensor], who: str) -> dict:
     """Sample and return a LATENT dict of raw latents [batch,C,h,w] (float32, intermediate device).
     `source`: normalised source latents [batch,C,h,w] for editing, else None."""
@@ -132,12 +134,12 @@ def run(gen: GeneratorHandle, vae: runtime.PSVAEHandle, text: str, what: str, s:
         hint = " (fp16 overflowed: set the loader's dtype to bf16 or fp32)" if gen.dtype == torch.float16 else ""
         raise ValueError(f"{who}: the generator produced NaN/Inf values{hint}")
     raw = vae.denormalize(out).to(mm.intermediate_device())
-    return runtime.make_latent(vae, raw)
+    return make_latent(vae, raw)
 
 
 # -------------------------------------------------------------------------------------- editing
 
-def source_latents(gen: GeneratorHandle, vae: runtime.PSVAEHandle, source_image, source_latent,
+def source_latents(gen: GeneratorHandle, vae: PSVAEHandle, source_image, source_latent,
                    who: str) -> torch.Tensor:
     """Exactly one source -> normalised source latents [B,C,h,w] (float32, CPU/intermediate device).
 
@@ -163,7 +165,7 @@ def source_latents(gen: GeneratorHandle, vae: runtime.PSVAEHandle, source_image,
                               antialias=True).clamp(0, 1)
         raw = runtime.encode_images(vae, x.movedim(1, -1), "stretch")
     else:
-        raw = runtime.check_latent(vae, source_latent, who, "source_latent")
+        raw = check_latent(vae, source_latent, who, "source_latent")
     if tuple(raw.shape[-2:]) != (gh, gw):
         raise ValueError(f"{who}: the source latent is {raw.shape[-2]}x{raw.shape[-1]}, but the generator "
                          f"{gen.name} works on {gh}x{gw} latents; encode the source image with PS-VAE Encode "

@@ -1,9 +1,10 @@
-"""PSVAEEncode (IMAGE -> LATENT) and PSVAEDecode (LATENT -> IMAGE): thin shells over runtime.py."""
+"""PSVAEEncode (IMAGE -> LATENT) and PSVAEDecode (LATENT -> IMAGE): thin shells over runtime.py
+(the batched encode/decode) and latents.py (LATENT dicts)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import runtime
+from . import latents, runtime
 from .types import vae_input
 
 RESIZE_RULE = (
@@ -38,7 +39,7 @@ class PSVAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, vae, resize) -> io.NodeOutput:
-        return io.NodeOutput(runtime.make_latent(vae, runtime.encode_images(vae, image, resize)))
+        return io.NodeOutput(latents.make_latent(vae, runtime.encode_images(vae, image, resize)))
 
 
 class PSVAEDecode(io.ComfyNode):

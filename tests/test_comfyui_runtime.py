@@ -1,5 +1,6 @@
-"""nodes/runtime.py inside a real ComfyUI process, without HTTP: out-of-memory fallbacks (smaller
-batches, then tiled decoding), progress ticks, interrupt, dtype choice, the resize rule.
+"""nodes/runtime.py, handles.py and latents.py inside a real ComfyUI process, without HTTP:
+out-of-memory fallbacks (smaller batches, then tiled decoding), progress ticks, interrupt, dtype
+choice, the resize rule.
 
 The checks run in a child python (ComfyUI's modules are imported there, as ComfyUI itself would,
 so this pytest process stays clean): `python tests/test_comfyui_runtime.py --inside-comfyui`.
@@ -66,7 +67,7 @@ def _inside_comfyui() -> None:  # pragma: no cover - executed in the child proce
     pack = importlib.util.module_from_spec(spec)
     sys.modules["psvae_pack"] = pack
     spec.loader.exec_module(pack)
-    from psvae_pack.nodes import runtime
+    from psvae_pack.nodes import handles, runtime
     from psvae_pack.psvae_core.autoencoder import PSVAE
     from psvae_pack.psvae_core.config import PRESETS
 
@@ -75,7 +76,7 @@ def _inside_comfyui() -> None:  # pragma: no cover - executed in the child proce
 
     torch.manual_seed(0)
     cpu = torch.device("cpu")
-    handle = runtime.PSVAEHandle(PSVAE(PRESETS["tiny"]), "tiny.safetensors", torch.float32, cpu, cpu)
+    handle = handles.PSVAEHandle(PSVAE(PRESETS["tiny"]), "tiny.safetensors", torch.float32, cpu, cpu)
     z = torch.randn(4, handle.latent_channels, 16, 16)
     full = runtime.decode_latents(handle, {"samples": z})
     assert full.shape == (4, 256, 256, 3) and full.dtype == torch.float32 and full.device == mm.intermediate_device()
@@ -152,6 +153,13 @@ def _inside_comfyui() -> None:  # pragma: no cover - executed in the child proce
 
     handle.model.encode = enc
     assert torch.allclose(runtime.encode_images(handle, images, "center crop"), lat, atol=1e-5)
+    handle.model.encode = lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory"))
+    try:
+        runtime.encode_images(handle, images, "center crop")
+    except MemoryError as err:
+        assert "PS-VAE Encode: out of memory on a single image" in str(err), err
+    else:
+        raise AssertionError("expected MemoryError")
     handle.model.encode = real_encode
     crop = runtime.crop_to_aspect(torch.zeros(1, 3, 120, 200), (16, 16))
     assert crop.shape[-2:] == (120, 120)
@@ -166,10 +174,10 @@ def _inside_comfyui() -> None:  # pragma: no cover - executed in the child proce
     print("interrupt ok")
 
     # 7. dtypes: auto on the CPU = fp32; fp16 never on the CPU; bf16 runs and returns float32 images.
-    assert runtime.choose_dtype("auto", cpu, lambda: mm.vae_dtype(cpu, [torch.bfloat16, torch.float32])) == torch.float32
-    assert runtime.choose_dtype("fp16", cpu, lambda: None) == torch.float32
-    assert runtime.choose_dtype("bf16", cpu, lambda: None) == torch.bfloat16
-    bf = runtime.PSVAEHandle(PSVAE(PRESETS["tiny"]), "bf16", torch.bfloat16, cpu, cpu)
+    assert handles.choose_dtype("auto", cpu, lambda: mm.vae_dtype(cpu, [torch.bfloat16, torch.float32])) == torch.float32
+    assert handles.choose_dtype("fp16", cpu, lambda: None) == torch.float32
+    assert handles.choose_dtype("bf16", cpu, lambda: None) == torch.bfloat16
+    bf = handles.PSVAEHandle(PSVAE(PRESETS["tiny"]), "bf16", torch.bfloat16, cpu, cpu)
     assert bf.model.latents_mean.dtype == torch.float32
     out = runtime.decode_latents(bf, {"samples": z[:1]})
     assert out.dtype == torch.float32 and out.shape == (1, 256, 256, 3)
@@ -187,7 +195,7 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     import comfy.model_management as mm
     import comfy.utils
     from psvae_pack.nodes import generator as gen_mod
-    from psvae_pack.nodes import runtime, sampling
+    from psvae_pack.nodes import handles, runtime, sampling
     from psvae_pack.psvae_core import generation
     from psvae_pack.psvae_core.autoencoder import PSVAE
     from psvae_pack.psvae_core.config import PRESETS
@@ -201,7 +209,7 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     torch.manual_seed(0)
     vae_model = PSVAE(PRESETS["tiny"])
     vae_model.set_latent_stats(torch.randn(16) * 0.2, torch.rand(16) + 0.5)
-    vae = runtime.PSVAEHandle(vae_model, "tiny-vae", torch.float32, cpu, cpu)
+    vae = handles.PSVAEHandle(vae_model, "tiny-vae", torch.float32, cpu, cpu)
     model = FusionDiffuser(GEN_PRESETS["tiny"].replace(latent_channels=16, latent_size=(16, 16)),
                            tokenizer=tiny_tokenizer())
     gen = gen_mod.GeneratorHandle(model, "tiny-gen", torch.float32, cpu, cpu, {})
@@ -250,7 +258,7 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     src = sampling.source_latents(gen, vae, image, None, "Edit")
     assert src.shape == (1, 16, 16, 16)
     enc = PRESETS["tiny"].encoder.replace(image_size=None)
-    native = runtime.PSVAEHandle(PSVAE(PRESETS["tiny"].replace(encoder=enc)), "native", torch.float32, cpu, cpu)
+    native = handles.PSVAEHandle(PSVAE(PRESETS["tiny"].replace(encoder=enc)), "native", torch.float32, cpu, cpu)
     assert native.fixed_grid is None and gen_mod.pair_problems(gen, native) == []
     assert sampling.source_latents(gen, native, image, None, "Edit").shape == (1, 16, 16, 16)
     small = FusionDiffuser(GEN_PRESETS["tiny"].replace(latent_channels=16, latent_size=(8, 8)),
