@@ -126,16 +126,17 @@ def test_a_loaded_lm_round_trips_through_a_checkpoint(lm_dir, tmp_path):
     torch.testing.assert_close(awake(loaded)(x, 0.5, ids), awake(model)(x, 0.5, ids), atol=0, rtol=0)
 
 
-def _paper_mask(mask, S, N):
+def _paper_mask(mask, S, N, keep_source=True):
     """The dense mask of [source (S) ; text (mask) ; target (N)]: source bidirectional among itself,
-    text causal over real tokens and seeing the source, target seeing everything real."""
+    text causal over real tokens and seeing the source, target seeing everything real; a dropped
+    source (keep_source False) is seen by nobody else."""
     B, L = mask.shape
     P = S + L
     allowed = torch.zeros(B, P + N, P + N, dtype=torch.bool)
     allowed[:, :S, :S] = True
-    allowed[:, S:P, :S] = True
+    allowed[:, S:P, :S] = keep_source
     allowed[:, S:P, S:P] = torch.ones(L, L, dtype=torch.bool).tril() & mask.bool()[:, None, :]
-    allowed[:, P:, :S] = True
+    allowed[:, P:, :S] = keep_source
     allowed[:, P:, S:P] = mask.bool()[:, None, :]
     allowed[:, P:, P:] = True
     allowed |= torch.eye(P + N, dtype=torch.bool)
@@ -180,34 +181,54 @@ def test_the_cached_prefix_equals_the_lm_over_the_full_sequence(lm_dir, source_t
     torch.testing.assert_close(changed[:, :S + L], full[:, :S + L], atol=0, rtol=0)
 
 
+def _full_sequence_velocity(model, ref, x, t, ids, mask, src, keep_source=True):
+    """The edit velocity with the LM's own forward over [source ; instruction ; target] in one pass."""
+    from psvae_core.fusion_heads import sincos_2d
+
+    B, L = ids.shape
+    h, w = x.shape[-2:]
+    S = N = h * w
+    pe = sincos_2d(h, w, model.backbone.hidden_size)
+    tokens = lambda z: z.flatten(2).transpose(1, 2)  # noqa: E731
+    t_emb = model.t_embedder(torch.as_tensor(t, dtype=torch.float32).expand(B))
+    source = model.source_embedder(tokens(src)) + pe + model.segment[0]
+    target = model.x_embedder(tokens(x)) + pe + t_emb[:, None] + model.segment[1]
+    embeds = torch.cat([source, ref.embed_tokens(ids), target], 1)
+    hidden = ref(inputs_embeds=embeds, attention_mask=_paper_mask(mask, S, N, keep_source),
+                 position_ids=_paper_positions(mask, S, N)).last_hidden_state
+    v = model.head(hidden[:, S + L:], tokens(x), t_emb, (h, w))
+    return v.transpose(1, 2).reshape(x.shape)
+
+
 @torch.no_grad()
 def test_the_instruction_sees_the_source_in_the_edit_velocity(lm_dir):
     """The edit forward (velocity) equals the paper's layout computed by the LM in one pass:
-    [clean source ; instruction ; noisy target], the instruction causal and seeing the source."""
+    [clean source ; instruction ; noisy target], the instruction causal and seeing the source;
+    and cached sampling (the prefix encoded once, guidance branches as views of it) equals
+    sampling with that uncached full-sequence forward at every step."""
     model = awake(FusionDiffuser.from_pretrained_lm(lm_dir, load_tokenizer=False, latent_channels=8,
                                                     head_width=64, head_heads=4, head_depth=1))
     ref = _reference(lm_dir)
     ids, mask = _padded_batch()
-    B, L = ids.shape
+    B = ids.shape[0]
     g = torch.Generator().manual_seed(5)
     x, src, t = torch.randn(B, 8, 4, 4, generator=g), torch.randn(B, 8, 4, 4, generator=g), torch.full((B,), 0.4)
-    ours = model(x, t, (ids, mask), source=src)
-
-    from psvae_core.fusion_heads import sincos_2d
-    pe = sincos_2d(4, 4, 64)
-    tokens = lambda z: z.flatten(2).transpose(1, 2)  # noqa: E731
-    t_emb = model.t_embedder(t)
-    source = model.source_embedder(tokens(src)) + pe + model.segment[0]
-    target = model.x_embedder(tokens(x)) + pe + t_emb[:, None] + model.segment[1]
-    embeds = torch.cat([source, ref.embed_tokens(ids), target], 1)
-    hidden = ref(inputs_embeds=embeds, attention_mask=_paper_mask(mask, 16, 16),
-                 position_ids=_paper_positions(mask, 16, 16)).last_hidden_state
-    v = model.head(hidden[:, 16 + L:], tokens(x), t_emb, (4, 4)).transpose(1, 2).reshape(B, 8, 4, 4)
-    torch.testing.assert_close(ours, v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x, t, (ids, mask), source=src),
+                               _full_sequence_velocity(model, ref, x, t, ids, mask, src), atol=1e-5, rtol=1e-5)
     # The instruction's own hidden states depend on the source (they did not when it came first).
     a, b = model.encode_prefix((ids, mask), src), model.encode_prefix((ids, mask), src + 1.0)
     real = mask.bool()
     assert (a.text_hidden[real] - b.text_hidden[real]).abs().max() > 1e-3
+
+    def uncached(x, t, branches):
+        none = torch.zeros_like(mask)
+        text = {flow.COND: mask, flow.IMAGE: none, flow.UNCOND: none}
+        return [_full_sequence_velocity(model, ref, x, t, ids, text[b], src, b != flow.UNCOND) for b in branches]
+
+    settings = dict(steps=3, guidance=4.0, image_guidance=1.5)
+    cached = generation.generate(model, (ids, mask), src, seed=9, **settings)
+    reference = flow.euler_sample(uncached, generation.make_noise((8, 4, 4), [9, 10, 11]), **settings)
+    torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------ conditioning
