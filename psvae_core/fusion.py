@@ -206,10 +206,16 @@ class FusionDiffuser(nn.Module):
                       source_keep: Optional[torch.Tensor] = None) -> PrefixCache:
         """The prefix [source ; text], computed once per prompt or edit (per-layer K/V for the target).
 
-        text: token ids [B, L], (ids, attention mask) or a list of prompts.
+        text: token ids [B, L], (ids, attention mask) or a list of prompts (a PrefixCache is
+            returned as it is).
         source: clean (normalised) source latents [B, C, h, w] for editing; source_keep [B] bool
             drops it per row. A batch of one text or one source is broadcast to the other's batch.
         """
+        if isinstance(text, PrefixCache):
+            if source is not None:
+                raise ValueError("this PrefixCache was encoded already (with its source, if any); "
+                                 "pass the source to encode_prefix together with the text")
+            return text
         if isinstance(text, (tuple, list)) and text and all(isinstance(p, str) for p in text):
             text = self.tokenize(text)
         if isinstance(text, torch.Tensor):
@@ -252,14 +258,7 @@ class FusionDiffuser(nn.Module):
         """
         B, C, h, w = x_t.shape
         dtype, device = self.x_embedder.weight.dtype, self.x_embedder.weight.device
-        if isinstance(text, PrefixCache):
-            if source is not None:
-                raise ValueError("this PrefixCache was encoded already (with its source, if any); "
-                                 "pass the source to encode_prefix, not to forward")
-            prefix = text
-        else:
-            prefix = self.encode_prefix(text, source, source_keep)
-        prefix = prefix.expand(B)
+        prefix = self.encode_prefix(text, source, source_keep).expand(B)
         t = torch.as_tensor(t, device=device, dtype=torch.float32).expand(B)
         t_emb = self.t_embedder(t)
         dim = self.backbone.hidden_size

@@ -21,7 +21,6 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from . import flow
-from .fusion_backbone import PrefixCache
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # seeds are unsigned 64-bit (ComfyUI's widget range); seed + i wraps
 
@@ -62,24 +61,22 @@ def generate(model, text, source: Optional[torch.Tensor] = None, *, seed: Seeds 
     callback(step, total, x, x0_estimate) after every step (progress, previews); interrupt() before
         every step: raise there to stop (ComfyUI's cancel).
     """
-    prefix = text if source is None and isinstance(text, PrefixCache) else model.encode_prefix(text, source)
+    prefix = model.encode_prefix(text, source)
     if batch_size is None:
         batch_size = len(seed) if not isinstance(seed, int) else prefix.batch_size
     h, w = size or (source.shape[-2:] if source is not None else model.config.latent_size)
     device = model.x_embedder.weight.device
     noise = make_noise((model.config.latent_channels, h, w), row_seeds(seed, batch_size), device)
-    step_callback = callback
+    velocity = model.velocity_fn(prefix)
     if interrupt is not None:
-        interrupt()
+        guided = velocity
 
-        def step_callback(step, total, x, x0):
-            if callback is not None:
-                callback(step, total, x, x0)
-            if step < total:
-                interrupt()
+        def velocity(x, t, branches):
+            interrupt()
+            return guided(x, t, branches)
 
-    latents = flow.euler_sample(model.velocity_fn(prefix), noise, steps=steps, shift=shift, guidance=guidance,
-                                image_guidance=image_guidance, cfg_interval=cfg_interval, callback=step_callback)
+    latents = flow.euler_sample(velocity, noise, steps=steps, shift=shift, guidance=guidance,
+                                image_guidance=image_guidance, cfg_interval=cfg_interval, callback=callback)
     return latents if vae is None else decode(vae, latents)
 
 

@@ -463,3 +463,21 @@ def test_the_public_api_is_at_the_top_level_and_imported_lazily():
     import psvae_core
     with pytest.raises(AttributeError, match="no attribute 'PSVEA'"):
         psvae_core.PSVEA
+
+
+@torch.no_grad()
+def test_generate_reports_every_step_and_stops_at_the_interrupt_hook():
+    class Stop(Exception):
+        pass
+
+    model, ids, seen, asked = awake(tiny()), torch.randint(3, 20, (1, 4)), [], []
+
+    def interrupt():  # called before every step; the third call stops sampling
+        asked.append(len(seen))
+        if len(asked) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        generation.generate(model, ids, steps=5, guidance=2.0, interrupt=interrupt,
+                            callback=lambda i, n, x, x0: seen.append((i, n, x.shape == x0.shape)))
+    assert seen == [(1, 5, True), (2, 5, True)] and asked == [0, 1, 2]
