@@ -68,7 +68,8 @@ def run_batches(who: str, total: int, batch: int, attempt: Callable[[int, int, i
                 level += 1
                 log.warning("%s: out of memory, retrying with %s", who, levels[level])
             else:
-                raise MemoryError(f"{who}: out of memory {'even with ' + levels[-1] if levels else 'on a single image'}; "
+                worst = f"even with {levels[-1]}" if levels else "on a single image"
+                raise MemoryError(f"{who}: out of memory {worst}; "
                                   "free memory (Manager -> Unload models), start ComfyUI with --lowvram, or use a "
                                   "smaller image or latent")
             continue

@@ -169,7 +169,8 @@ class LMBackbone(nn.Module):
         x = self.lm.embed_tokens(token_ids)
         S = 0 if source is None else source.shape[1]
         device = x.device
-        keep = torch.ones(B, dtype=torch.bool, device=device) if source_keep is None else source_keep.to(device, torch.bool)
+        keep = (torch.ones(B, dtype=torch.bool, device=device) if source_keep is None
+                else source_keep.to(device, torch.bool))
         key_mask = torch.cat([keep[:, None].expand(B, S), mask], 1)
         if S + L == 0:
             empty = x.new_zeros(B, self.num_kv_heads, 0, self.head_dim)
