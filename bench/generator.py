@@ -106,7 +106,7 @@ def main(argv=None):
             cached = generation.generate(model, ids, seed=0, steps=50, shift=3.0, guidance=6.5)
 
         def uncached(x, t, branches):  # the prompt goes through the LM again at every step
-            return model.velocity_fn(model.encode_text(ids))(x, t, branches)
+            return model.velocity_fn(model.encode_prefix(ids))(x, t, branches)
 
         with timed(r, "sample_uncached_s"):
             again = flow.euler_sample(uncached, noise, 50, 3.0, 6.5)

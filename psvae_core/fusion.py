@@ -11,8 +11,8 @@ or edit (`encode_prefix` -> `PrefixCache`) and reused at every step. RoPE positi
 (`fusion_heads`), which predicts the velocity; the loss covers target tokens only, since nothing
 else is predicted.
 
-Null conditioning for classifier-free guidance: null text = no text keys (`null_text`, zero tokens,
-or `PrefixCache.drop` for rows of a batch); a dropped source (`source_keep=False`) is hidden from
+Null conditioning for classifier-free guidance: null text = no text keys (zero tokens, or
+`PrefixCache.drop` for rows of a batch); a dropped source (`source_keep=False`) is hidden from
 the instruction and the target, so the instruction is encoded as if there were no source.
 `PrefixCache.null()` hides both (the unconditional branch).
 
@@ -236,18 +236,6 @@ class FusionDiffuser(nn.Module):
         src = src + sincos_2d(hs, ws, dim, device).to(dtype) + self.segment[0]
         return self.backbone.encode_prefix(ids, mask, src, source_keep)
 
-    def encode_text(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> PrefixCache:
-        """The T2I prefix: the causal text alone."""
-        return self.encode_prefix((token_ids, attention_mask))
-
-    def encode_prompts(self, prompts: Sequence[str]) -> PrefixCache:
-        return self.encode_prefix(list(prompts))
-
-    def null_text(self, batch_size: int = 1) -> PrefixCache:
-        """The unconditional text: no tokens at all."""
-        device = self.x_embedder.weight.device
-        return self.encode_text(torch.zeros(batch_size, 0, dtype=torch.long, device=device))
-
     # ---------------------------------------------------------------------------- images
     def forward(self, x_t: torch.Tensor, t, text, source: Optional[torch.Tensor] = None,
                 source_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -300,14 +288,8 @@ class FusionDiffuser(nn.Module):
             p = prefix.expand(B)
             views = {flow.COND: lambda: p, flow.IMAGE: lambda: p.drop(torch.ones(B, dtype=torch.bool)),
                      flow.UNCOND: p.null}
-            cache = views[branches[0]]() if n == 1 else PrefixCache.cat([views[b]() for b in branches])
+            cache = PrefixCache.cat([views[b]() for b in branches])
             v = self(x.repeat(n, 1, 1, 1), t.repeat(n), cache)
             return v.chunk(n)
 
         return fn
-
-    def sample(self, text, source: Optional[torch.Tensor] = None, **settings) -> torch.Tensor:
-        """Normalised latents: `psvae_core.generation.generate(self, text, source, **settings)`."""
-        from .generation import generate
-
-        return generate(self, text, source, **settings)

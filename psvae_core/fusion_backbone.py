@@ -104,24 +104,14 @@ class PrefixCache:
 
     @staticmethod
     def cat(caches: Sequence["PrefixCache"]) -> "PrefixCache":
-        """Stack caches along the batch, right-padding shorter texts with masked keys."""
-        source = {c.source_tokens for c in caches}
-        if len(source) != 1:
-            raise ValueError(f"cannot batch prefixes with different source sizes {sorted(source)}")
-        length = max(c.mask.shape[1] for c in caches)
-
-        def pad(x, dim):
-            widths = [0, 0] * (x.ndim - dim - 1) + [0, length - x.shape[dim]]
-            return F.pad(x, widths)
-
-        layers = len(caches[0].keys)
-        return PrefixCache(
-            keys=tuple(torch.cat([pad(c.keys[i], 2) for c in caches]) for i in range(layers)),
-            values=tuple(torch.cat([pad(c.values[i], 2) for c in caches]) for i in range(layers)),
-            mask=torch.cat([pad(c.mask, 1) for c in caches]),
-            hidden=torch.cat([pad(c.hidden, 1) for c in caches]),
-            source_tokens=source.pop(),
-        )
+        """Stack views of one prefix (the guidance branches) along the batch."""
+        if len(caches) == 1:
+            return caches[0]
+        stack = lambda xs: torch.cat(list(xs))  # noqa: E731
+        layers = range(len(caches[0].keys))
+        return replace(caches[0], keys=tuple(stack(c.keys[i] for c in caches) for i in layers),
+                       values=tuple(stack(c.values[i] for c in caches) for i in layers),
+                       mask=stack(c.mask for c in caches), hidden=stack(c.hidden for c in caches))
 
 
 class LMBackbone(nn.Module):

@@ -106,10 +106,10 @@ def test_text_hidden_states_equal_the_lm(lm_dir):
                                               head_width=64, head_heads=4, head_depth=1)
     ref = _reference(lm_dir)
     ids, mask = _padded_batch()
-    cache = model.encode_text(ids[:1])
+    cache = model.encode_prefix(ids[:1])
     torch.testing.assert_close(cache.hidden, ref(input_ids=ids[:1]).last_hidden_state, atol=1e-5, rtol=1e-5)
     # Padded batch: HF gets the same positions (real tokens counted), we compare real tokens only.
-    cache = model.encode_text(ids, mask)
+    cache = model.encode_prefix((ids, mask))
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out = ref(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
     real = mask.bool()
@@ -236,7 +236,7 @@ def test_the_instruction_sees_the_source_in_the_edit_velocity(lm_dir):
 def test_text_conditions_the_image_but_not_the_reverse():
     model = awake(tiny())
     ids, x = torch.randint(3, 20, (2, 4)), torch.randn(2, 8, 4, 4)
-    cache = model.encode_text(ids)
+    cache = model.encode_prefix(ids)
     hidden = cache.hidden.clone()
     v = model(x, 0.5, cache)
     model(x + 1, 0.5, cache)
@@ -265,8 +265,8 @@ def test_padding_never_leaks_between_prompts():
 def test_null_text_forms_agree():
     model = awake(tiny())
     x, ids = torch.randn(2, 8, 4, 4), torch.randint(3, 20, (2, 4))
-    null = model(x, 0.5, model.null_text(2))
-    torch.testing.assert_close(model(x, 0.5, model.encode_text(ids).drop(torch.tensor([True, True]))), null)
+    null = model(x, 0.5, torch.zeros(2, 0, dtype=torch.long))  # no tokens at all
+    torch.testing.assert_close(model(x, 0.5, model.encode_prefix(ids).drop(torch.tensor([True, True]))), null)
     torch.testing.assert_close(model(x, 0.5, (ids, torch.zeros_like(ids))), null, atol=1e-6, rtol=1e-6)
     assert (model(x, 0.5, ids) - null).abs().max() > 1e-4
 
@@ -302,12 +302,14 @@ def test_sampling_with_the_cached_prefix_equals_recomputing_it():
         return out
 
     kwargs = dict(steps=6, guidance=4.0, image_guidance=1.5)
-    cached = model.sample((ids, mask), source=src, seed=5, **kwargs)
+    cached = generation.generate(model, (ids, mask), source=src, seed=5, **kwargs)
     noise = generation.make_noise(cached.shape[1:], [5, 6])  # row i: seed + i
     reference = flow.euler_sample(uncached, noise, shift=flow.DEFAULT_SHIFT, **kwargs)
     torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model.sample((ids, mask), source=src, seed=5, **kwargs), cached, atol=0, rtol=0)
-    t2i = model.sample(model.encode_text(ids, mask), seed=5, steps=4, guidance=6.5, cfg_interval=(0.0, 0.8))
+    again = generation.generate(model, (ids, mask), source=src, seed=5, **kwargs)
+    torch.testing.assert_close(again, cached, atol=0, rtol=0)
+    t2i = generation.generate(model, model.encode_prefix((ids, mask)), seed=5, steps=4, guidance=6.5,
+                              cfg_interval=(0.0, 0.8))
     assert t2i.shape == (2, 8, 4, 4) and torch.isfinite(t2i).all()
 
 
@@ -369,7 +371,8 @@ def test_a_tiny_model_learns_its_captions():
 
     def distance():
         with torch.no_grad():
-            return ((model.sample(prompts, seed=1, steps=20, shift=1.0, guidance=1.0) - x0) ** 2).mean().item()
+            out = generation.generate(model, prompts, seed=1, steps=20, shift=1.0, guidance=1.0)
+            return ((out - x0) ** 2).mean().item()
 
     untrained = distance()
     model.train()
@@ -377,7 +380,7 @@ def test_a_tiny_model_learns_its_captions():
     gen, losses = torch.Generator().manual_seed(0), []
     for _ in range(200):
         dropped = torch.rand(len(prompts), generator=gen) < 0.1  # CFG text dropout
-        loss = model.training_loss(x0, model.encode_text(ids, mask).drop(dropped), generator=gen)
+        loss = model.training_loss(x0, model.encode_prefix((ids, mask)).drop(dropped), generator=gen)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -413,7 +416,7 @@ def test_smollm2_loads_and_reproduces_the_lm(smollm2):
         got = smollm2.config.lm[key]
         assert got == value or (isinstance(value, float) and got == pytest.approx(value)), (key, got)
     ids, mask = smollm2.tokenize(["The capital of France is"])
-    cache = smollm2.encode_text(ids, mask)
+    cache = smollm2.encode_prefix((ids, mask))
     own = smollm2.backbone.lm(input_ids=ids).last_hidden_state  # the HF model's own forward, same weights
     assert cache.hidden.shape == own.shape == (1, ids.shape[1], 576)
     torch.testing.assert_close(cache.hidden, own, atol=1e-5, rtol=1e-5)
@@ -429,8 +432,8 @@ def test_smollm2_loads_and_reproduces_the_lm(smollm2):
 def test_row_i_of_a_batch_is_the_picture_of_seed_plus_i():
     model = awake(tiny())
     ids = torch.randint(3, 20, (1, 4))
-    pair = model.sample(ids, batch_size=2, seed=0, steps=3, guidance=2.0)
-    one = model.sample(ids, batch_size=1, seed=1, steps=3, guidance=2.0)
+    pair = generation.generate(model, ids, batch_size=2, seed=0, steps=3, guidance=2.0)
+    one = generation.generate(model, ids, batch_size=1, seed=1, steps=3, guidance=2.0)
     torch.testing.assert_close(pair[1:], one, atol=1e-6, rtol=1e-6)
     explicit = generation.generate(model, ids, seed=[7, 1], steps=3, guidance=2.0)  # seeds per row
     torch.testing.assert_close(explicit[1:], one, atol=1e-6, rtol=1e-6)
@@ -440,7 +443,8 @@ def test_row_i_of_a_batch_is_the_picture_of_seed_plus_i():
 def test_the_euler_state_stays_float32_under_a_bf16_model():
     model = awake(tiny()).to(torch.bfloat16)
     ids, states = torch.randint(3, 20, (1, 4)), []
-    out = model.sample(ids, steps=3, guidance=2.0, callback=lambda i, n, x, x0: states.append(x.dtype))
+    out = generation.generate(model, ids, steps=3, guidance=2.0,
+                              callback=lambda i, n, x, x0: states.append(x.dtype))
     assert out.dtype == torch.float32 and states == [torch.float32] * 3
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from psvae_core import generation
 from test_trainer_helpers import ROOT, cli, max_diff, metrics, torchrun, weights
 from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
 
@@ -111,7 +112,7 @@ def test_t2i_learns_and_exports_a_generator_that_records_its_vae(assets, t2i_run
     gen = FusionDiffuser.from_file(path)
     vae = PSVAE.from_file(assets["vae"])
     assert (gen.config.latent_channels, tuple(gen.config.latent_size)) == (16, (8, 8))
-    z = gen.sample(["a photo of coffee"], steps=3, guidance=3.0, seed=1)  # its own (byte) tokenizer
+    z = generation.generate(gen, ["a photo of coffee"], steps=3, guidance=3.0, seed=1)  # its own (byte) tokenizer
     assert z.shape == (1, 16, 8, 8) and torch.isfinite(z).all()
     with torch.no_grad():
         image = vae.decode(vae.denormalize_latents(z))
@@ -219,7 +220,8 @@ def test_edit_trains_on_triplets_with_independent_text_and_image_dropout(assets,
     path = tmp_path / "edit" / "export" / "generator.safetensors"
     gen = FusionDiffuser.from_file(path)
     source = torch.randn(2, 16, 8, 8)
-    z = gen.sample(["flip it horizontally"] * 2, source=source, steps=3, guidance=2.0, image_guidance=1.5, seed=0)
+    z = generation.generate(gen, ["flip it horizontally"] * 2, source, steps=3, guidance=2.0, image_guidance=1.5,
+                            seed=0)
     assert z.shape == (2, 16, 8, 8) and torch.isfinite(z).all()
     prov = _provenance(path)
     assert prov["task"] == "edit" and prov["cfg_dropout"] == {"text": p_text, "image": p_image}
