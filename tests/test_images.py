@@ -66,3 +66,52 @@ def test_bad_shapes_sizes_and_types():
         to_model_images("image.png")
     with pytest.raises(ImageInputError, match="share"):
         to_model_images([torch.rand(3, 16, 16), torch.rand(3, 20, 16)])
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (torch.zeros(1, 3, 0, 0), "empty"),
+    (torch.zeros(0, 3, 16, 16), "empty"),
+    (torch.zeros(1, 0, 16, 16), "empty"),
+    (np.zeros((0, 16, 3), dtype=np.uint8), "empty"),
+    (torch.zeros(1, 3, 16, 16, device="meta"), "meta device"),
+    (torch.zeros(1, 3, 16, 16).to_sparse(), "sparse"),
+    (torch.zeros(3, 16, 16).to_sparse_csr(), "sparse"),
+    (np.full((16, 16, 3), None, dtype=object), "numpy dtype object"),
+    (np.full((16, 16, 3), "a"), "numpy dtype <U1"),
+    ([], "empty"),
+])
+def test_empty_meta_sparse_and_object_inputs_name_the_problem(bad, fragment):
+    with pytest.raises(ImageInputError, match=fragment):
+        to_model_images(bad)
+
+
+def test_16_bit_and_32_bit_grey_pil_images_are_scaled_by_their_mode(tmp_path):
+    values = np.array([[0, 1000, 32768, 65535]] * 8 * 2, dtype=np.uint16).reshape(8, 8)
+    expected = torch.from_numpy(values.astype(np.float32) / 65535).expand(1, 3, 8, 8)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path)  # a real 16-bit grey PNG, as a scanner writes it
+    with Image.open(path) as png:
+        assert png.mode in ("I;16", "I")
+        torch.testing.assert_close(to_model_images(png), expected)
+    for image in (Image.fromarray(values), Image.fromarray(values.astype(np.int32))):
+        assert image.mode in ("I;16", "I")
+        torch.testing.assert_close(to_model_images(image), expected)
+    with pytest.raises(ImageInputError, match="0..65535"):
+        to_model_images(Image.fromarray(np.full((8, 8), -5, dtype=np.int32)))
+
+
+def test_float_pil_images_keep_their_values_and_refuse_nan():
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    torch.testing.assert_close(to_model_images(Image.fromarray(values, mode="F")),
+                               torch.from_numpy(values).expand(1, 3, 8, 8))
+    values[2, 3] = np.nan
+    with pytest.raises(ImageInputError, match="NaN/Inf"):
+        to_model_images(Image.fromarray(values, mode="F"))
+
+
+def test_mixed_list_scales_each_image_by_its_own_dtype():
+    u8 = np.full((16, 16, 3), 255, dtype=np.uint8)
+    floats = torch.full((3, 16, 16), 0.25)
+    out = to_model_images([floats, u8])
+    assert out.shape == (2, 3, 16, 16)
+    assert torch.all(out[0] == 0.25) and torch.all(out[1] == 1.0)
