@@ -16,7 +16,7 @@ BROWSER_STAMP := $(BROWSER_DIR)/.installed
 COMFYCLI_DIR   := .cache/comfy-cli
 COMFYCLI_STAMP := $(COMFYCLI_DIR)/.installed
 
-.PHONY: demo test venv clean comfyui browser comfy-cli validate-pack workflows
+.PHONY: demo test venv clean comfyui browser comfy-cli validate-pack workflows tf5 test-tf5
 
 venv: $(STAMP)
 
@@ -30,6 +30,25 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constrai
 
 demo: $(STAMP)
 	$(PY) -m trainer.demo --out $(OUT)
+
+# The newest transformers 5.x the registry serves, in its own venv (torch etc. as pinned): checkpoint
+# files and encoder parity must hold under it as under the pinned 4.x (docs/CHECKPOINTS.md).
+TF5_DIR   := .cache/tf5
+TF5_PY    := $(TF5_DIR)/bin/python
+TF5_STAMP := $(TF5_DIR)/.installed
+
+tf5: $(TF5_STAMP)
+
+$(TF5_STAMP): requirements.txt constraints.txt
+	test -x $(TF5_PY) || $(PYTHON) -m venv $(TF5_DIR)
+	grep -vE '^(transformers|huggingface_hub)==' constraints.txt > $(TF5_DIR)/constraints.txt
+	$(TF5_PY) -m pip install -q -c $(TF5_DIR)/constraints.txt torch torchvision
+	$(TF5_PY) -m pip install -q --upgrade -c $(TF5_DIR)/constraints.txt -r requirements.txt pytest requests "transformers>=5,<6"
+	touch $(TF5_STAMP)
+
+# Only the file-format and encoder tests: what depends on transformers' module layout.
+test-tf5: $(TF5_STAMP)
+	$(TF5_PY) -m pytest tests/test_checkpoint.py tests/test_encoders.py $(PYTEST_ARGS)
 
 # ComfyUI's requirements go into the project venv, so a rebuilt venv re-runs this (fast when cached).
 comfyui: $(COMFY_STAMP)
@@ -58,8 +77,9 @@ validate-pack: $(COMFYCLI_STAMP)
 workflows: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP)
 	$(PY) tools/make_workflows.py $(NAMES)
 
-test: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP) $(COMFYCLI_STAMP)
+test: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP) $(COMFYCLI_STAMP) $(TF5_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-tf5
 
 clean:
 	rm -rf $(VENV) .cache outputs

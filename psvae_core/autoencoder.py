@@ -19,7 +19,7 @@ from torch import nn
 from . import checkpoint
 from .config import PSVAEConfig
 from .distributions import DiagonalGaussian
-from .encoders import RepresentationEncoder
+from .encoders import RepresentationEncoder, file_names
 from .images import to_model_images
 from .pixel_decoder import build_pixel_decoder
 from .preview import fit_latent_to_rgb, latent_to_rgb
@@ -160,7 +160,9 @@ class PSVAE(nn.Module):
 
     # --- files -------------------------------------------------------------------------------
     def save(self, path, provenance: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> None:
-        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        """Tensors go under their names in files (`encoders.file_names`), whatever transformers is installed."""
+        name = file_names(self)
+        tensors = {name(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                    for k, v in self.state_dict().items()}
         stats = {"mean": self.latents_mean.tolist(), "std": self.latents_std.tolist()}
         checkpoint.save_component(path, kind=CHECKPOINT_KIND, config=self.config.to_dict(), tensors=tensors,
@@ -177,6 +179,7 @@ class PSVAE(nn.Module):
         # Built normally (not on the meta device): encoders keep non-persistent buffers (RoPE
         # frequencies, position ids) that a state dict does not carry.
         model = cls(config)
-        checkpoint.load_state_dict_checked(model, component.tensors, source=str(path))
+        checkpoint.load_state_dict_checked(model, component.tensors, source=str(path), names=file_names(model),
+                                           provenance=component.provenance)
         model.provenance = component.provenance
         return model.to(device).eval()

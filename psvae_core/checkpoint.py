@@ -16,7 +16,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -65,6 +65,14 @@ def _fail(path, problem: str, fix: str) -> CheckpointError:
 
 
 # ----------------------------------------------------------------------------------------- save
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
 
 def _core_version() -> str:
     try:  # resolved at call time: psvae_core/__init__ may import this module
@@ -137,7 +145,9 @@ def save_component(path, *, kind: str, config: dict, tensors: dict,
     prepared = _prepare_tensors(tensors, path)
 
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    prov = {**(provenance or {}), "created": created, "psvae_core": _core_version()}
+    # The transformers version: a tensor-name mismatch can then say which version wrote the file.
+    prov = {**(provenance or {}), "created": created, "psvae_core": _core_version(),
+            "transformers": _package_version("transformers")}
     metadata = {
         **extra,
         "format": FORMAT,
@@ -320,9 +330,18 @@ def _listing(problem: str, items: list) -> str:
     return f"{len(items)} {problem}: {', '.join(items[:_SHOW])}{more}"
 
 
-def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str) -> None:
-    """Strict load whose error lists what does not fit; stored tensors take the module's dtypes."""
-    own = module.state_dict()
+def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str,
+                            names: Optional[Callable[[str], str]] = None,
+                            provenance: Optional[dict] = None) -> None:
+    """Strict load whose error lists what does not fit; stored tensors take the module's dtypes.
+
+    `names` maps a state-dict key to its name in files (e.g. `encoders.file_names`), applied to the
+    module's keys and to the file's (which migrates files written under other names); the file's
+    `provenance` lets a name mismatch say which transformers version wrote it."""
+    names = names or (lambda key: key)
+    live = {names(k): k for k in module.state_dict()}
+    own = {name: module.state_dict()[k] for name, k in live.items()}
+    tensors = {names(k): t for k, t in tensors.items()}
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     mismatched = sorted(f"{k} (file {list(tensors[k].shape)}, model {list(own[k].shape)})"
@@ -331,9 +350,20 @@ def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str) ->
                 (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch(es)", mismatched))
                 if items]
     if problems:
+        renamed = missing and sorted(list(own[k].shape) for k in missing) == sorted(
+            list(tensors[k].shape) for k in unexpected)
+        written = (provenance or {}).get("transformers")
+        installed = _package_version("transformers")
+        if renamed and written != installed:
+            by = f"transformers {written}" if isinstance(written, str) else "a transformers version it does not record"
+            raise CheckpointError(
+                f"{source}: {len(missing)} tensor name(s) differ between the file and this model "
+                f"({'; '.join(problems)}): the file was written under {by} and this is transformers {installed}, "
+                "which names these tensors in a way this psvae_core does not map; update the PS-VAE pack"
+                + (f", or install transformers=={written}" if isinstance(written, str) else ""))
         raise CheckpointError(f"{source}: the weights do not fit this model: {'; '.join(problems)}; "
                               "the file was made for another component or config, pick the matching file")
-    cast = {k: t.to(dtype=own[k].dtype) for k, t in tensors.items()}
+    cast = {live[k]: t.to(dtype=own[k].dtype) for k, t in tensors.items()}
     try:
         module.load_state_dict(cast, strict=True)
     except RuntimeError as e:

@@ -7,7 +7,7 @@ What differs between families is data (`FAMILIES`), not code paths. Module locat
 role (the one ModuleList of `num_hidden_layers` blocks, the final norm by attribute name) because
 transformers moved them between versions (e.g. `vision_model.post_layernorm` in 4.x is
 `post_layernorm` in 5.x). Consequence: the wrapped model's state-dict keys depend on the
-transformers version; `TokenBlocks` keys do not.
+transformers version. Files store them under fixed names instead (`file_names`, docs/CHECKPOINTS.md).
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import copy
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,41 @@ FAMILIES: dict[str, Family] = {
     "clip": Family("CLIPVisionModel", ("clip", "clip_vision_model"), "post_layernorm", 1, CLIP_MEAN, CLIP_STD,
                    forward_kwargs=_FIXED_POSITIONS),
 }
+
+
+# Tensor names in files are the ones transformers 4.57 gives (docs/CHECKPOINTS.md, "Tensor names").
+# Per family, the renamings of later versions, undone: (regex over a name relative to a
+# RepresentationEncoder or a TokenBlocks, replacement). Each leaves 4.57 names unchanged.
+_DINOV2_ATTENTION = (  # transformers 5.18: attention.attention.query -> attention.q_proj, output.dense -> o_proj
+    re.compile(r"^((?:model\.encoder\.layer|layers)\.\d+\.attention\.)([qkvo])_proj\."),
+    lambda m: m[1] + {"q": "attention.query", "k": "attention.key", "v": "attention.value", "o": "output.dense"}[m[2]] + ".")
+_VISION_MODEL = (re.compile(r"^model\.(?!vision_model\.)"), "model.vision_model.")  # 5.x: no vision_model level
+_RENAMES: dict[str, tuple] = {
+    "dinov2": (_DINOV2_ATTENTION,),
+    "dinov2_reg": (_DINOV2_ATTENTION,),
+    "dinov3": ((re.compile(r"^model\.model\.layer\."), "model.layer."),),  # 5.x: layers under .model
+    "siglip": (_VISION_MODEL,),
+    "siglip2": (_VISION_MODEL,),
+    "clip": (_VISION_MODEL,),
+}
+
+
+def file_names(module: nn.Module) -> Callable[[str], str]:
+    """`name -> name in files` for `module`'s state-dict keys, whatever the installed transformers
+    calls them: names under a RepresentationEncoder or TokenBlocks lose later transformers renamings,
+    all others stay. Applied to a file's own names it migrates files written under transformers 5.x."""
+    roots = [(f"{path}." if path else "", m.family) for path, m in module.named_modules()
+             if isinstance(m, (RepresentationEncoder, TokenBlocks)) and m.family is not None]
+
+    def name(key: str) -> str:
+        for root, family in roots:
+            if key.startswith(root):
+                rest = key[len(root):]
+                for pattern, replacement in _RENAMES[family]:
+                    rest = pattern.sub(replacement, rest)
+                return root + rest
+        return key
+    return name
 
 
 def _check_family(family: str, model_type: Optional[str]) -> Family:
@@ -159,8 +195,9 @@ class TokenBlocks(nn.Module):
     outputs (older transformers) are unwrapped.
     """
 
-    def __init__(self, layers: list, rope: Optional[nn.Module], patch_size: int):
+    def __init__(self, layers: list, rope: Optional[nn.Module], patch_size: int, family: Optional[str] = None):
         super().__init__()
+        self.family = family  # whose layers these are: how `file_names` names them
         self.layers = nn.ModuleList(layers)
         self.rope = rope
         self.patch_size = patch_size
@@ -200,6 +237,7 @@ class RepresentationEncoder(nn.Module):
             raise ValueError("EncoderConfig.hf_config is None; load weights with RepresentationEncoder."
                              "from_pretrained(folder) or set hf_config (e.g. config.TINY_DINOV2_REG)")
         self.config = config
+        self.family = config.family
         self.spec = _check_family(config.family, config.hf_config.get("model_type"))
         self.model = model if model is not None else _build_model(self.spec, config.hf_config)
         hf = self.model.config
@@ -304,4 +342,4 @@ class RepresentationEncoder(nn.Module):
         layers = [copy.deepcopy(layer) for layer in stack[len(stack) - depth:]]
         rope = copy.deepcopy(getattr(self.model, self.spec.rope)) if self.spec.rope else None
         ref = self.final_norm.weight
-        return TokenBlocks(layers, rope, self.patch_size).to(ref.device, ref.dtype).requires_grad_(True).train()
+        return TokenBlocks(layers, rope, self.patch_size, self.family).to(ref.device, ref.dtype).requires_grad_(True).train()

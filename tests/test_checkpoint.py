@@ -5,13 +5,17 @@ import os
 import pickle
 import random
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from psvae_core import checkpoint as ckpt
+from psvae_core.autoencoder import PSVAE
+from psvae_core.config import ENCODER_FAMILIES
 from psvae_core.checkpoint import (FORMAT_VERSION, CheckpointError, load_component, load_state_dict_checked,
                                    read_header, read_metadata, save_component)
 
@@ -101,7 +105,7 @@ def test_optional_fields_and_tensor_latent_stats(tmp_path):
     path = tmp_path / "g.safetensors"
     save_component(path, kind="generator", config={}, tensors={"w": torch.ones(2)})
     comp = load_component(path, device=torch.device("cpu"))
-    assert comp.latent_stats is None and set(comp.provenance) == {"created", "psvae_core"}
+    assert comp.latent_stats is None and set(comp.provenance) == {"created", "psvae_core", "transformers"}
     # Latent-stat buffers may be passed as tensors; they are stored as exact JSON lists.
     save_component(path, kind="vae", config={}, tensors={}, latent_stats={"mean": torch.tensor([0.1, -2.0])})
     assert load_component(path).latent_stats == {"mean": [torch.tensor(0.1).item(), -2.0]}
@@ -369,3 +373,66 @@ def test_state_dict_checked_lists_only_first_few():
         load_state_dict_checked(nn.Sequential(*[nn.Linear(1, 1) for _ in range(6)]), {}, source="s")
     msg = str(info.value)
     assert "12 missing key(s)" in msg and "(7 more)" in msg and "5.bias" not in msg
+
+
+# ----------------------------------------------------------------------------- transformers layouts
+
+# Tiny VAE files written under transformers 4.57 and 5.x by tools/make_layout_fixtures.py, with the
+# latents and images each gave where it was written ("-legacy": 5.x names, as written before fixed names).
+LAYOUTS = Path(__file__).parent / "data" / "layouts"
+LAYOUT_FILES = sorted(p for p in LAYOUTS.glob("*.safetensors") if not p.name.endswith(".expected.safetensors"))
+
+
+def test_layout_fixtures_cover_every_family_and_layout():
+    assert {p.stem for p in LAYOUT_FILES} == {f"{family}-{layout}" for family in ENCODER_FAMILIES
+                                              for layout in ("tf4", "tf5", "tf5-legacy")}
+    written = {p.name: load_component(p).provenance["transformers"] for p in LAYOUT_FILES if "legacy" not in p.name}
+    assert all(v.startswith("4.57.") for k, v in written.items() if "-tf4" in k), written
+    assert all(v.startswith("5.") for k, v in written.items() if "-tf5" in k), written
+
+
+@pytest.mark.parametrize("path", LAYOUT_FILES, ids=lambda p: p.stem)
+def test_vae_file_gives_identical_latents_under_this_transformers(path):
+    expected = load_file(LAYOUTS / f"{path.stem.removesuffix('-legacy')}.expected.safetensors")
+    vae = PSVAE.from_file(path)
+    with torch.no_grad():
+        latents = vae.encode(expected["images"]).mode()
+        assert torch.equal(latents, expected["latents"]), (path.name, transformers.__version__)
+        assert torch.equal(vae.decode(expected["latents"]), expected["decoded"])
+
+
+@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+def test_files_store_fixed_tensor_names_whatever_transformers_is_installed(tmp_path, family):
+    reference = LAYOUTS / f"{family}-tf4.safetensors"
+    PSVAE.from_file(reference).save(tmp_path / "vae.safetensors")
+    assert read_header(tmp_path / "vae.safetensors").keys() == read_header(reference).keys()
+    assert load_component(tmp_path / "vae.safetensors").provenance["transformers"] == transformers.__version__
+
+
+def _renamed_file(tmp_path, transformers_version):
+    """The dinov2 fixture as an unknown future transformers might name it."""
+    comp = load_component(LAYOUTS / "dinov2-tf4.safetensors")
+    tensors = {k.replace("attention.attention.query", "attention.attn.q"): v for k, v in comp.tensors.items()}
+    provenance = {} if transformers_version is None else {"transformers": transformers_version}
+    path = tmp_path / "future.safetensors"
+    save_component(path, kind="vae", config=comp.config, tensors=tensors, latent_stats=comp.latent_stats)
+    meta = read_metadata(path)
+    prov = json.loads(meta["provenance"])
+    prov.pop("transformers")
+    meta["provenance"] = json.dumps({**prov, **provenance})
+    save_file(load_file(path), path, metadata=meta)
+    return path
+
+
+def test_name_mismatch_from_another_transformers_version_says_so(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        PSVAE.from_file(_renamed_file(tmp_path, "9.1.0"))
+    msg = str(info.value)
+    assert "8 tensor name(s) differ" in msg and "attention.attn.q.weight" in msg
+    assert f"written under transformers 9.1.0 and this is transformers {transformers.__version__}" in msg
+    assert "update the PS-VAE pack, or install transformers==9.1.0" in msg
+    with pytest.raises(CheckpointError, match="a transformers version it does not record and this is transformers"):
+        PSVAE.from_file(_renamed_file(tmp_path, None))
+    # Written under this very version: the names are not the cause, so the usual message.
+    with pytest.raises(CheckpointError, match="the file was made for another component or config"):
+        PSVAE.from_file(_renamed_file(tmp_path, transformers.__version__))
