@@ -174,12 +174,14 @@ class PSVAE(nn.Module):
         component = checkpoint.load_component(path, expected_kind=CHECKPOINT_KIND)
         try:
             config = PSVAEConfig.from_dict(component.config)
+            if config.encoder.hf_config is None:
+                raise ValueError("it has no encoder.hf_config")
         except (TypeError, ValueError) as err:
             raise checkpoint.CheckpointError(f"{path}: the stored config is not valid ({err}); re-export the file") from err
-        # Built normally (not on the meta device): encoders keep non-persistent buffers (RoPE
-        # frequencies, position ids) that a state dict does not carry.
-        model = cls(config)
-        checkpoint.load_state_dict_checked(model, component.tensors, source=str(path), names=file_names(model),
-                                           provenance=component.provenance)
+        model = checkpoint.build_checked(path, component, lambda: cls(config), names=file_names)
+        std = model.latents_std
+        if not (std > 0).all():
+            raise checkpoint.CheckpointError(f"{path}: its latents_std holds {int((std <= 0).sum())} zero or negative "
+                                             "value(s), so every normalised latent would be Inf/NaN; re-export it")
         model.provenance = component.provenance
         return model.to(device).eval()

@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import json
 import os
+import stat
 import struct
 import uuid
 from dataclasses import dataclass
@@ -214,16 +215,31 @@ def _incomplete(path, have: int, need: str) -> CheckpointError:
     return _fail(path, f"the file is incomplete ({have} of {need} bytes)", "re-download or re-export it")
 
 
+def _stat_file(path: Path) -> os.stat_result:
+    """The stat of a regular file, or a CheckpointError that says what `path` is instead."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        folder = path.parent.resolve()
+        where = f"searched in {folder}" if folder.is_dir() else f"the folder {folder} does not exist"
+        raise _fail(path, f"file not found ({where})", "check the name and folder, or download/export the file there") from None
+    except OSError as e:  # ELOOP (a symlink loop), EACCES, ENAMETOOLONG, ...
+        raise _fail(path, f"the file cannot be opened ({e.strerror or e})",
+                    "check the path, its symbolic links and permissions") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise _fail(path, "this is a folder, not a file", f"pick a {SUFFIX} file inside it")
+    if not stat.S_ISREG(st.st_mode):
+        what = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise _fail(path, f"this is {what}, not a regular file", f"pick a {SUFFIX} file")
+    return st
+
+
 def read_header(path) -> dict:
     """The parsed safetensors header (tensor entries + "__metadata__"), validated against the file size."""
     path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise _fail(path, "this is a folder, not a file", f"pick a {SUFFIX} file inside it")
-        folder = path.parent.resolve()
-        where = f"searched in {folder}" if folder.is_dir() else f"the folder {folder} does not exist"
-        raise _fail(path, f"file not found ({where})", "check the name and folder, or download/export the file there")
-    size = path.stat().st_size
+    st = _stat_file(path)
+    size = st.st_size
     with open(path, "rb") as f:
         lead = f.read(9)
         what = _foreign_kind(lead)
@@ -245,6 +261,9 @@ def read_header(path) -> dict:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"the safetensors header is not valid JSON ({e})",
+                    "the file is corrupt; re-download or re-export it") from None
+    except RecursionError:
+        raise _fail(path, "the safetensors header nests JSON too deeply to be a real header",
                     "the file is corrupt; re-download or re-export it") from None
     if not isinstance(header, dict):
         raise _fail(path, "the safetensors header is not a JSON object", "the file is corrupt; re-download or re-export it")
@@ -285,6 +304,9 @@ def _json_field(path, meta: dict, key: str):
     except json.JSONDecodeError as e:
         raise _fail(path, f"the {key!r} metadata is not valid JSON ({e})",
                     "the file is corrupt or was edited by hand; re-export it with the PS-VAE trainer") from None
+    except RecursionError:
+        raise _fail(path, f"the {key!r} metadata nests JSON too deeply",
+                    "the file is corrupt or was edited by hand; re-export it with the PS-VAE trainer") from None
 
 
 def load_component(path, *, expected_kind: Optional[str] = None, device="cpu") -> Component:
@@ -301,6 +323,9 @@ def load_component(path, *, expected_kind: Optional[str] = None, device="cpu") -
     except ValueError:
         raise _fail(path, f"format_version {meta.get('format_version')!r} is not an integer",
                     "the file is corrupt; re-export it with the PS-VAE trainer") from None
+    if version < 1:
+        raise _fail(path, f"format_version {version} is not a valid version (versions start at 1)",
+                    "the file is corrupt; re-export it with the PS-VAE trainer")
     if version > FORMAT_VERSION:
         raise _fail(path, f"written by a newer version of psvae_core (format {version}, this one reads up to {FORMAT_VERSION})",
                     "update the pack")
@@ -330,6 +355,32 @@ def _listing(problem: str, items: list) -> str:
     return f"{len(items)} {problem}: {', '.join(items[:_SHOW])}{more}"
 
 
+def _check_fits(own: dict, tensors: dict, source: str, provenance: Optional[dict]) -> None:
+    """Names and shapes of the file's tensors against the model's (both under file names)."""
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    mismatched = sorted(f"{k} (file {list(tensors[k].shape)}, model {list(own[k].shape)})"
+                        for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape)
+    problems = [_listing(what, items) for what, items in
+                (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch(es)", mismatched))
+                if items]
+    if not problems:
+        return
+    renamed = missing and sorted(list(own[k].shape) for k in missing) == sorted(
+        list(tensors[k].shape) for k in unexpected)
+    written = (provenance or {}).get("transformers")
+    installed = _package_version("transformers")
+    if renamed and written != installed:
+        by = f"transformers {written}" if isinstance(written, str) else "a transformers version it does not record"
+        raise CheckpointError(
+            f"{source}: {len(missing)} tensor name(s) differ between the file and this model "
+            f"({'; '.join(problems)}): the file was written under {by} and this is transformers {installed}, "
+            "which names these tensors in a way this psvae_core does not map; update the PS-VAE pack"
+            + (f", or install transformers=={written}" if isinstance(written, str) else ""))
+    raise CheckpointError(f"{source}: the weights do not fit this model: {'; '.join(problems)}; "
+                          "the file was made for another component or config, pick the matching file")
+
+
 def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str,
                             names: Optional[Callable[[str], str]] = None,
                             provenance: Optional[dict] = None) -> None:
@@ -339,35 +390,46 @@ def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str,
     module's keys and to the file's (which migrates files written under other names); the file's
     `provenance` lets a name mismatch say which transformers version wrote it."""
     names = names or (lambda key: key)
-    live = {names(k): k for k in module.state_dict()}
-    own = {name: module.state_dict()[k] for name, k in live.items()}
+    state = module.state_dict()
+    live = {names(k): k for k in state}
+    own = {name: state[k] for name, k in live.items()}
     tensors = {names(k): t for k, t in tensors.items()}
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    mismatched = sorted(f"{k} (file {list(tensors[k].shape)}, model {list(own[k].shape)})"
-                        for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape)
-    problems = [_listing(what, items) for what, items in
-                (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch(es)", mismatched))
-                if items]
-    if problems:
-        renamed = missing and sorted(list(own[k].shape) for k in missing) == sorted(
-            list(tensors[k].shape) for k in unexpected)
-        written = (provenance or {}).get("transformers")
-        installed = _package_version("transformers")
-        if renamed and written != installed:
-            by = f"transformers {written}" if isinstance(written, str) else "a transformers version it does not record"
-            raise CheckpointError(
-                f"{source}: {len(missing)} tensor name(s) differ between the file and this model "
-                f"({'; '.join(problems)}): the file was written under {by} and this is transformers {installed}, "
-                "which names these tensors in a way this psvae_core does not map; update the PS-VAE pack"
-                + (f", or install transformers=={written}" if isinstance(written, str) else ""))
-        raise CheckpointError(f"{source}: the weights do not fit this model: {'; '.join(problems)}; "
-                              "the file was made for another component or config, pick the matching file")
+    _check_fits(own, tensors, source, provenance)
     cast = {live[k]: t.to(dtype=own[k].dtype) for k, t in tensors.items()}
     try:
         module.load_state_dict(cast, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{source}: loading the weights failed ({e}); pick the matching file") from e
+
+
+def build_checked(path, component: Component, build: Callable[[], nn.Module], *,
+                  names: Optional[Callable[[nn.Module], Callable[[str], str]]] = None) -> nn.Module:
+    """`build()` (a model from the stored config) loaded with the component's tensors; every failure
+    is a CheckpointError naming the file.
+
+    The model is first built on the meta device (nothing allocated) and its tensor names and shapes
+    compared with the file's: a config that does not fit the weights (absurd sizes included) never
+    gets allocated, and one that cannot build at all is reported, not raised as whatever it hit.
+    Then it is built for real (encoders keep non-persistent buffers, RoPE frequencies and position
+    ids, that a state dict does not carry) and loaded. Non-finite weights are refused."""
+    names = names or (lambda module: (lambda key: key))
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except Exception as e:  # a stored config is untrusted input: any failure while building is its fault
+        raise _fail(path, f"the stored config does not build a model ({type(e).__name__}: {e})",
+                    "the file is corrupt or was edited by hand; re-export it with the PS-VAE trainer") from None
+    name = names(skeleton)
+    _check_fits({name(k): v for k, v in skeleton.state_dict().items()}, {name(k): t for k, t in component.tensors.items()},
+                str(path), component.provenance)
+    bad = [k for k, t in component.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise _fail(path, _listing("tensor(s) holding NaN/Inf values", sorted(bad)),
+                    "the weights are broken (e.g. exported from a diverged run); re-export from an earlier checkpoint")
+    model = build()
+    load_state_dict_checked(model, component.tensors, source=str(path), names=names(model),
+                            provenance=component.provenance)
+    return model
 
 
 # ---------------------------------------------------------------------------------- identity
@@ -385,7 +447,7 @@ def fingerprint(path) -> str:
     (path, size, mtime) within a process.
     """
     path = Path(path)
-    st = path.stat()
+    st = _stat_file(path)
     memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if memo in _FINGERPRINTS:
         return _FINGERPRINTS[memo]

@@ -7,11 +7,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 ENCODER_FAMILIES = ("dinov2", "dinov2_reg", "dinov3", "siglip", "siglip2", "clip")
 FEATURE_NORMS = ("layernorm", "affine", "none")
+# Sane upper bounds: far above any real model, low enough that a typo or a hostile file cannot make
+# a loader build (or allocate) something absurd before the weights are even compared.
+MAX_LAYERS = 1024
+MAX_WIDTH = 65536
+MAX_CHANNELS = 4096
+
+
+def check_int(owner: str, name: str, value, lo: int = 1, hi: int = MAX_WIDTH) -> int:
+    """`value` if it is an int (not a bool, not a float) in lo..hi, else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{owner}.{name} must be an integer in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def check_transformer(owner: str, cfg: dict, *, layers: str = "num_hidden_layers") -> None:
+    """The sizes a transformers config of a ViT/LM must have to build: positive, bounded, heads dividing the width."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{owner} must be a dict (a transformers config), got {type(cfg).__name__}")
+    width = check_int(owner, "hidden_size", cfg.get("hidden_size"))
+    check_int(owner, layers, cfg.get(layers), 1, MAX_LAYERS)
+    heads = check_int(owner, "num_attention_heads", cfg.get("num_attention_heads"), 1, width)
+    if width % heads:
+        raise ValueError(f"{owner}.hidden_size {width} must be divisible by num_attention_heads {heads}")
+    if "intermediate_size" in cfg:
+        check_int(owner, "intermediate_size", cfg["intermediate_size"], 1, 16 * MAX_WIDTH)
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -81,6 +107,24 @@ class EncoderConfig(_Serialisable):
             raise ValueError(f"encoder family {self.family!r} is not supported; use one of {ENCODER_FAMILIES}")
         if self.feature_norm not in FEATURE_NORMS:
             raise ValueError(f"feature_norm {self.feature_norm!r} is not one of {FEATURE_NORMS}")
+        if self.hf_config is not None:
+            check_transformer("encoder.hf_config", self.hf_config)
+            check_int("encoder.hf_config", "patch_size", self.hf_config.get("patch_size"), 1, 1024)
+            if "num_register_tokens" in self.hf_config:
+                check_int("encoder.hf_config", "num_register_tokens", self.hf_config["num_register_tokens"], 0, 1024)
+        if self.image_size is not None:
+            check_int("encoder", "image_size", self.image_size, 1, 8192)
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and not (len(value) == 3 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+                raise ValueError(f"encoder.{name} must be None or 3 finite numbers, got {value!r}")
+        if self.image_std is not None and min(self.image_std) <= 0:
+            raise ValueError(f"encoder.image_std must be positive, got {self.image_std!r}")
+
+    @property
+    def num_layers(self) -> Optional[int]:
+        return None if self.hf_config is None else self.hf_config["num_hidden_layers"]
 
 
 @dataclass(frozen=True)
@@ -100,8 +144,9 @@ class SemanticConfig(_Serialisable):
     def __post_init__(self):
         if self.block_init not in ("copy", "fresh"):
             raise ValueError(f"semantic.block_init must be 'copy' or 'fresh', not {self.block_init!r}")
-        if self.depth < 0:
-            raise ValueError("semantic.depth must be >= 0")
+        check_int("semantic", "depth", self.depth, 0, MAX_LAYERS)
+        if self.proj_hidden is not None:
+            check_int("semantic", "proj_hidden", self.proj_hidden)
 
 
 @dataclass(frozen=True)
@@ -123,6 +168,18 @@ class PixelDecoderConfig(_Serialisable):
     def __post_init__(self):
         if self.kind not in ("conv", "vit"):
             raise ValueError(f"pixel_decoder.kind must be 'conv' or 'vit', not {self.kind!r}")
+        check_int("pixel_decoder", "base_channels", self.base_channels, 1, MAX_CHANNELS)
+        if not (isinstance(self.channel_mult, tuple) and 1 <= len(self.channel_mult) <= 8):
+            raise ValueError(f"pixel_decoder.channel_mult must be a list of 1..8 multipliers, got {self.channel_mult!r}")
+        for m in self.channel_mult:
+            check_int("pixel_decoder", "channel_mult entry", m, 1, 64)
+        check_int("pixel_decoder", "num_res_blocks", self.num_res_blocks, 1, 64)
+        check_int("pixel_decoder", "vit_width", self.vit_width)
+        check_int("pixel_decoder", "vit_depth", self.vit_depth, 1, MAX_LAYERS)
+        check_int("pixel_decoder", "vit_heads", self.vit_heads, 1, self.vit_width)
+        check_int("pixel_decoder", "vit_patch", self.vit_patch, 1, 256)
+        if self.vit_width % self.vit_heads:
+            raise ValueError(f"pixel_decoder.vit_width {self.vit_width} must be divisible by vit_heads {self.vit_heads}")
 
     @property
     def upsample_factor(self) -> int:
@@ -143,8 +200,12 @@ class PSVAEConfig(_Serialisable):
     def __post_init__(self):
         if self.mode not in ("psvae", "rae"):
             raise ValueError(f"mode must be 'psvae' or 'rae', not {self.mode!r}")
-        if self.mode == "psvae" and not (1 <= self.latent_channels <= 4096):
-            raise ValueError(f"latent_channels must be a positive channel count, got {self.latent_channels}")
+        if self.mode == "psvae":
+            check_int("config", "latent_channels", self.latent_channels, 1, MAX_CHANNELS)
+            layers = self.encoder.num_layers
+            if layers is not None and self.semantic.depth > layers:
+                raise ValueError(f"semantic.depth {self.semantic.depth} is larger than the encoder's {layers} blocks; "
+                                 f"use a depth in 0..{layers}")
 
 
 _NESTED = {

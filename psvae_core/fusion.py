@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import flow
-from .config import _Serialisable
+from .config import MAX_CHANNELS, MAX_LAYERS, MAX_WIDTH, _Serialisable, check_int, check_transformer
 from .fusion_backbone import SUPPORTED_MODEL_TYPES, LMBackbone, PrefixCache
 from .fusion_heads import DDTHead, LinearHead, TimestepEmbedder, sincos_2d
 from .tokenizer_state import tokenizer_from_state, tokenizer_to_state
@@ -63,8 +63,24 @@ class FusionConfig(_Serialisable):
     def __post_init__(self):
         if self.lm.get("model_type") not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"lm['model_type'] must be one of {SUPPORTED_MODEL_TYPES}, got {self.lm.get('model_type')!r}")
-        if self.latent_channels < 1 or len(self.latent_size) != 2:
-            raise ValueError("latent_channels must be >= 1 and latent_size a (h, w) pair")
+        check_transformer("generator.lm", self.lm)
+        check_int("generator.lm", "vocab_size", self.lm.get("vocab_size"), 1, 10_000_000)
+        if "num_key_value_heads" in self.lm:
+            kv = check_int("generator.lm", "num_key_value_heads", self.lm["num_key_value_heads"])
+            if self.lm["num_attention_heads"] % kv:
+                raise ValueError(f"generator.lm.num_attention_heads must be divisible by num_key_value_heads {kv}")
+        check_int("generator", "latent_channels", self.latent_channels, 1, MAX_CHANNELS)
+        if not (isinstance(self.latent_size, tuple) and len(self.latent_size) == 2):
+            raise ValueError(f"generator.latent_size must be an (h, w) pair, got {self.latent_size!r}")
+        for side in self.latent_size:
+            check_int("generator", "latent_size entry", side, 1, 1024)
+        check_int("generator", "head_width", self.head_width)
+        check_int("generator", "head_depth", self.head_depth, 0, MAX_LAYERS)
+        check_int("generator", "head_heads", self.head_heads, 1, self.head_width)
+        check_int("generator", "time_freq_dim", self.time_freq_dim, 2, MAX_WIDTH)
+        if isinstance(self.head_mlp_ratio, bool) or not isinstance(self.head_mlp_ratio, (int, float)) or not (
+                0 < self.head_mlp_ratio <= 64):
+            raise ValueError(f"generator.head_mlp_ratio must be a number in (0, 64], got {self.head_mlp_ratio!r}")
         if self.use_head and (self.head_width % self.head_heads or self.head_width % 4):
             raise ValueError(f"head_width {self.head_width} must be divisible by head_heads {self.head_heads} and by 4")
 
@@ -170,7 +186,7 @@ class FusionDiffuser(nn.Module):
 
     @classmethod
     def from_file(cls, path, device="cpu") -> "FusionDiffuser":
-        from .checkpoint import CheckpointError, load_component, load_state_dict_checked
+        from .checkpoint import CheckpointError, build_checked, load_component
 
         component = load_component(path, expected_kind=KIND, device=device)
         try:
@@ -179,8 +195,12 @@ class FusionDiffuser(nn.Module):
             raise CheckpointError(f"{path}: its generator config is not valid here ({e}); re-export it "
                                   "with this version of the PS-VAE trainer") from None
         state = {k[len(_TOKENIZER_PREFIX):]: v for k, v in component.metadata.items() if k.startswith(_TOKENIZER_PREFIX)}
-        model = cls(config, tokenizer=tokenizer_from_state(state) if state else None)
-        load_state_dict_checked(model, component.tensors, source=str(path))
+        try:
+            tokenizer = tokenizer_from_state(state) if state else None
+        except ValueError as e:
+            raise CheckpointError(f"{path}: its tokenizer metadata is broken ({e}); re-export the file with the "
+                                  "PS-VAE trainer") from None
+        model = build_checked(path, component, lambda: cls(config, tokenizer=tokenizer))
         return model.to(device)
 
     @staticmethod

@@ -34,9 +34,20 @@ def tokenizer_from_state(state: dict[str, str]):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    missing = [k for k in ("tokenizer_json", "tokenizer_config") if k not in state]
+    if missing:
+        raise ValueError(f"tokenizer state lacks {missing}; it needs 'tokenizer_json' and 'tokenizer_config'")
     try:
         backend = Tokenizer.from_str(state["tokenizer_json"])
+    except Exception as e:  # tokenizers raises a bare Exception for a bad tokenizer.json
+        raise ValueError(f"tokenizer_json is not a valid tokenizer.json ({e})") from None
+    try:
         config = json.loads(state["tokenizer_config"])
-    except KeyError as e:
-        raise ValueError(f"tokenizer state lacks {e}; it needs 'tokenizer_json' and 'tokenizer_config'") from None
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"tokenizer_config is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not all(isinstance(v, (str, list, type(None))) for v in config.values()):
+        raise ValueError("tokenizer_config must be a JSON object of special-token names and padding_side")
+    try:
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"tokenizer_config does not fit a tokenizer ({e})") from None
