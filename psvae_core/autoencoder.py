@@ -171,7 +171,7 @@ class PSVAE(nn.Module):
     @classmethod
     def from_file(cls, path, device="cpu") -> "PSVAE":
         """Load an exported VAE file; every problem raises `checkpoint.CheckpointError`."""
-        component = checkpoint.load_component(path, expected_kind=CHECKPOINT_KIND)
+        component = checkpoint.load_component(path, expected_kind=CHECKPOINT_KIND, read_tensors=False)
         try:
             config = PSVAEConfig.from_dict(component.config)
             if config.encoder.hf_config is None:

@@ -59,6 +59,7 @@ class Component:
     latent_stats: Optional[dict]
     provenance: dict
     metadata: dict
+    shapes: dict  # tensor name -> shape, from the header
 
 
 def _fail(path, problem: str, fix: str) -> CheckpointError:
@@ -309,10 +310,14 @@ def _json_field(path, meta: dict, key: str):
                     "the file is corrupt or was edited by hand; re-export it with the PS-VAE trainer") from None
 
 
-def load_component(path, *, expected_kind: Optional[str] = None, device="cpu") -> Component:
-    """Validate and load one component file; every problem raises CheckpointError."""
+def load_component(path, *, expected_kind: Optional[str] = None, device="cpu", read_tensors: bool = True) -> Component:
+    """Validate and load one component file; every problem raises CheckpointError.
+    read_tensors=False reads the header only (`tensors` is then None; see `build_checked`)."""
     path = Path(path)
-    meta = read_metadata(path)
+    header = read_header(path)
+    meta = dict(header.get("__metadata__", {}))
+    shapes = {k: list(v.get("shape", [])) if isinstance(v.get("shape"), list) else [-1]
+              for k, v in header.items() if k != "__metadata__"}
     if meta.get("format") != FORMAT:
         arch = meta.get("modelspec.architecture")
         hint = f" (its modelspec.architecture is {arch!r})" if arch else ""
@@ -339,15 +344,19 @@ def load_component(path, *, expected_kind: Optional[str] = None, device="cpu") -
     latent_stats = _json_field(path, meta, "latent_stats") if "latent_stats" in meta else None
     provenance = _json_field(path, meta, "provenance") if "provenance" in meta else {}
 
+    tensors = _read_tensors(path, device) if read_tensors else None
+    return Component(kind=kind, format_version=version, config=config, tensors=tensors,
+                     latent_stats=latent_stats, provenance=provenance, metadata=meta, shapes=shapes)
+
+
+def _read_tensors(path, device) -> dict:
     if isinstance(device, torch.device):
         device = str(device)
     try:  # the header is already checked; this guards the data itself (and a file changed meanwhile)
-        tensors = load_file(path, device=device)
+        return load_file(path, device=device)
     except Exception as e:
         raise _fail(path, f"safetensors could not read the tensors ({type(e).__name__}: {e})",
                     "the file is corrupt or incomplete; re-download or re-export it") from e
-    return Component(kind=kind, format_version=version, config=config, tensors=tensors,
-                     latent_stats=latent_stats, provenance=provenance, metadata=meta)
 
 
 def _listing(problem: str, items: list) -> str:
@@ -355,19 +364,17 @@ def _listing(problem: str, items: list) -> str:
     return f"{len(items)} {problem}: {', '.join(items[:_SHOW])}{more}"
 
 
-def _check_fits(own: dict, tensors: dict, source: str, provenance: Optional[dict]) -> None:
-    """Names and shapes of the file's tensors against the model's (both under file names)."""
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    mismatched = sorted(f"{k} (file {list(tensors[k].shape)}, model {list(own[k].shape)})"
-                        for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape)
+def _check_fits(own: dict, stored: dict, source: str, provenance: Optional[dict]) -> None:
+    """Names and shapes (name -> list) of the file's tensors against the model's, both under file names."""
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
+    mismatched = sorted(f"{k} (file {stored[k]}, model {own[k]})" for k in set(own) & set(stored) if stored[k] != own[k])
     problems = [_listing(what, items) for what, items in
                 (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch(es)", mismatched))
                 if items]
     if not problems:
         return
-    renamed = missing and sorted(list(own[k].shape) for k in missing) == sorted(
-        list(tensors[k].shape) for k in unexpected)
+    renamed = missing and sorted(own[k] for k in missing) == sorted(stored[k] for k in unexpected)
     written = (provenance or {}).get("transformers")
     installed = _package_version("transformers")
     if renamed and written != installed:
@@ -394,7 +401,8 @@ def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str,
     live = {names(k): k for k in state}
     own = {name: state[k] for name, k in live.items()}
     tensors = {names(k): t for k, t in tensors.items()}
-    _check_fits(own, tensors, source, provenance)
+    _check_fits({k: list(t.shape) for k, t in own.items()}, {k: list(t.shape) for k, t in tensors.items()},
+                source, provenance)
     cast = {live[k]: t.to(dtype=own[k].dtype) for k, t in tensors.items()}
     try:
         module.load_state_dict(cast, strict=True)
@@ -408,8 +416,9 @@ def build_checked(path, component: Component, build: Callable[[], nn.Module], *,
     is a CheckpointError naming the file.
 
     The model is first built on the meta device (nothing allocated) and its tensor names and shapes
-    compared with the file's: a config that does not fit the weights (absurd sizes included) never
-    gets allocated, and one that cannot build at all is reported, not raised as whatever it hit.
+    compared with the file's header: a config that does not fit the weights (absurd sizes included)
+    never gets allocated, nor is any tensor data read (a component read with read_tensors=False is
+    read only now), and a config that cannot build at all is reported, not raised as whatever it hit.
     Then it is built for real (encoders keep non-persistent buffers, RoPE frequencies and position
     ids, that a state dict does not carry) and loaded. Non-finite weights are refused."""
     names = names or (lambda module: (lambda key: key))
@@ -420,14 +429,16 @@ def build_checked(path, component: Component, build: Callable[[], nn.Module], *,
         raise _fail(path, f"the stored config does not build a model ({type(e).__name__}: {e})",
                     "the file is corrupt or was edited by hand; re-export it with the PS-VAE trainer") from None
     name = names(skeleton)
-    _check_fits({name(k): v for k, v in skeleton.state_dict().items()}, {name(k): t for k, t in component.tensors.items()},
-                str(path), component.provenance)
-    bad = [k for k, t in component.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    _check_fits({name(k): list(v.shape) for k, v in skeleton.state_dict().items()},
+                {name(k): shape for k, shape in component.shapes.items()}, str(path), component.provenance)
+    del skeleton
+    tensors = component.tensors if component.tensors is not None else _read_tensors(path, "cpu")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise _fail(path, _listing("tensor(s) holding NaN/Inf values", sorted(bad)),
                     "the weights are broken (e.g. exported from a diverged run); re-export from an earlier checkpoint")
     model = build()
-    load_state_dict_checked(model, component.tensors, source=str(path), names=names(model),
+    load_state_dict_checked(model, tensors, source=str(path), names=names(model),
                             provenance=component.provenance)
     return model
 

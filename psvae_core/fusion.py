@@ -188,7 +188,7 @@ class FusionDiffuser(nn.Module):
     def from_file(cls, path, device="cpu") -> "FusionDiffuser":
         from .checkpoint import CheckpointError, build_checked, load_component
 
-        component = load_component(path, expected_kind=KIND, device=device)
+        component = load_component(path, expected_kind=KIND, read_tensors=False)
         try:
             config = FusionConfig.from_dict(component.config)
         except (TypeError, ValueError) as e:

@@ -436,3 +436,114 @@ def test_name_mismatch_from_another_transformers_version_says_so(tmp_path):
     # Written under this very version: the names are not the cause, so the usual message.
     with pytest.raises(CheckpointError, match="the file was made for another component or config"):
         PSVAE.from_file(_renamed_file(tmp_path, transformers.__version__))
+
+
+# ----------------------------------------------------------------------------- stored configs and values
+
+BASE_VAE = LAYOUTS / "dinov2_reg-tf4.safetensors"
+
+
+def _vae_with(tmp_path, tensors=None, **config_changes):
+    config = json.loads(read_metadata(BASE_VAE)["config"])
+    for dotted, value in config_changes.items():
+        *parents, leaf = dotted.split("__")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path = tmp_path / "vae.safetensors"
+    meta = {**read_metadata(BASE_VAE), "config": json.dumps(config)}
+    save_file(tensors if tensors is not None else load_file(BASE_VAE), path, metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(encoder__hf_config__num_attention_heads=0), "num_attention_heads must be an integer in 1..8, got 0"),
+    (dict(encoder__hf_config__hidden_size=-64), "hidden_size must be an integer in 1..65536, got -64"),
+    (dict(encoder__hf_config__num_hidden_layers=10 ** 6), "num_hidden_layers must be an integer in 1..1024"),
+    (dict(pixel_decoder__channel_mult=[]), "channel_mult must be a list of 1..8 multipliers"),
+    (dict(pixel_decoder__base_channels=16.0), "base_channels must be an integer in 1..4096, got 16.0"),
+    (dict(pixel_decoder__base_channels=0), "base_channels must be an integer in 1..4096, got 0"),
+    (dict(semantic__depth=99), "semantic.depth 99 is larger than the encoder's 2 blocks"),
+    (dict(encoder__hf_config={}), "hidden_size must be an integer in 1..65536, got None"),
+])
+def test_stored_config_that_cannot_build_is_a_checkpoint_error(tmp_path, change, fragment):
+    path = _vae_with(tmp_path, **change)
+    with pytest.raises(CheckpointError, match="the stored config is not valid") as info:
+        PSVAE.from_file(path)
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_empty_stored_config_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "vae.safetensors"
+    save_file(load_file(BASE_VAE), path, metadata={**read_metadata(BASE_VAE), "config": "{}"})
+    with pytest.raises(CheckpointError, match="no encoder.hf_config"):
+        PSVAE.from_file(path)
+
+
+def test_config_too_big_for_its_tensors_is_refused_before_allocating_or_reading(tmp_path, monkeypatch):
+    path = _vae_with(tmp_path, pixel_decoder__base_channels=4096, encoder__hf_config__hidden_size=4096)
+    devices = []
+    real_init = PSVAE.__init__
+
+    def spy(self, *args, **kwargs):
+        devices.append(torch.empty(0).device.type)  # the device modules are built on
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(PSVAE, "__init__", spy)
+    monkeypatch.setattr(ckpt, "load_file", lambda *a, **k: pytest.fail("tensor data read before the check"))
+    with pytest.raises(CheckpointError, match="the weights do not fit this model") as info:
+        PSVAE.from_file(path)
+    assert "shape mismatch(es)" in str(info.value) and "model [4096]" in str(info.value)
+    assert devices == ["meta"]
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("encoder.model.embeddings.cls_token", float("nan"), "1 tensor(s) holding NaN/Inf values: encoder.model.embeddings.cls_token"),
+    ("pixel_decoder.conv_in.weight", float("inf"), "NaN/Inf values: pixel_decoder.conv_in.weight"),
+    ("latents_std", float("nan"), "NaN/Inf values: latents_std"),
+    ("latents_std", 0.0, "latents_std holds 1 zero or negative value(s)"),
+    ("latents_std", -2.0, "latents_std holds 1 zero or negative value(s)"),
+])
+def test_non_finite_weights_and_bad_latent_std_are_refused(tmp_path, key, value, fragment):
+    tensors = load_file(BASE_VAE)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = value
+    path = _vae_with(tmp_path, tensors=tensors)
+    with pytest.raises(CheckpointError, match="re-export") as info:
+        PSVAE.from_file(path)
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("version", ["0", "-1"])
+def test_format_version_below_one_is_refused(good_file, version):
+    _rewrite_metadata(good_file, format_version=version)
+    _raises(good_file, f"format_version {version} is not a valid version")
+
+
+def test_deeply_nested_json_is_a_checkpoint_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    header = f'{{"x": {deep}}}'.encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    for read in (read_metadata, ckpt.fingerprint, load_component):
+        with pytest.raises(CheckpointError, match="nests JSON too deeply"):
+            read(path)
+    for key in ("config", "latent_stats", "provenance"):
+        other = _save(tmp_path / f"{key}.safetensors")
+        _rewrite_metadata(other, **{key: deep})
+        _raises(other, f"the '{key}' metadata nests JSON too deeply")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs and symlink loops are POSIX")
+def test_fifos_devices_and_symlink_loops_say_what_they_are(tmp_path):
+    fifo, loop = tmp_path / "fifo.safetensors", tmp_path / "loop.safetensors"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    for path, fragment in [(fifo, "this is a FIFO (named pipe), not a regular file"),
+                           (os.devnull, "this is a device, not a regular file"),
+                           (loop, "Too many levels of symbolic links"),
+                           (tmp_path / "none.safetensors", "file not found")]:
+        for read in (read_metadata, ckpt.fingerprint, load_component):
+            with pytest.raises(CheckpointError) as info:
+                read(path)
+            assert fragment in str(info.value) and str(path) in str(info.value)
