@@ -169,7 +169,7 @@ class PixelDecoderConfig(_Serialisable):
         if self.kind not in ("conv", "vit"):
             raise ValueError(f"pixel_decoder.kind must be 'conv' or 'vit', not {self.kind!r}")
         check_int("pixel_decoder", "base_channels", self.base_channels, 1, MAX_CHANNELS)
-        if not (isinstance(self.channel_mult, tuple) and 1 <= len(self.channel_mult) <= 8):
+        if not (isinstance(self.channel_mult, (tuple, list)) and 1 <= len(self.channel_mult) <= 8):
             raise ValueError(f"pixel_decoder.channel_mult must be a list of 1..8 multipliers, got {self.channel_mult!r}")
         for m in self.channel_mult:
             check_int("pixel_decoder", "channel_mult entry", m, 1, 64)

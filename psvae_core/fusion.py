@@ -70,7 +70,7 @@ class FusionConfig(_Serialisable):
             if self.lm["num_attention_heads"] % kv:
                 raise ValueError(f"generator.lm.num_attention_heads must be divisible by num_key_value_heads {kv}")
         check_int("generator", "latent_channels", self.latent_channels, 1, MAX_CHANNELS)
-        if not (isinstance(self.latent_size, tuple) and len(self.latent_size) == 2):
+        if not (isinstance(self.latent_size, (tuple, list)) and len(self.latent_size) == 2):
             raise ValueError(f"generator.latent_size must be an (h, w) pair, got {self.latent_size!r}")
         for side in self.latent_size:
             check_int("generator", "latent_size entry", side, 1, 1024)
