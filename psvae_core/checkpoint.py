@@ -27,6 +27,9 @@ FORMAT = "psvae"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a larger length means "not safetensors"
+# 4x the largest model here (the 1.7B generator in float32 is 6.8 GB): bounds what loading and
+# `fingerprint` read, so a huge (e.g. sparse) file is refused at once instead of read for minutes.
+MAX_FILE_BYTES = 32 << 30
 _SHOW = 5  # how many keys of each problem an error message lists
 
 RESERVED_KEYS = frozenset({
@@ -241,6 +244,9 @@ def read_header(path) -> dict:
     path = Path(path)
     st = _stat_file(path)
     size = st.st_size
+    if size > MAX_FILE_BYTES:
+        raise _fail(path, f"the file is {size / (1 << 30):.1f} GiB, more than any PS-VAE component "
+                          f"({MAX_FILE_BYTES >> 30} GiB at most)", "pick the right file; this one is not a PS-VAE export")
     with open(path, "rb") as f:
         lead = f.read(9)
         what = _foreign_kind(lead)

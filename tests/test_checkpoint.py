@@ -547,3 +547,16 @@ def test_fifos_devices_and_symlink_loops_say_what_they_are(tmp_path):
             with pytest.raises(CheckpointError) as info:
                 read(path)
             assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_huge_sparse_file_is_refused_without_reading_it(tmp_path, monkeypatch):
+    size = ckpt.MAX_FILE_BYTES + (1 << 30)
+    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + size)  # sparse: no disk space used
+    monkeypatch.setattr(ckpt.hashlib, "sha256", lambda *a: pytest.fail("the data must not be hashed"))
+    for read in (read_metadata, ckpt.fingerprint, load_component):
+        with pytest.raises(CheckpointError, match=r"the file is 33.0 GiB, more than any PS-VAE component \(32 GiB"):
+            read(path)
