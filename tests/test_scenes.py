@@ -1,0 +1,85 @@
+"""The scenes world, its captions, edits, scorer and dataset writer (docs/SCENES.md)."""
+import numpy as np
+import pytest
+
+from trainer.scenes import world
+from trainer.scenes.world import (
+    COLORS, HELD_OUT, NUM_CLASSES, SHAPES, Scene, SceneObject, label_grid, object_masks, render,
+    rng_for, sample_scene,
+)
+
+
+def _scene(split, seed, **kw):
+    return sample_scene(rng_for(split, seed), split, **kw)
+
+
+def test_world_is_deterministic_and_seeds_differ():
+    a, b = render(_scene("train", 3)), render(_scene("train", 3))
+    assert a.size == (256, 256) and a.mode == "RGB"
+    assert a.tobytes() == b.tobytes()
+    assert _scene("train", 3) == _scene("train", 3)
+    assert render(_scene("train", 4)).tobytes() != a.tobytes()
+    assert _scene("val", 3) != _scene("train", 3)  # disjoint streams per split
+
+
+def test_world_vocabulary():
+    assert {"circle", "square", "triangle", "star", "heart", "hexagon"} <= set(SHAPES)
+    assert {"red", "green", "blue", "yellow", "purple", "orange", "white", "black"} <= set(COLORS)
+    assert NUM_CLASSES == 1 + len(SHAPES) * len(COLORS)
+    with pytest.raises(ValueError, match="unknown split"):
+        _scene("training", 0)
+
+
+def test_held_out_pairs_never_in_train_or_val_and_in_every_test_scene():
+    seen = {"train": set(), "val": set()}
+    for split in seen:
+        for seed in range(300):
+            seen[split] |= {(o.shape, o.color) for o in _scene(split, seed).objects}
+    for split, pairs in seen.items():
+        assert not pairs & set(HELD_OUT), split
+        assert len(pairs) == len(SHAPES) * len(COLORS) - len(HELD_OUT), split  # all the others occur
+    for seed in range(100):
+        assert any((o.shape, o.color) in HELD_OUT for o in _scene("test", seed).objects)
+
+
+def test_objects_keep_free_space_and_the_margin():
+    for seed in range(200):
+        objs = _scene("train", seed).objects
+        assert 1 <= len(objs) <= 4
+        for i, o in enumerate(objs):
+            assert world.EDGE_MARGIN <= o.x - o.radius and o.x + o.radius <= 1 - world.EDGE_MARGIN
+            assert world.EDGE_MARGIN <= o.y - o.radius and o.y + o.radius <= 1 - world.EDGE_MARGIN
+            for p in objs[i + 1:]:
+                assert np.hypot(o.x - p.x, o.y - p.y) >= o.radius + p.radius + world.GAP
+
+
+def test_render_paints_each_object_in_its_colour_and_masks_match():
+    bg = world.Background("flat", (128, 128, 128), (128, 128, 128), 0.0, 1)
+    objs = tuple(SceneObject(s, c, "large", x, y) for s, c, x, y in [
+        ("circle", "red", 0.25, 0.25), ("square", "white", 0.75, 0.25),
+        ("hexagon", "black", 0.25, 0.75), ("star", "yellow", 0.75, 0.75)])
+    scene = Scene(objs, bg)
+    img = np.asarray(render(scene), np.float32)
+    masks = object_masks(scene)
+    assert masks.shape == (4, 256, 256) and masks.max() == 1.0
+    assert ((masks > 0.1) & (masks < 0.9)).any()  # anti-aliased edges
+    for o, m in zip(objs, masks):
+        inside = img[m == 1].mean(axis=0)
+        assert np.abs(inside - COLORS[o.color]).max() < 25, (o, inside)
+    outside = img[masks.sum(0) == 0].mean(axis=0)
+    assert np.abs(outside - 128).max() < 5
+
+
+def test_label_grid_names_the_object_covering_each_cell():
+    bg = world.Background("flat", (128, 128, 128), (128, 128, 128), 0.0, 1)
+    o = SceneObject("square", "blue", "large", 0.5, 0.5)
+    grid = label_grid(Scene((o,), bg))
+    assert grid.dtype == np.int64 and grid.shape == (16, 16)
+    assert grid[8, 8] == o.label == 1 + SHAPES.index("square") * len(COLORS) + list(COLORS).index("blue")
+    assert grid[0, 0] == 0
+    # The square spans pixels 103.6..152.4: 4 x 4 cells, each edge cell 52 % covered, so the four
+    # corner cells (27 %) stay background.
+    rows, cols = np.nonzero(grid == o.label)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (6, 9, 6, 9)
+    assert (grid == o.label).sum() == 12 and grid[6, 6] == grid[9, 9] == 0
+    assert world.class_name(o.label) == "blue square"
