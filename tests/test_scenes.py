@@ -83,3 +83,63 @@ def test_label_grid_names_the_object_covering_each_cell():
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (6, 9, 6, 9)
     assert (grid == o.label).sum() == 12 and grid[6, 6] == grid[9, 9] == 0
     assert world.class_name(o.label) == "blue square"
+
+
+# ---- captions ----------------------------------------------------------------------------------
+
+from collections import Counter  # noqa: E402
+import json  # noqa: E402
+
+from trainer.scenes import captions  # noqa: E402
+from trainer.scenes.captions import CATEGORIES, prompt, relation_holds, scene_for  # noqa: E402
+
+
+def _matches(scene, spec):
+    """The scene holds exactly the spec's objects (groups always have different shapes)."""
+    groups = spec["objects"]
+    shapes = Counter(o.shape for o in scene.objects)
+    return shapes == Counter({g["shape"]: g["count"] for g in groups}) and all(
+        o.color == g["color"] for g in groups if g["color"] for o in scene.objects if o.shape == g["shape"])
+
+
+def test_captions_cover_the_six_categories_with_varied_wording():
+    rng = np.random.default_rng(0)
+    texts = {c: set() for c in CATEGORIES}
+    for _ in range(600):
+        text, spec = prompt(rng)
+        assert json.loads(json.dumps(spec)) == spec
+        texts[spec["category"]].add(text.split(" ")[0] + text.split(" ")[1])  # the wording's opening
+    assert set(CATEGORIES) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    for category, openings in texts.items():
+        assert len(openings) >= 3, category
+    counts = {prompt(rng, category="counting")[1]["objects"][0]["count"] for _ in range(100)}
+    assert counts == {1, 2, 3, 4}
+    assert prompt(np.random.default_rng(1), category="counting")[0] == \
+        prompt(np.random.default_rng(1), category="counting")[0]
+    with pytest.raises(ValueError, match="unknown category"):
+        prompt(rng, category="colour")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_scene_for_satisfies_the_spec_exactly(split):
+    rng = np.random.default_rng(5)
+    for category in CATEGORIES:
+        for _ in range(40):
+            text, spec = prompt(rng, split, category)
+            scene = scene_for(spec, rng, split)
+            assert _matches(scene, spec), (text, scene.objects)
+            pairs = {(o.shape, o.color) for o in scene.objects}
+            if split == "test":
+                assert pairs & set(HELD_OUT), (text, pairs)
+            else:
+                assert not pairs & set(HELD_OUT), (text, pairs)
+            if spec["relation"]:
+                a, b = scene.objects
+                assert relation_holds((a.x, a.y), (b.x, b.y), spec["relation"], 2 * captions.RELATION_MIN)
+                assert not relation_holds((b.x, b.y), (a.x, a.y), spec["relation"])
+
+
+def test_relation_words_follow_image_axes():
+    assert relation_holds((0.2, 0.5), (0.6, 0.5), "left") and not relation_holds((0.2, 0.5), (0.6, 0.5), "right")
+    assert relation_holds((0.5, 0.2), (0.5, 0.6), "above")  # y grows downwards
+    assert not relation_holds((0.2, 0.1), (0.3, 0.9), "left")  # mostly above, not left
