@@ -143,3 +143,55 @@ def test_relation_words_follow_image_axes():
     assert relation_holds((0.2, 0.5), (0.6, 0.5), "left") and not relation_holds((0.2, 0.5), (0.6, 0.5), "right")
     assert relation_holds((0.5, 0.2), (0.5, 0.6), "above")  # y grows downwards
     assert not relation_holds((0.2, 0.1), (0.3, 0.9), "left")  # mostly above, not left
+
+
+# ---- scorer ------------------------------------------------------------------------------------
+
+from trainer.scenes import scorer  # noqa: E402
+
+
+def test_scorer_detects_every_object_of_clean_test_renders():
+    for seed in range(30):
+        scene = _scene("test", seed)
+        found = scorer.detect(render(scene))
+        assert sorted((d.shape, d.color, d.size) for d in found) == \
+            sorted((o.shape, o.color, o.size) for o in scene.objects), seed
+        for d in found:  # each detection sits on its object's centre
+            assert min(np.hypot(d.x - o.x, d.y - o.y) for o in scene.objects) < 0.03
+
+
+def test_scorer_passes_clean_test_prompts_and_fails_mismatched_ones():
+    rng = np.random.default_rng(11)
+    results, false_passes, wrong = [], 0, 0
+    for category in CATEGORIES:
+        for _ in range(15):
+            _, spec = prompt(rng, "test", category)
+            result = scorer.score(render(scene_for(spec, rng, "test")), spec)
+            assert result["passed"], (spec, result)
+            results.append(result)
+            other = scene_for(prompt(rng, "test", category)[1], rng, "test")
+            if not all(scorer.check(other.objects, spec).values()):  # truly wrong for this spec
+                wrong += 1
+                false_passes += scorer.score(render(other), spec)["passed"]
+    summary = scorer.summarise(results)
+    assert summary["overall"] == 1.0 and set(summary["categories"]) == set(CATEGORIES)
+    assert wrong > 60 and false_passes == 0
+
+
+def test_check_follows_geneval_rules():
+    objs = [SceneObject("circle", "red", "small", 0.2, 0.5), SceneObject("circle", "blue", "large", 0.8, 0.5),
+            SceneObject("square", "red", "small", 0.5, 0.44)]
+    spec = {"category": "counting", "objects": [{"shape": "circle", "color": None, "count": 2}], "relation": None}
+    assert scorer.check(objs, spec) == {"count 2 circle": True}
+    spec["objects"][0]["count"] = 3
+    assert scorer.check(objs, spec) == {"count 3 circle": False}
+    spec = {"category": "color_attr", "relation": None,
+            "objects": [{"shape": "circle", "color": "blue", "count": 1}, {"shape": "square", "color": "blue", "count": 1}]}
+    assert scorer.check(objs, spec) == {"present blue circle": True, "present blue square": False}
+    spec = {"category": "position", "relation": "left",
+            "objects": [{"shape": "circle", "color": None, "count": 1}, {"shape": "square", "color": None, "count": 1}]}
+    assert scorer.check(objs, spec)["circle left square"]  # the red circle at x=0.2 is
+    spec["relation"] = "below"
+    assert scorer.check(objs, spec)["circle below square"] is False  # 0.06 lower: under RELATION_MIN
+    objs[2] = SceneObject("square", "red", "small", 0.5, 0.2)
+    assert scorer.check(objs, spec)["circle below square"] is False  # 0.3 lower, but 0.3 aside too

@@ -125,9 +125,11 @@ def sample_background(rng: np.random.Generator) -> Background:
 
 
 def _sample_tint(rng: np.random.Generator) -> tuple[int, int, int]:
-    # Lightness 0.42-0.6 and chroma <= 0.12: far from white (>= 0.83 lit), black and saturated colours.
-    value = rng.uniform(0.42, 0.6)
-    chroma = rng.uniform(0.0, 0.12)
+    # Lightness 0.38-0.56 and chroma <= 0.1: with lighting, pattern and grain every background pixel
+    # keeps its largest channel in 0.28..0.7, while lit white objects stay above 0.78 and black ones
+    # below 0.15, and the colours' chroma (>= 0.4) is four times the backgrounds'.
+    value = rng.uniform(0.38, 0.56)
+    chroma = rng.uniform(0.0, 0.1)
     hue = rng.uniform(0, 2 * math.pi)
     offsets = np.cos(hue - np.array([0.0, 2.0944, 4.1888]))  # r, g, b around the grey axis
     rgb = np.clip(value + chroma * value * offsets, 0, 1)
@@ -319,10 +321,10 @@ def render(scene: Scene, size: int = 256) -> Image.Image:
         h, w = patch.shape
         sl = (slice(top, top + h), slice(left, left + w))
         base = np.array(COLORS[obj.color], np.float32) / 255
-        shade = _lighting(bg.light, xx[sl], yy[sl], obj.x, obj.y, obj.radius, 0.14) - 1.0
+        shade = _lighting(bg.light, xx[sl], yy[sl], obj.x, obj.y, obj.radius, 0.12) - 1.0
         tex = _texture(obj, bg.seed, xx[sl], yy[sl], obj_grain[sl])
         # Multiplicative shading for colours, plus a small additive part so black objects show it too.
-        colour = base * (1 + shade[..., None]) + 0.1 * shade[..., None] + 0.035 * tex[..., None]
+        colour = base * (1 + shade[..., None]) + 0.1 * shade[..., None] + 0.03 * tex[..., None]
         a = patch[..., None]
         img[sl] = img[sl] * (1 - a) + colour * a
     return Image.fromarray(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), "RGB")
