@@ -195,3 +195,61 @@ def test_check_follows_geneval_rules():
     assert scorer.check(objs, spec)["circle below square"] is False  # 0.06 lower: under RELATION_MIN
     objs[2] = SceneObject("square", "red", "small", 0.5, 0.2)
     assert scorer.check(objs, spec)["circle below square"] is False  # 0.3 lower, but 0.3 aside too
+
+
+# ---- edits -------------------------------------------------------------------------------------
+
+from trainer.scenes import edits  # noqa: E402
+from trainer.scenes.edits import KINDS, edit_region, make_edit  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_edit_targets_differ_from_sources_only_inside_the_edit_region(kind):
+    rng = np.random.default_rng(KINDS.index(kind))
+    made = 0
+    for seed in range(40):
+        scene = _scene("train", seed)
+        try:
+            instruction, target, spec = make_edit(scene, rng, kind=kind)
+        except ValueError:
+            continue  # e.g. "add" to a scene of four objects
+        made += 1
+        assert json.loads(json.dumps(spec)) == spec and spec["kind"] == kind
+        assert Scene.from_dict(spec["target"]) == target and Scene.from_dict(spec["source"]) == scene
+        changed = (np.asarray(render(scene)) != np.asarray(render(target))).any(-1)
+        region = edit_region(spec)
+        assert changed.any() and not (changed & ~region).any(), instruction
+        assert region.mean() < (1 if kind == "background" else 0.3)
+        pairs = {(o.shape, o.color) for o in target.objects}
+        assert not pairs & set(HELD_OUT), instruction  # train edits never make a held-out pair
+    assert made >= 20
+
+
+def test_edit_instructions_name_the_change():
+    bg = world.Background("flat", (128, 128, 128), (110, 110, 110), 0.0, 1)
+    scene = Scene((SceneObject("circle", "red", "small", 0.2, 0.2), SceneObject("star", "blue", "large", 0.7, 0.7)), bg)
+    rng = np.random.default_rng(0)
+    text, target, spec = make_edit(scene, rng, kind="remove")
+    assert target.objects in (scene.objects[:1], scene.objects[1:])
+    assert (scene.objects[spec["before"][0]].color + " " + scene.objects[spec["before"][0]].shape) in text
+    text, target, spec = make_edit(scene, rng, kind="move")
+    moved = target.objects[spec["after"][0]]
+    assert list(edits.cell_of(moved.x, moved.y)) == spec["cell"] and edits.CELLS[tuple(spec["cell"])] in text
+    text, target, spec = make_edit(scene, rng, kind="recolor")
+    assert target.objects[spec["after"][0]].color in text
+    with pytest.raises(ValueError, match="unknown edit kind"):
+        make_edit(scene, rng, kind="rotate")
+
+
+def test_scorer_checks_edits_and_fails_undone_ones():
+    rng = np.random.default_rng(3)
+    for seed in range(21):
+        scene = _scene("test", seed)
+        _, target, spec = make_edit(scene, rng, "test", kind=KINDS[seed % len(KINDS)] if seed % 7 != 2 else None)
+        result = scorer.score_edit(render(target), spec)
+        assert result["passed"], (spec["instruction"], result)
+        assert result["psnr"] == float("inf")
+        undone = scorer.score_edit(render(scene), spec)  # the source itself: nothing was edited
+        assert not undone["checks"][f"edited ({spec['kind']})"], spec["instruction"]
+        other = scorer.score_edit(render(_scene("test", seed + 100)), spec)  # another picture
+        assert not other["checks"]["preserved"], spec["instruction"]

@@ -23,7 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .captions import CATEGORIES, relation_holds
-from .world import COLORS, RADIUS, SHAPES, SIZES, SceneObject, object_coverage
+from .world import COLORS, SHAPES, SIZES, Scene, SceneObject, object_coverage, render
 
 SIZE = 256  # images are scored at the world's resolution
 CHROMA_MIN = 0.2
@@ -235,3 +235,55 @@ def summarise(results: list[dict]) -> dict:
         if rows:
             per[c] = sum(rows) / len(rows)
     return {"categories": per, "overall": sum(per.values()) / len(per) if per else float("nan"), "n": len(results)}
+
+
+# ---- edits -------------------------------------------------------------------------------------
+
+NEAR = 0.06  # an object "is still there" within this distance (objects are >= 0.2 apart)
+PRESERVE_PSNR = 25.0  # dB outside the edit region vs the source (docs/SCENES.md: validation table)
+
+
+def _found(detections, obj: SceneObject, near: bool = True) -> list[Detection]:
+    return [d for d in detections if (d.shape, d.color, d.size) == (obj.shape, obj.color, obj.size)
+            and (not near or math.dist((d.x, d.y), (obj.x, obj.y)) < NEAR)]
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB, peak 1) of float images over the pixels of `mask`."""
+    mse = float(((a[mask] - b[mask]) ** 2).mean()) if mask.any() else 0.0
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def score_edit(image, spec: dict) -> dict:
+    """Checks of an edited image against an edit spec (edits.make_edit): the instruction was carried
+    out ("edited"), untouched objects are still there ("kept ..."), and the pixels outside the edit
+    region are preserved (PSNR vs the source >= PRESERVE_PSNR)."""
+    from .edits import cell_of, edit_region
+
+    source, target = Scene.from_dict(spec["source"]), Scene.from_dict(spec["target"])
+    arr = as_array(image)
+    found = detect(arr)
+    region = edit_region(spec, SIZE)
+    kind = spec["kind"]
+    if kind == "background":
+        src, tgt = (as_array(render(s, SIZE)) for s in (source, target))
+        edited = ((arr - tgt)[region] ** 2).mean() < ((arr - src)[region] ** 2).mean()
+    elif kind == "remove":
+        old = source.objects[spec["before"][0]]
+        edited = not [d for d in found if (d.shape, d.color) == (old.shape, old.color)
+                      and math.dist((d.x, d.y), (old.x, old.y)) < NEAR]
+    else:
+        new = target.objects[spec["after"][0]]
+        if kind in ("add", "move"):
+            edited = any(list(cell_of(d.x, d.y)) == spec["cell"] for d in _found(found, new, near=False))
+            if kind == "move":
+                edited = edited and not _found(found, source.objects[spec["before"][0]])
+        else:
+            edited = bool(_found(found, new))
+    checks = {f"edited ({kind})": bool(edited)}
+    for i, o in enumerate(source.objects):
+        if i not in spec["before"]:
+            checks[f"kept {o.color} {o.shape}"] = bool(_found(found, o))
+    value = psnr(arr, as_array(render(source, SIZE)), ~region)
+    checks["preserved"] = value >= PRESERVE_PSNR
+    return {"category": kind, "checks": checks, "passed": all(checks.values()), "psnr": value}

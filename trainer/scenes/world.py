@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -85,6 +85,18 @@ class Scene:
 
     def with_objects(self, objects) -> "Scene":
         return replace(self, objects=tuple(objects))
+
+    def to_dict(self) -> dict:
+        """JSON-able form, lists for tuples (manifests, edit specs); `Scene.from_dict` inverts it exactly."""
+        bg = asdict(self.background)
+        bg["tint"], bg["tint2"] = list(bg["tint"]), list(bg["tint2"])
+        return {"objects": [asdict(o) for o in self.objects], "background": bg}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Scene":
+        bg = dict(d["background"])
+        bg["tint"], bg["tint2"] = tuple(bg["tint"]), tuple(bg["tint2"])
+        return Scene(tuple(SceneObject(**o) for o in d["objects"]), Background(**bg))
 
 
 def class_name(label: int) -> str:
@@ -311,11 +323,11 @@ def render(scene: Scene, size: int = 256) -> Image.Image:
     """The scene as an RGB image of `size` pixels (exact: the same scene always gives the same bytes)."""
     bg = scene.background
     rng = np.random.default_rng(bg.seed)
-    img = _background(bg, size, rng)
-    xx, yy = _grid(size)
+    # Grains first: they must not depend on the style, so a background edit leaves objects unchanged.
     bg_grain = rng.normal(0, 1, (size, size)).astype(np.float32)
     obj_grain = np.clip(rng.normal(0, 0.5, (size, size)).astype(np.float32), -1, 1)
-    img = img + 0.012 * bg_grain[..., None]
+    img = _background(bg, size, rng) + 0.012 * bg_grain[..., None]
+    xx, yy = _grid(size)
     for obj in scene.objects:
         patch, (top, left) = object_coverage(obj, size)
         h, w = patch.shape
