@@ -253,3 +253,59 @@ def test_scorer_checks_edits_and_fails_undone_ones():
         assert not undone["checks"][f"edited ({spec['kind']})"], spec["instruction"]
         other = scorer.score_edit(render(_scene("test", seed + 100)), spec)  # another picture
         assert not other["checks"]["preserved"], spec["instruction"]
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+
+from trainer.data import build_image_dataset  # noqa: E402
+from trainer.scenes import datasets  # noqa: E402
+from trainer.scenes.__main__ import main as scenes_main  # noqa: E402
+from trainer.text_data import open_edit, open_t2i  # noqa: E402
+
+
+def test_writer_round_trips_through_the_trainers_data_readers(tmp_path):
+    assert scenes_main(["write", "--kind", "images", "--count", "6", "--seed", "2", "--out",
+                        str(tmp_path / "images"), "--workers", "1"]) == 0
+    ds, report = build_image_dataset(str(tmp_path / "images"), 256)
+    assert len(ds) == 6
+    rows = [json.loads(line) for line in (tmp_path / "images" / "scenes.jsonl").read_text().splitlines()]
+    first = ds[0]["image"]
+    assert first.shape == (3, 256, 256)
+    expected = np.asarray(render(Scene.from_dict(rows[0]["scene"])))
+    assert np.array_equal(first.permute(1, 2, 0).numpy(), expected)  # exact, lossless
+    manifest_ds, _ = build_image_dataset(str(tmp_path / "images" / "scenes.jsonl"), 256)
+    assert len(manifest_ds) == 6
+
+    datasets.write(tmp_path / "t2i", "t2i", "val", 5, seed=1, workers=1)
+    rows = {r["key"]: r for r in map(json.loads, (tmp_path / "t2i" / "captions.jsonl").read_text().splitlines())}
+    for source in (tmp_path / "t2i", tmp_path / "t2i" / "captions.jsonl"):
+        t2i = open_t2i(source)
+        assert len(t2i) == 5
+        for i in range(5):
+            item = t2i[i]
+            row = rows[item["key"].removesuffix(".png")]  # the folder's key is the file name
+            assert item["text"] == row["text"]
+            assert np.array_equal((item["image"].permute(1, 2, 0).numpy() * 255).round(),
+                                  np.asarray(render(Scene.from_dict(row["scene"]))))
+    assert all(scorer.score(render(Scene.from_dict(r["scene"])), r["spec"])["passed"] for r in rows.values())
+
+    datasets.write(tmp_path / "edit", "edit", "train", 4, seed=1, workers=1)
+    edit = open_edit(tmp_path / "edit")
+    assert len(edit) == 4
+    rows = {r["name"]: r for r in map(json.loads, (tmp_path / "edit" / "instructions.jsonl").read_text().splitlines())}
+    for i in range(4):
+        item = edit[i]
+        row = rows[item["key"]]
+        assert item["text"] == row["instruction"] == row["spec"]["instruction"]
+        for field, scene in (("source", row["spec"]["source"]), ("image", row["spec"]["target"])):
+            assert np.array_equal((item[field].permute(1, 2, 0).numpy() * 255).round(),
+                                  np.asarray(render(Scene.from_dict(scene)))), field
+
+
+def test_writer_is_deterministic_for_any_worker_count(tmp_path):
+    datasets.write(tmp_path / "a", "edit", "test", 6, seed=4, workers=1)
+    datasets.write(tmp_path / "b", "edit", "test", 6, seed=4, workers=2)
+    for rel in ["instructions.jsonl", "source/000005.png", "target/000003.png"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    datasets.write(tmp_path / "c", "edit", "test", 6, seed=5, workers=1)
+    assert (tmp_path / "c" / "instructions.jsonl").read_bytes() != (tmp_path / "a" / "instructions.jsonl").read_bytes()

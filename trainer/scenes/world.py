@@ -107,10 +107,14 @@ def class_name(label: int) -> str:
     return f"{COLOR_NAMES[color]} {SHAPES[shape]}"
 
 
-def rng_for(split: str, seed: int) -> np.random.Generator:
-    """The generator for scene `seed` of `split`: the three splits draw from disjoint streams."""
+def rng_for(split: str, seed: int, index: int = 0) -> np.random.Generator:
+    """The generator for item `index` of the set `seed` of `split`: the splits draw from disjoint streams.
+
+    Always three words of entropy: numpy pads shorter seed lists with zeros, so [split, seed] would
+    collide with [split, seed, 0].
+    """
     _check_split(split)
-    return np.random.default_rng([SPLITS.index(split), seed])
+    return np.random.default_rng([SPLITS.index(split), seed, index])
 
 
 def pairs_for(split: str) -> tuple[tuple[str, str], ...]:
