@@ -164,7 +164,7 @@ def test_scorer_passes_clean_test_prompts_and_fails_mismatched_ones():
     rng = np.random.default_rng(11)
     results, false_passes, wrong = [], 0, 0
     for category in CATEGORIES:
-        for _ in range(15):
+        for _ in range(10):
             _, spec = prompt(rng, "test", category)
             result = scorer.score(render(scene_for(spec, rng, "test")), spec)
             assert result["passed"], (spec, result)
@@ -175,7 +175,7 @@ def test_scorer_passes_clean_test_prompts_and_fails_mismatched_ones():
                 false_passes += scorer.score(render(other), spec)["passed"]
     summary = scorer.summarise(results)
     assert summary["overall"] == 1.0 and set(summary["categories"]) == set(CATEGORIES)
-    assert wrong > 60 and false_passes == 0
+    assert wrong > 40 and false_passes == 0
 
 
 def test_check_follows_geneval_rules():
@@ -207,7 +207,7 @@ from trainer.scenes.edits import KINDS, edit_region, make_edit  # noqa: E402
 def test_edit_targets_differ_from_sources_only_inside_the_edit_region(kind):
     rng = np.random.default_rng(KINDS.index(kind))
     made = 0
-    for seed in range(40):
+    for seed in range(25):
         scene = _scene("train", seed)
         try:
             instruction, target, spec = make_edit(scene, rng, kind=kind)
@@ -222,7 +222,7 @@ def test_edit_targets_differ_from_sources_only_inside_the_edit_region(kind):
         assert region.mean() < (1 if kind == "background" else 0.3)
         pairs = {(o.shape, o.color) for o in target.objects}
         assert not pairs & set(HELD_OUT), instruction  # train edits never make a held-out pair
-    assert made >= 20
+    assert made >= 12
 
 
 def test_edit_instructions_name_the_change():
@@ -243,12 +243,15 @@ def test_edit_instructions_name_the_change():
 
 def test_scorer_checks_edits_and_fails_undone_ones():
     rng = np.random.default_rng(3)
-    for seed in range(21):
+    for seed in range(14):
         scene = _scene("test", seed)
-        _, target, spec = make_edit(scene, rng, "test", kind=KINDS[seed % len(KINDS)] if seed % 7 != 2 else None)
+        try:
+            _, target, spec = make_edit(scene, rng, "test", kind=KINDS[seed % len(KINDS)])
+        except ValueError:  # e.g. "add" to a scene of four objects
+            _, target, spec = make_edit(scene, rng, "test")
         result = scorer.score_edit(render(target), spec)
         assert result["passed"], (spec["instruction"], result)
-        assert result["psnr"] == float("inf")
+        assert result["psnr"] == result["pooled_psnr"] == float("inf")
         undone = scorer.score_edit(render(scene), spec)  # the source itself: nothing was edited
         assert not undone["checks"][f"edited ({spec['kind']})"], spec["instruction"]
         other = scorer.score_edit(render(_scene("test", seed + 100)), spec)  # another picture
@@ -309,3 +312,25 @@ def test_writer_is_deterministic_for_any_worker_count(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     datasets.write(tmp_path / "c", "edit", "test", 6, seed=5, workers=1)
     assert (tmp_path / "c" / "instructions.jsonl").read_bytes() != (tmp_path / "a" / "instructions.jsonl").read_bytes()
+
+
+# ---- scorer validation -------------------------------------------------------------------------
+
+from trainer.scenes import validate  # noqa: E402
+
+
+def test_near_misses_are_truly_wrong():
+    rng = np.random.default_rng(2)
+    for category in CATEGORIES:
+        for _ in range(30):
+            _, spec = prompt(rng, "test", category)
+            miss = validate.near_miss(spec, rng)
+            assert miss != spec and miss["category"] == category
+            assert not all(scorer.check(scene_for(miss, rng, "val").objects, spec).values()), (spec, miss)
+
+
+def test_validate_scorer_table(capsys):
+    assert scenes_main(["validate-scorer", "--per-category", "1", "--per-kind", "1", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| clean | 100.0 |" in out and "Near misses" in out and "pooled PSNR" in out
+    assert out.count("| jpeg30 |") == 2  # the GenEval and the edit tables

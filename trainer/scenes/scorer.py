@@ -240,7 +240,12 @@ def summarise(results: list[dict]) -> dict:
 # ---- edits -------------------------------------------------------------------------------------
 
 NEAR = 0.06  # an object "is still there" within this distance (objects are >= 0.2 apart)
-PRESERVE_PSNR = 25.0  # dB outside the edit region vs the source (docs/SCENES.md: validation table)
+# Preservation: PSNR vs the source over the 4 x 4-pixel cells wholly outside the edit region, on the
+# cells' means. Pooling first ignores what no model can keep (the per-pixel grain) and what mild
+# degradations change (noise 0.05: ~38 dB, blur 1: >= 39 dB) but keeps the background's tint and
+# pattern: another background over the same objects scores ~28 dB (median). docs/SCENES.md.
+PRESERVE_POOL = 4
+PRESERVE_PSNR = 30.0
 
 
 def _found(detections, obj: SceneObject, near: bool = True) -> list[Detection]:
@@ -254,19 +259,32 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
 
 
-def score_edit(image, spec: dict) -> dict:
+def pooled_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray, pool: int = PRESERVE_POOL) -> float:
+    """PSNR of the pool x pool means of float (S, S, 3) images, over the cells wholly inside `mask`."""
+    n = a.shape[0] // pool
+    def means(x):
+        return x.reshape(n, pool, n, pool, -1).mean(axis=(1, 3))
+    return psnr(means(a), means(b), means(mask.astype(np.float32)[..., None])[..., 0] == 1)
+
+
+def score_edit(image, spec: dict, renders: tuple | None = None) -> dict:
     """Checks of an edited image against an edit spec (edits.make_edit): the instruction was carried
     out ("edited"), untouched objects are still there ("kept ..."), and the pixels outside the edit
-    region are preserved (PSNR vs the source >= PRESERVE_PSNR)."""
+    region are preserved (`pooled_psnr` vs the source >= PRESERVE_PSNR; "psnr" is the plain one).
+
+    `renders`: the (source, target) renders as arrays, when the caller has them already.
+    """
     from .edits import cell_of, edit_region
 
     source, target = Scene.from_dict(spec["source"]), Scene.from_dict(spec["target"])
+    if renders is None:
+        renders = tuple(as_array(render(s, SIZE)) for s in (source, target))
+    src, tgt = renders
     arr = as_array(image)
     found = detect(arr)
     region = edit_region(spec, SIZE)
     kind = spec["kind"]
     if kind == "background":
-        src, tgt = (as_array(render(s, SIZE)) for s in (source, target))
         edited = ((arr - tgt)[region] ** 2).mean() < ((arr - src)[region] ** 2).mean()
     elif kind == "remove":
         old = source.objects[spec["before"][0]]
@@ -284,6 +302,7 @@ def score_edit(image, spec: dict) -> dict:
     for i, o in enumerate(source.objects):
         if i not in spec["before"]:
             checks[f"kept {o.color} {o.shape}"] = bool(_found(found, o))
-    value = psnr(arr, as_array(render(source, SIZE)), ~region)
-    checks["preserved"] = value >= PRESERVE_PSNR
-    return {"category": kind, "checks": checks, "passed": all(checks.values()), "psnr": value}
+    pooled = pooled_psnr(arr, src, ~region)
+    checks["preserved"] = pooled >= PRESERVE_PSNR
+    return {"category": kind, "checks": checks, "passed": all(checks.values()),
+            "psnr": psnr(arr, src, ~region), "pooled_psnr": pooled}

@@ -1,0 +1,194 @@
+"""Validation of the scorer (`python -m trainer.scenes validate-scorer`; table in docs/SCENES.md).
+
+GenEval prompts of the test split, `per_category` per category: the scorer should pass the exact
+render of each (every check is true), and fail a near miss: the render of the spec changed in one
+point (another shape, colour or count, the opposite relation, swapped colours). Edits, `per_kind`
+per kind: the exact target should pass, the unedited source should fail "edited", and another
+scene should fail "preserved". Each image is also scored after Gaussian blur (sigma 1 and 2), noise
+(sigma 0.05) and JPEG (quality 30).
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import replace
+from multiprocessing import get_context
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from . import scorer
+from .captions import CATEGORIES, prompt, scene_for
+from .edits import KINDS, make_edit
+from .world import COLORS, SHAPES, Scene, render, rng_for, sample_background, sample_scene
+
+CONDITIONS = ("clean", "blur1", "blur2", "noise0.05", "jpeg30")
+
+
+def degrade(image: Image.Image, condition: str, seed: int = 0):
+    if condition == "clean":
+        return image
+    if condition.startswith("blur"):
+        return image.filter(ImageFilter.GaussianBlur(float(condition[4:])))  # radius = sigma in Pillow
+    if condition.startswith("noise"):
+        noise = np.random.default_rng(seed).normal(0, float(condition[5:]), (*image.size[::-1], 3))
+        return np.clip(np.asarray(image, np.float32) / 255 + noise, 0, 1).astype(np.float32)
+    if condition.startswith("jpeg"):
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=int(condition[4:]))
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    raise ValueError(f"unknown condition {condition!r}")
+
+
+def near_miss(spec: dict, rng: np.random.Generator) -> dict:
+    """`spec` changed in one point, so that its exact render fails the original spec."""
+    spec = {**spec, "objects": [dict(g) for g in spec["objects"]]}
+    groups, category = spec["objects"], spec["category"]
+    used = {g["shape"] for g in groups}
+    g = groups[rng.integers(len(groups))]
+    if category == "position":
+        spec["relation"] = {"left": "right", "right": "left", "above": "below", "below": "above"}[spec["relation"]]
+    elif category == "counting":
+        g["count"] = int(rng.choice([n for n in range(1, 5) if n != g["count"]]))
+    elif category == "color_attr" and rng.integers(2):
+        groups[0]["color"], groups[1]["color"] = groups[1]["color"], groups[0]["color"]
+    elif category in ("colors", "color_attr"):
+        taken = {x["color"] for x in groups}
+        g["color"] = str(rng.choice([c for c in COLORS if c not in taken]))
+    else:  # single_object, two_object: another shape
+        g["shape"] = str(rng.choice([s for s in SHAPES if s not in used]))
+    return spec
+
+
+def _geneval_case(args) -> dict:
+    seed, index, category = args
+    rng = rng_for("test", seed, index)
+    _, spec = prompt(rng, "test", category)
+    right = render(scene_for(spec, rng, "test"))
+    wrong_scene = scene_for(near_miss(spec, rng), rng, "val")
+    wrong = render(wrong_scene)
+    truth_wrong = scorer.check(wrong_scene.objects, spec)
+    out = {"category": category, "truth_wrong": truth_wrong, "right": {}}
+    for cond in CONDITIONS:
+        start = time.process_time()
+        found = scorer.detect(degrade(right, cond, index))
+        if cond == "clean":
+            out["cpu_s"] = time.process_time() - start
+        out["right"][cond] = scorer.check(found, spec)
+    out["wrong"] = scorer.check(scorer.detect(wrong), spec)  # clean only
+    return out
+
+
+def _edit_case(args) -> dict:
+    seed, index, kind = args
+    rng = rng_for("test", seed, 1_000_000 + index)
+    while True:
+        try:
+            _, target, spec = make_edit(sample_scene(rng, "test"), rng, "test", kind=kind)
+            break
+        except ValueError:  # this kind does not apply to that scene: draw another
+            continue
+    source = render(Scene.from_dict(spec["source"]))
+    right = render(target)
+    renders = (scorer.as_array(source), scorer.as_array(right))
+    out = {"kind": kind, "right": {}}
+    for cond in CONDITIONS:
+        r = scorer.score_edit(degrade(right, cond, index), spec, renders)
+        out["right"][cond] = {"checks": r["checks"], "psnr": r["pooled_psnr"]}
+    # Wrong images, clean: the unedited source, another scene of the split, and the target over
+    # another background (all but the background edits, whose preserved part is the objects).
+    wrong = {"undone": source, "other": render(sample_scene(rng, "test"))}
+    if kind != "background":
+        bg = replace(sample_background(rng), seed=target.background.seed, light=target.background.light)
+        wrong["other_background"] = render(replace(target, background=bg))
+    for name, image in wrong.items():
+        r = scorer.score_edit(image, spec, renders)
+        out[name] = {"checks": r["checks"], "psnr": r["pooled_psnr"]}
+    return out
+
+
+def _rate(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def validate_scorer(per_category: int = 500, seed: int = 0, workers: int = 1, per_kind: int | None = None) -> dict:
+    per_kind = per_category if per_kind is None else per_kind
+    geneval_jobs = [(seed, c * per_category + i, cat) for c, cat in enumerate(CATEGORIES) for i in range(per_category)]
+    edit_jobs = [(seed, k * per_kind + i, kind) for k, kind in enumerate(KINDS) for i in range(per_kind)]
+    start = time.perf_counter()
+    if workers <= 1:
+        g_cases, e_cases = list(map(_geneval_case, geneval_jobs)), list(map(_edit_case, edit_jobs))
+    else:
+        with get_context("spawn").Pool(workers) as pool:
+            g_cases = pool.map(_geneval_case, geneval_jobs, chunksize=8)
+            e_cases = pool.map(_edit_case, edit_jobs, chunksize=8)
+    table = {"per_category": per_category, "per_kind": per_kind, "seed": seed, "split": "test",
+             "wall_s": round(time.perf_counter() - start, 1),
+             "detect_cpu_ms_mean": round(1000 * _rate(c["cpu_s"] for c in g_cases), 1),
+             "geneval": {}, "edits": {}}
+    truly_wrong = [c for c in g_cases if not all(c["truth_wrong"].values())]
+    for cond in CONDITIONS:
+        right = [c["right"][cond] for c in g_cases]
+        per_cat = {cat: _rate(all(c["right"][cond].values()) for c in g_cases if c["category"] == cat)
+                   for cat in CATEGORIES}
+        table["geneval"][cond] = {
+            "check_accuracy": _rate(v for r in right for v in r.values()),
+            "categories": per_cat,
+            "overall": _rate(per_cat.values()),
+        }
+    table["geneval"]["near_miss"] = {
+        "false_pass": _rate(all(c["wrong"].values()) for c in truly_wrong),
+        "check_agreement": _rate(c["wrong"][k] == v for c in g_cases for k, v in c["truth_wrong"].items()),
+        "count": len(truly_wrong),
+    }
+    for cond in CONDITIONS:
+        per_k = {k: _rate(all(c["right"][cond]["checks"].values()) for c in e_cases if c["kind"] == k) for k in KINDS}
+        psnrs = np.array([c["right"][cond]["psnr"] for c in e_cases])
+        table["edits"][cond] = {
+            "check_accuracy": _rate(v for c in e_cases for v in c["right"][cond]["checks"].values()),
+            "kinds": per_k,
+            "overall": _rate(per_k.values()),
+            "psnr_min": float(psnrs.min()),
+            "psnr_p5": float(np.percentile(psnrs, 5)) if np.isfinite(psnrs).all() else float("inf"),
+        }
+    table["edits"]["wrong"] = {
+        "undone_false_pass": _rate(all(c["undone"]["checks"].values()) for c in e_cases),
+        "other_image_false_pass": _rate(all(c["other"]["checks"].values()) for c in e_cases),
+        "other_image_psnr_max": max(c["other"]["psnr"] for c in e_cases),
+        "other_background_false_pass": _rate(all(c["other_background"]["checks"].values())
+                                             for c in e_cases if "other_background" in c),
+        "other_background_psnr_median": float(np.median([c["other_background"]["psnr"]
+                                                         for c in e_cases if "other_background" in c])),
+    }
+    return table
+
+
+def format_table(table: dict) -> str:
+    """The validation table as Markdown (docs/SCENES.md)."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = [f"Scorer validation: test split, {table['per_category']} prompts per GenEval category and "
+             f"{table['per_kind']} edits per kind, seed {table['seed']}; detect {table['detect_cpu_ms_mean']} ms CPU "
+             f"per image (mean); {table['wall_s']} s wall.", "",
+             "| condition | check acc. | " + " | ".join(CATEGORIES) + " | overall |",
+             "|---" * (len(CATEGORIES) + 3) + "|"]
+    for cond in CONDITIONS:
+        row = table["geneval"][cond]
+        lines.append(f"| {cond} | {pct(row['check_accuracy'])} | "
+                     + " | ".join(pct(row["categories"][c]) for c in CATEGORIES) + f" | {pct(row['overall'])} |")
+    miss = table["geneval"]["near_miss"]
+    lines += ["", f"Near misses (clean renders of the spec changed in one point, {miss['count']} truly wrong): "
+              f"false pass {pct(miss['false_pass'])} %, per-check agreement with the truth {pct(miss['check_agreement'])} %."]
+    lines += ["", "| condition | check acc. | " + " | ".join(KINDS) + " | overall | pooled PSNR min / p5 (dB) |",
+              "|---" * (len(KINDS) + 4) + "|"]
+    for cond in CONDITIONS:
+        row = table["edits"][cond]
+        lines.append(f"| {cond} | {pct(row['check_accuracy'])} | " + " | ".join(pct(row["kinds"][k]) for k in KINDS)
+                     + f" | {pct(row['overall'])} | {row['psnr_min']:.1f} / {row['psnr_p5']:.1f} |")
+    wrong = table["edits"]["wrong"]
+    lines += ["", f"Edits, wrong images (clean): the unedited source passes {pct(wrong['undone_false_pass'])} %; "
+              f"another scene {pct(wrong['other_image_false_pass'])} % (pooled PSNR at most "
+              f"{wrong['other_image_psnr_max']:.1f} dB); the target over another background "
+              f"{pct(wrong['other_background_false_pass'])} % (median {wrong['other_background_psnr_median']:.1f} dB). "
+              f"Preservation threshold: pooled PSNR >= {scorer.PRESERVE_PSNR} dB."]
+    return "\n".join(lines)
