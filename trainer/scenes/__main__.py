@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     w.add_argument("--workers", type=int, default=default_workers())
     v = sub.add_parser("validate-scorer", help="the scorer's accuracy on clean and degraded renders")
     v.add_argument("--per-category", type=int, default=500, help="prompts per GenEval category")
-    v.add_argument("--per-kind", type=int, default=200, help="edits per edit kind")
+    v.add_argument("--degraded-per-category", type=int, default=100,
+                   help="of those, how many are also scored blurred, noisy and as JPEG")
+    v.add_argument("--per-kind", type=int, default=50, help="edits per edit kind (clean and degraded)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--workers", type=int, default=default_workers())
     v.add_argument("--out", help="also write the table as JSON here")
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
               f"in {time.perf_counter() - start:.1f} s; manifest {manifest}")
         return 0
     from .validate import format_table, validate_scorer
-    table = validate_scorer(args.per_category, args.seed, args.workers, args.per_kind)
+    table = validate_scorer(args.per_category, args.seed, args.workers, args.per_kind, args.degraded_per_category)
     print(format_table(table))
     if args.out:
         with open(args.out, "w") as f:

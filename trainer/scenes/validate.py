@@ -61,7 +61,7 @@ def near_miss(spec: dict, rng: np.random.Generator) -> dict:
 
 
 def _geneval_case(args) -> dict:
-    seed, index, category = args
+    seed, index, category, degraded = args
     rng = rng_for("test", seed, index)
     _, spec = prompt(rng, "test", category)
     right = render(scene_for(spec, rng, "test"))
@@ -69,7 +69,7 @@ def _geneval_case(args) -> dict:
     wrong = render(wrong_scene)
     truth_wrong = scorer.check(wrong_scene.objects, spec)
     out = {"category": category, "truth_wrong": truth_wrong, "right": {}}
-    for cond in CONDITIONS:
+    for cond in CONDITIONS if degraded else ("clean",):
         start = time.process_time()
         found = scorer.detect(degrade(right, cond, index))
         if cond == "clean":
@@ -112,9 +112,14 @@ def _rate(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def validate_scorer(per_category: int = 500, seed: int = 0, workers: int = 1, per_kind: int | None = None) -> dict:
+def validate_scorer(per_category: int = 500, seed: int = 0, workers: int = 1, per_kind: int | None = None,
+                    degraded_per_category: int | None = None) -> dict:
+    """The table: GenEval prompts clean (`per_category` each) and degraded (the first
+    `degraded_per_category` of them), edits (`per_kind` each, clean and degraded)."""
     per_kind = per_category if per_kind is None else per_kind
-    geneval_jobs = [(seed, c * per_category + i, cat) for c, cat in enumerate(CATEGORIES) for i in range(per_category)]
+    degraded = per_category if degraded_per_category is None else min(degraded_per_category, per_category)
+    geneval_jobs = [(seed, c * per_category + i, cat, i < degraded)
+                    for c, cat in enumerate(CATEGORIES) for i in range(per_category)]
     edit_jobs = [(seed, k * per_kind + i, kind) for k, kind in enumerate(KINDS) for i in range(per_kind)]
     start = time.perf_counter()
     if workers <= 1:
@@ -123,19 +128,22 @@ def validate_scorer(per_category: int = 500, seed: int = 0, workers: int = 1, pe
         with get_context("spawn").Pool(workers) as pool:
             g_cases = pool.map(_geneval_case, geneval_jobs, chunksize=8)
             e_cases = pool.map(_edit_case, edit_jobs, chunksize=8)
-    table = {"per_category": per_category, "per_kind": per_kind, "seed": seed, "split": "test",
+    table = {"per_category": per_category, "degraded_per_category": degraded, "per_kind": per_kind,
+             "seed": seed, "split": "test",
              "wall_s": round(time.perf_counter() - start, 1),
              "detect_cpu_ms_mean": round(1000 * _rate(c["cpu_s"] for c in g_cases), 1),
              "geneval": {}, "edits": {}}
     truly_wrong = [c for c in g_cases if not all(c["truth_wrong"].values())]
     for cond in CONDITIONS:
-        right = [c["right"][cond] for c in g_cases]
-        per_cat = {cat: _rate(all(c["right"][cond].values()) for c in g_cases if c["category"] == cat)
+        cases = [c for c in g_cases if cond in c["right"]]
+        right = [c["right"][cond] for c in cases]
+        per_cat = {cat: _rate(all(c["right"][cond].values()) for c in cases if c["category"] == cat)
                    for cat in CATEGORIES}
         table["geneval"][cond] = {
             "check_accuracy": _rate(v for r in right for v in r.values()),
             "categories": per_cat,
             "overall": _rate(per_cat.values()),
+            "prompts": len(cases),
         }
     table["geneval"]["near_miss"] = {
         "false_pass": _rate(all(c["wrong"].values()) for c in truly_wrong),
@@ -167,14 +175,14 @@ def validate_scorer(per_category: int = 500, seed: int = 0, workers: int = 1, pe
 def format_table(table: dict) -> str:
     """The validation table as Markdown (docs/SCENES.md)."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    lines = [f"Scorer validation: test split, {table['per_category']} prompts per GenEval category and "
-             f"{table['per_kind']} edits per kind, seed {table['seed']}; detect {table['detect_cpu_ms_mean']} ms CPU "
-             f"per image (mean); {table['wall_s']} s wall.", "",
-             "| condition | check acc. | " + " | ".join(CATEGORIES) + " | overall |",
-             "|---" * (len(CATEGORIES) + 3) + "|"]
+    lines = [f"Scorer validation: test split, {table['per_category']} prompts per GenEval category clean and the "
+             f"first {table['degraded_per_category']} of them degraded, {table['per_kind']} edits per kind, seed "
+             f"{table['seed']}; detect {table['detect_cpu_ms_mean']} ms CPU per image (mean); {table['wall_s']} s wall.",
+             "", "| condition | prompts | check acc. | " + " | ".join(CATEGORIES) + " | overall |",
+             "|---" * (len(CATEGORIES) + 4) + "|"]
     for cond in CONDITIONS:
         row = table["geneval"][cond]
-        lines.append(f"| {cond} | {pct(row['check_accuracy'])} | "
+        lines.append(f"| {cond} | {row['prompts']} | {pct(row['check_accuracy'])} | "
                      + " | ".join(pct(row["categories"][c]) for c in CATEGORIES) + f" | {pct(row['overall'])} |")
     miss = table["geneval"]["near_miss"]
     lines += ["", f"Near misses (clean renders of the spec changed in one point, {miss['count']} truly wrong): "
