@@ -3,9 +3,10 @@
 Detection: light Gaussian smoothing (against noise), then each pixel is named by colour: chroma
 (max - min channel) >= CHROMA_MIN names it by the nearest palette hue; otherwise a largest channel
 >= WHITE_MIN is white, <= BLACK_MAX black, anything between is background (the world's backgrounds
-are low-chroma mid-greys). Connected regions of one colour of at least MIN_AREA pixels are objects;
-the shape is the world template that best overlaps the region's mask (centred on the centroid,
-scaled to the same area), the size the nearer of the two template areas.
+are low-chroma mid-greys). Connected coloured regions of at least MIN_AREA pixels are objects, of
+their pixels' majority colour. Each object's coverage is unmixed from its colour and the local
+background (`_refine`); its shape is the world template (sharp or blurred) with the best soft IoU
+after centring and scaling to the same area, its size the nearer of the two template areas.
 
 Checks (GenEval's rules): each object group of the spec must be found (>= count objects of that shape,
 of that colour when it names one; exactly `count` of the shape for "counting"), and a relation must
@@ -45,7 +46,7 @@ class Detection:
     x: float  # centroid, 0..1 of the image
     y: float
     area: int  # pixels at SIZE
-    match: float  # overlap (IoU) with the chosen shape's template
+    match: float  # soft IoU with the best template
 
 
 def _hue(rgb: np.ndarray) -> np.ndarray:
