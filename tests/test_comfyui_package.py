@@ -49,7 +49,7 @@ def test_pyproject_and_requirements_follow_the_registry_rules():
 
 
 def test_the_pack_fingerprints_a_vae_file_as_the_trainer_does(tmp_path):
-    text_data = pytest.importorskip("trainer.text_data", reason="the trainer's latent cache is not importable")
+    text_data = pytest.importorskip("trainer.data", reason="the trainer's latent cache is not importable")
     path = write_tiny_vae(tmp_path / "v.safetensors", seed=4)
     assert pack_fingerprint(path) == text_data.vae_fingerprint(path)
     other = write_tiny_vae(tmp_path / "w.safetensors", seed=5)

@@ -180,7 +180,7 @@ def test_core_input_checks_and_train_mode_restored(photo_batch):
 def test_feature_moments_match_feature_stats_beyond_the_kept_range():
     rng = np.random.default_rng(0)
     f = torch.from_numpy(1e3 + rng.normal(size=(100, 8)) @ rng.normal(size=(8, 8)))  # large offset
-    m = evaluate.FeatureMoments()
+    m = metrics.FeatureMoments()
     for chunk in f.split(7):
         m.add(chunk)
     assert m.kept is None and m.n == 100                          # N > D: streamed statistics
@@ -188,15 +188,15 @@ def test_feature_moments_match_feature_stats_beyond_the_kept_range():
     mu_ref, sigma_ref = feature_stats(f)
     np.testing.assert_allclose(mu.numpy(), mu_ref.numpy(), rtol=1e-12)
     np.testing.assert_allclose(sigma.numpy(), sigma_ref.numpy(), rtol=1e-9, atol=1e-9)
-    other = evaluate.FeatureMoments()
+    other = metrics.FeatureMoments()
     other.add(f + 0.5)
-    assert evaluate.fid_between(m, other) == pytest.approx(fid_from_features(f, f + 0.5), rel=1e-8)
-    assert evaluate.fid_between(m, other) == pytest.approx(8 * 0.25, rel=1e-8)   # a pure shift
+    assert metrics.fid_between(m, other) == pytest.approx(fid_from_features(f, f + 0.5), rel=1e-8)
+    assert metrics.fid_between(m, other) == pytest.approx(8 * 0.25, rel=1e-8)   # a pure shift
 
 
 def test_fid_reliability_threshold():
-    assert evaluate.fid_reliability(2047)[0] is False
-    assert evaluate.fid_reliability(2048)[0] is True
+    assert metrics.fid_reliability(2047)[0] is False
+    assert metrics.fid_reliability(2048)[0] is True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Generator data (trainer/text_data.py): every source format on real photos, bad-data reports,
+"""Generator data (trainer/data/): every source format on real photos, bad-data reports,
 tar-shard splitting over ranks and workers, the latent cache and the dropout masks."""
 import io
 import json
@@ -11,7 +11,7 @@ from PIL import Image
 
 from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS
-from trainer import text_data as td
+from trainer import data as td
 from trainer.samples import write_sample_photos
 
 from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
@@ -405,7 +405,7 @@ def test_latent_cache_is_invalidated_by_another_vae(photos, tmp_path, tiny_vae):
         td.fill_cache(td.LatentCache(tmp_path / "cache", vae_file, size=128), changed, ds)
 
 
-def test_latent_cache_for_edit_pairs_and_streams(photos, tmp_path, tiny_vae):
+def test_latent_cache_for_edit_pairs_and_tar_shards(photos, tmp_path, tiny_vae):
     root = tmp_path / "edits"
     copy_to(photos["astronaut"], root / "source" / "a.png")
     copy_to(photos["coffee"], root / "target" / "a.png")
@@ -422,11 +422,14 @@ def test_latent_cache_for_edit_pairs_and_streams(photos, tmp_path, tiny_vae):
     good = write_shards(tmp_path / "shards", photos, shards=2, per_shard=2)
     stream = td.TarShardStream(str(tmp_path / "shards" / "*.tar"))
     encode = CountingEncode()
-    assert td.fill_cache(cache, tiny_vae, stream, batch_size=3, encode=encode)["encoded"] == 4
-    assert td.fill_cache(cache, tiny_vae, stream, encode=encode)["cached"] == 4 and encode.images == 4
-    served = list(td.CachedLatentStream(stream, cache))
-    assert sorted(it["key"] for it in served) == sorted(good) and stream.load_images
-    assert served[0]["latent"].shape == (16, 16, 16)
+    table, stats = td.fill_cache_from_tar(stream, cache, lambda images: encode(tiny_vae, images), batch_size=3)
+    assert stats["encoded"] == 4 and sorted(table.key(i) for i in range(len(table))) == sorted(good)
+    table, stats = td.fill_cache_from_tar(stream, cache, lambda images: encode(tiny_vae, images), batch_size=3)
+    assert stats == {"encoded": 0, "cached": 4, "table": stats["table"]} and encode.images == 4  # no shard read
+    cache.refresh()
+    served = td.CachedLatents(table, cache)
+    assert sorted(served[i]["key"] for i in range(len(served))) == sorted(good)
+    assert served[0]["latent"].shape == (16, 16, 16) and served[0]["text"] == table.text(served.indices[0])
 
 
 # ================================================================================== dropout masks

@@ -45,7 +45,7 @@ def assets(tmp_path_factory):
     from PIL import Image, ImageOps
 
     from trainer.samples import write_sample_photos
-    from trainer.text_data import load_image
+    from trainer.data import load_image
 
     root = tmp_path_factory.mktemp("generator")
     paths = write_sample_photos(root / "photos", 128)
@@ -99,7 +99,7 @@ def test_t2i_learns_and_exports_a_generator_that_records_its_vae(assets, t2i_run
     from psvae_core.autoencoder import PSVAE
     from psvae_core.checkpoint import read_metadata
     from psvae_core.fusion import FusionDiffuser
-    from trainer.text_data import vae_fingerprint
+    from trainer.data import vae_fingerprint
 
     losses = _losses(t2i_run)
     assert len(losses) == STEPS

@@ -37,8 +37,7 @@ from psvae_core.autoencoder import PSVAE
 from psvae_core.checkpoint import read_header
 from psvae_core.fusion import FusionDiffuser
 
-from .data import jsonl_lines
-from .text_data import DataError, load_image
+from .data import DataError, jsonl_lines, load_image
 
 logger = logging.getLogger(__name__)
 

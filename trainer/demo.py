@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
 from psvae_core import metrics
 from psvae_core.autoencoder import PSVAE
 
 from .config import load_config
+from .data import read_crop
 from .evaluate import evaluate_reconstruction
 from .loop import train
 from .rng import seed_everything
@@ -75,7 +76,9 @@ def main(argv=None) -> dict:
         for name in names:
             if keep(name):
                 photos[name].save(folder / f"{name}.png")
-    x = torch.stack([pil_to_tensor(photos[n]) for n in names]).float() / 255
+    # Scored on the files the runs train on, read by the trainer's one image rule.
+    x = torch.stack([read_crop(out / "photos" / ("held_out" if n in HELD_OUT else "train") / f"{n}.png", SIZE)
+                     for n in names]).float() / 255
     n_train = len(names) - len(HELD_OUT)
     train_x, held_x = x[:n_train], x[n_train:]
 

@@ -3,8 +3,9 @@
     python -m trainer.evaluate --vae vae.safetensors --data /data/imagenet/val --out report.json
 
 The folder is read recursively (an ImageNet-val layout with class subfolders, a flat folder of
-JPEGs, or any tree). Every image is resized (shorter side, bicubic) and centre-cropped to
---resolution, reconstructed with the posterior mode, and compared with its crop. The JSON report
+JPEGs, or any tree). Every image is read by the trainer's one image rule (trainer/data/images.py:
+EXIF orientation applied, transparency over white, shorter side resized with bicubic, centre crop
+to --resolution), reconstructed with the posterior mode, and compared with its crop. The JSON report
 names every implementation and setting (docs/EVALUATION.md explains each field).
 
 Library use (the trainer's validation calls this):
@@ -34,20 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from psvae_core import metrics
-from psvae_core.images import resize_center_crop
 from psvae_core.losses import LPIPS_WEIGHTS_ENV
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"})
+from . import data
+
 DEFAULT_RESOLUTION = 256
 DEFAULT_LPIPS_NET = "alex"
-# Below this many images the 2048x2048 feature covariance is rank-deficient (rank <= N-1).
-FID_RELIABLE_MIN_IMAGES = 2048
-PAPER_RFID_IMAGES = 50_000
 MAX_LISTED_SKIPS = 20
 
-RESIZE_CROP_RULE = ("psvae_core.images.resize_center_crop: PIL image converted to RGB (alpha dropped, "
-                    "EXIF orientation ignored), shorter side resized to the resolution with PIL bicubic, "
-                    "centre crop to resolution x resolution, uint8")
 QUANTISATION_RULE = ("originals and reconstructions are clamped to 0..1 and rounded to uint8 "
                      "(round(255*x)), as saved PNGs are, before the Inception network; PSNR/SSIM/LPIPS "
                      "use the float reconstruction (clamped to 0..1, not rounded)")
@@ -64,70 +59,6 @@ class EvaluationError(Exception):
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """0..1 float -> uint8 by round(255*x) after clamping: what saving a PNG does."""
     return (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-
-
-class FeatureMoments:
-    """Streaming statistics of feature rows for FID, float64.
-
-    Keeps the raw features while there are at most as many rows as feature dimensions (then
-    `psvae_core.metrics.fid_from_features` takes its exact small-N route), and running sums of
-    (f - shift) and their outer products for any N (shift = the first batch's mean, which avoids
-    cancellation), so 50k images need 2 x 32 MB instead of the 2 x 800 MB of raw features.
-    """
-
-    def __init__(self):
-        self.n = 0
-        self.kept: Optional[list[torch.Tensor]] = []
-        self.shift = self.sum = self.outer = None
-
-    def add(self, features: torch.Tensor) -> None:
-        f = features.detach().to("cpu", torch.float64)
-        if f.dim() != 2:
-            raise ValueError(f"FeatureMoments: expected [N, D] features, got {tuple(f.shape)}")
-        if self.shift is None:
-            self.shift = f.mean(0)
-            self.sum = torch.zeros_like(self.shift)
-            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
-        c = f - self.shift
-        self.sum += c.sum(0)
-        self.outer += c.T @ c
-        self.n += f.shape[0]
-        if self.kept is not None:
-            self.kept.append(f)
-            if self.n > f.shape[1]:
-                self.kept = None
-
-    @property
-    def dim(self) -> Optional[int]:
-        return None if self.shift is None else self.shift.numel()
-
-    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean `[D]` and covariance `[D, D]` (ddof=1, as numpy.cov)."""
-        if self.n < 2:
-            raise ValueError("FeatureMoments: need at least 2 feature rows")
-        mean_c = self.sum / self.n
-        cov = (self.outer - self.n * torch.outer(mean_c, mean_c)) / (self.n - 1)
-        return self.shift + mean_c, (cov + cov.T) / 2
-
-
-def fid_between(a: FeatureMoments, b: FeatureMoments) -> float:
-    """FID of two accumulated feature sets (exact small-N route when both kept their rows)."""
-    if a.kept is not None and b.kept is not None:
-        return metrics.fid_from_features(torch.cat(a.kept), torch.cat(b.kept))
-    return metrics.frechet_distance(*a.stats(), *b.stats())
-
-
-def fid_reliability(n: int) -> tuple[bool, str]:
-    if n >= FID_RELIABLE_MIN_IMAGES:
-        note = (f"{n} images: the 2048-d feature covariances can be full rank. FID still depends on N "
-                f"(it is biased upward at small N): compare only with numbers from the same N and images; "
-                f"papers report rFID on the {PAPER_RFID_IMAGES} ImageNet-val images.")
-        return True, note
-    note = (f"only {n} images (< {FID_RELIABLE_MIN_IMAGES}, the Inception feature size): the covariance "
-            f"estimates have rank <= {max(n - 1, 0)}, so FID is computed exactly but is strongly biased upward "
-            f"and depends on N. Use it to compare runs with the same images and N, never with paper "
-            f"rFID-{PAPER_RFID_IMAGES // 1000}k numbers.")
-    return False, note
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -227,14 +158,14 @@ def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_
     psnrs: list[float] = []
     ssims: list[float] = []
     lpipss: list[float] = []
-    real, fake = FeatureMoments(), FeatureMoments()
+    real, fake = metrics.FeatureMoments(), metrics.FeatureMoments()
     recon_size, resized = None, False
     try:
         for batch in _rebatch(images, batch_size):
             if tuple(batch.shape[-2:]) != (resolution, resolution):
                 raise ValueError(f"evaluate_reconstruction: batches must be {resolution}x{resolution} "
                                  f"(the evaluation resolution), got {tuple(batch.shape[-2:])}; resize and crop "
-                                 f"them first (e.g. psvae_core.images.resize_center_crop)")
+                                 f"them first (e.g. trainer.data.read_crop)")
             x = batch.to(device).clamp(0.0, 1.0)
             recon = vae.reconstruct(x).float()
             if recon.dim() != 4 or recon.shape[:2] != x.shape[:2]:
@@ -262,9 +193,9 @@ def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_
         raise ValueError("evaluate_reconstruction: no images were given")
     rfid = reliable = note = None
     if inception is not None:
-        reliable, note = fid_reliability(n)
+        reliable, note = metrics.fid_reliability(n)
         if n >= 2:
-            rfid = fid_between(real, fake)
+            rfid = metrics.fid_between(real, fake)
         else:
             note = "rFID needs at least 2 images; not computed"
     return {
@@ -297,37 +228,6 @@ def scalar_metrics(result: dict) -> dict[str, float]:
 # Folder reader
 # ---------------------------------------------------------------------------------------------
 
-def find_images(root) -> list[Path]:
-    """Image files under `root` (recursive, symlinks followed once, hidden entries skipped),
-    as paths relative to `root`, sorted by their POSIX form."""
-    root = Path(root)
-    found, seen = [], set()
-
-    def walk(folder: Path, rel: Path):
-        real = os.path.realpath(folder)
-        if real in seen:
-            return
-        seen.add(real)
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                continue
-            if is_dir:
-                walk(Path(entry.path), rel / entry.name)
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(rel / entry.name)
-
-    walk(root, Path())
-    return sorted(found, key=lambda p: p.as_posix())
-
-
 def _layout(paths: list[Path]) -> tuple[str, int]:
     depths = {len(p.parts) for p in paths}
     if depths == {1}:
@@ -347,15 +247,6 @@ def _round_robin_by_class(paths: list[Path]) -> list[Path]:
     return ordered
 
 
-def _load_image(path: Path, resolution: int) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()
-        crop = resize_center_crop(image, resolution)
-    return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
 class _Files(torch.utils.data.Dataset):
     def __init__(self, root: Path, paths: list[Path], resolution: int):
         self.root, self.paths, self.resolution = root, paths, resolution
@@ -365,7 +256,7 @@ class _Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, _load_image(self.root / self.paths[i], self.resolution), None
+            return i, data.read_crop(self.root / self.paths[i], self.resolution), None
         except Exception as err:  # any undecodable file is skipped and counted, never fatal
             return i, None, f"{type(err).__name__}: {err}"
 
@@ -375,8 +266,8 @@ def _keep_list(items):
 
 
 class ImageFolderReader:
-    """Iterates uint8 batches `[B,3,r,r]` of the images under `root`, resized (shorter side,
-    bicubic) and centre-cropped to `resolution` with `psvae_core.images.resize_center_crop`.
+    """Iterates uint8 batches `[B,3,r,r]` of the images under `root`, read by the trainer's one image
+    rule (`trainer.data.read_crop`: EXIF orientation, alpha over white, shorter side resized, centre crop).
 
     Order: sorted relative paths. With `limit` on an ImageNet-val class layout (every image one
     folder deep) the files are taken round-robin over the sorted class folders, so a subset is
@@ -394,11 +285,11 @@ class ImageFolderReader:
         if limit is not None and limit < 1:
             raise EvaluationError(f"--limit must be at least 1, got {limit}")
         self.resolution, self.batch_size, self.limit, self.workers = resolution, batch_size, limit, workers
-        all_paths = find_images(self.root)
+        all_paths = data.image_files(self.root, relative=True)
         if not all_paths:
             raise EvaluationError(
                 f"no images found under {str(self.root)!r} (looked recursively for "
-                f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point --data at an image folder or an ImageNet-val folder")
+                f"{', '.join(sorted(data.IMAGE_SUFFIXES))}); point --data at an image folder or an ImageNet-val folder")
         self.layout, self.n_classes = _layout(all_paths)
         self.n_found = len(all_paths)
         if limit is not None and self.layout == "class_subfolders":
@@ -647,27 +538,44 @@ def _set_tf32(allow: bool):
 def run(args: argparse.Namespace) -> dict:
     """The evaluation behind the CLI; returns the report dict (raises EvaluationError on user errors)."""
     started = time.time()
+    _check_args(args)
+    device = _device(args.device)
+    reader = _reader(args)
+    vae, vae_info = _load_vae(args.vae, device)
+    lpips, lpips_info = (None, None) if args.no_lpips else _load_lpips(args)
+    inception, fid_info = (None, None) if args.no_fid else _load_inception(args.inception_weights)
+    result, tf32, notes = _evaluate(args, reader, vae, lpips, inception, device)
+    wall = time.time() - started
+    if fid_info is not None:
+        fid_info["feature_dim"] = result["fid_feature_dim"]
+    notes += _warnings(args, reader, result, lpips_info)
+    report = _report(args, reader, result, device, tf32, wall,
+                     {"vae": vae_info, "lpips": lpips_info, "fid": fid_info}, notes)
+    return _json_safe(report)
+
+
+def _check_args(args) -> None:
     if args.resolution < 16:
         raise EvaluationError(f"--resolution must be at least 16, got {args.resolution}")
     if args.batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = _device(args.device)
-    workers = args.workers if args.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
-    reader = ImageFolderReader(args.data, args.resolution, args.batch_size, args.limit, workers)
-    vae, vae_info = _load_vae(args.vae, device)
-    lpips, lpips_info = (None, None) if args.no_lpips else _load_lpips(args)
-    inception, fid_info = (None, None) if args.no_fid else _load_inception(args.inception_weights)
 
+
+def _reader(args) -> ImageFolderReader:
+    workers = args.workers if args.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    return ImageFolderReader(args.data, args.resolution, args.batch_size, args.limit, workers)
+
+
+def _evaluate(args, reader: ImageFolderReader, vae, lpips, inception, device) -> tuple[dict, Optional[bool], list]:
+    """`evaluate_reconstruction` over the folder, with progress, the image savers and the TF32
+    setting of the run -> (result, TF32 in use, notes)."""
     callbacks = [_Progress(reader.expected)]
     if args.save_reconstructions or args.save_originals:
         callbacks.append(_saver(reader, args.save_reconstructions, args.save_originals))
-
-    warnings_out = []
-    restore_tf32, tf32 = (lambda: None), False
+    notes, restore_tf32, tf32 = [], (lambda: None), False
     if device.type == "cuda":
         restore_tf32, tf32, note = _set_tf32(args.allow_tf32)
-        if note:
-            warnings_out.append(note)
+        notes += [note] if note else []
     try:
         result = evaluate_reconstruction(
             vae, reader, resolution=args.resolution, lpips=lpips, inception=inception, device=device,
@@ -680,37 +588,41 @@ def run(args: argparse.Namespace) -> dict:
         raise
     finally:
         restore_tf32()
-    wall = time.time() - started
+    return result, tf32, notes
 
-    if len(reader.skipped):
-        warnings_out.append(f"{len(reader.skipped)} unreadable image file(s) skipped (see data.skipped_files)")
+
+def _warnings(args, reader: ImageFolderReader, result: dict, lpips_info: Optional[dict]) -> list[str]:
+    """What a reader of the numbers must know: skipped files, a random LPIPS backbone, small-N FID,
+    resized reconstructions."""
+    out = []
+    if reader.skipped:
+        out.append(f"{len(reader.skipped)} unreadable image file(s) skipped (see data.skipped_files)")
     if lpips_info is not None and not lpips_info["meaningful"]:
-        warnings_out.append(
-            f"LPIPS uses a RANDOM {args.lpips_net} backbone (no torchvision ImageNet weights given): its values "
-            f"are NOT meaningful. Pass --lpips-weights or set {LPIPS_WEIGHTS_ENV}.")
+        out.append(f"LPIPS uses a RANDOM {args.lpips_net} backbone (no torchvision ImageNet weights given): its values "
+                   f"are NOT meaningful. Pass --lpips-weights or set {LPIPS_WEIGHTS_ENV}.")
     if result["fid_reliable"] is False:
-        warnings_out.append(result["fid_note"])
+        out.append(result["fid_note"])
     if result["reconstruction_resized"]:
-        warnings_out.append(f"the VAE returned {result['reconstruction_size']} images for {args.resolution}px "
-                            f"inputs; they were resized to {args.resolution}px (bicubic, antialiased) before scoring")
-    if fid_info is not None:
-        fid_info["feature_dim"] = result["fid_feature_dim"]
+        out.append(f"the VAE returned {result['reconstruction_size']} images for {args.resolution}px "
+                   f"inputs; they were resized to {args.resolution}px (bicubic, antialiased) before scoring")
+    return out
 
+
+def _report(args, reader: ImageFolderReader, result: dict, device, tf32, wall: float, info: dict,
+            notes: list[str]) -> dict:
+    """The JSON report (docs/EVALUATION.md); `info`: what _load_vae/_load_lpips/_load_inception said."""
+    lpips_info, fid_info = info["lpips"], info["fid"]
     metrics_out: dict[str, Any] = {"psnr": result["psnr"], "ssim": result["ssim"]}
+    implementations = {"psnr": metrics.METRIC_IMPLEMENTATIONS["psnr"], "ssim": metrics.METRIC_IMPLEMENTATIONS["ssim"]}
     if lpips_info is not None:
         metrics_out["lpips"] = {**result["lpips"], "meaningful": lpips_info["meaningful"]}
+        implementations["lpips"] = {"description": metrics.METRIC_IMPLEMENTATIONS["lpips"], **lpips_info}
     if fid_info is not None:
         metrics_out["rfid"] = {"value": result["rfid"], "n_images": result["n_images"],
                                "reliable": result["fid_reliable"], "note": result["fid_note"]}
-    implementations = {"psnr": metrics.METRIC_IMPLEMENTATIONS["psnr"], "ssim": metrics.METRIC_IMPLEMENTATIONS["ssim"]}
-    if lpips_info is not None:
-        implementations["lpips"] = {"description": metrics.METRIC_IMPLEMENTATIONS["lpips"], **lpips_info}
-    if fid_info is not None:
         implementations["fid"] = {"description": metrics.METRIC_IMPLEMENTATIONS["fid"], **fid_info}
-
     report: dict[str, Any] = {
-        "summary": {"n_images": result["n_images"], "resolution": args.resolution,
-                    **{k: v for k, v in scalar_metrics(result).items()},
+        "summary": {"n_images": result["n_images"], "resolution": args.resolution, **scalar_metrics(result),
                     "lpips_meaningful": None if lpips_info is None else lpips_info["meaningful"],
                     "fid_reliable": result["fid_reliable"]},
         "metrics": metrics_out,
@@ -719,16 +631,16 @@ def run(args: argparse.Namespace) -> dict:
             "n_files_found": reader.n_found, "n_images": result["n_images"], "skipped": len(reader.skipped),
             "skipped_files": [{"file": f, "error": e} for f, e in reader.skipped[:MAX_LISTED_SKIPS]],
             "limit": args.limit, "order": reader.order, "resolution": args.resolution,
-            "resize_crop": RESIZE_CROP_RULE,
+            "resize_crop": data.DESCRIPTION,
         },
-        "vae": vae_info,
+        "vae": info["vae"],
         "implementations": implementations,
         "settings": {"device": str(device), "batch_size": args.batch_size, "dtype": "float32",
                      "tf32": tf32,
                      "reconstruction_size": result["reconstruction_size"],
                      "reconstruction_resized": result["reconstruction_resized"],
                      "std": "population std over images (ddof=0)"},
-        "warnings": warnings_out,
+        "warnings": notes,
         "versions": _versions(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "command": " ".join([getattr(args, "prog", "python -m trainer.evaluate"), *getattr(args, "argv", [])]),
@@ -742,7 +654,7 @@ def run(args: argparse.Namespace) -> dict:
             {"file": name, "psnr": per["psnr"][i], "ssim": per["ssim"][i],
              **({"lpips": per["lpips"][i]} if per["lpips"] is not None else {})}
             for i, name in enumerate(reader.names)]
-    return _json_safe(report)
+    return report
 
 
 def _print_summary(report: dict, stream) -> None:

@@ -9,7 +9,7 @@
           (OmniGen, docs/PAPER.md §9.4) works at sampling time.
 
 Latents come from the frozen VAE (`model.vae`), either encoded on the fly (no grad, eval mode, float32
-unless precision.frozen_fp32=false) or read from a latent cache (`data.latent_cache`, text_data.py),
+unless precision.frozen_fp32=false) or read from a latent cache (`data.latent_cache`, trainer/data/cache.py),
 filled once, split by rank, and invalidated when the VAE file changes. Tar shards are streamed once
 into that cache (plus a caption table beside it) and training then runs map-style from it, so the
 loop's exact-resume sampler applies unchanged.
@@ -22,18 +22,14 @@ match one. The export (`export/generator.safetensors`) records the VAE it was tr
 from __future__ import annotations
 
 import contextlib
-import copy
-import glob as _glob
 import hashlib
 import json
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from omegaconf import MISSING, OmegaConf
 from torch.utils.data import Subset
@@ -45,9 +41,9 @@ from psvae_core.fusion import PRESETS as GENERATOR_PRESETS
 from psvae_core.fusion import FusionConfig, FusionDiffuser
 from psvae_core.fusion_heads import DDTBlock
 
-from . import text_data as td
+from . import data as td
 from .config import BaseConfig, ConfigError, EMASection, as_dict
-from .data import DataError
+from .data import DataError, split_holdout
 from .rng import derive_seed, micro_rows, step_noise
 from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
 
@@ -79,7 +75,7 @@ class GenModelSection:
 class GenDataSection:
     # t2i: caption folder | .jsonl | .parquet/glob/`datasets` folder | tar shards; edit: triplet folder | .jsonl
     source: str = MISSING
-    format: str = "auto"  # auto (text_data.open_t2i / open_edit rules) | folder | jsonl | hf | tar (tar: t2i only)
+    format: str = "auto"  # auto (trainer.data.open_t2i / open_edit rules) | folder | jsonl | hf | tar (tar: t2i only)
     image_size: int = 256  # centre crop fed to the VAE encoder (which resizes to its own input size)
     min_side: int = 0  # skip images whose shorter side is smaller
     check_images: bool = True  # open every image header when a folder/jsonl source is scanned (false for huge sets)
@@ -156,7 +152,7 @@ def byte_tokenizer():
 def cfg_dropout_masks(seed: int, step: int, step_batch: int, p_text: float,
                       p_image: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep_text, keep_image) bool [step_batch] for all samples of one optimiser step: drawn with
-    text_data.dropout_masks (independent per condition) from a generator seeded by the counters, so
+    trainer.data.dropout_masks (independent per condition) from a generator seeded by the counters, so
     they depend on neither the process layout, the accumulation split nor resuming. Micro-batch m of
     process r (b rows each) uses rows (m * processes + r) * b onwards, the sampler's order."""
     g = torch.Generator().manual_seed(derive_seed(seed, "cfg-dropout", step))
@@ -180,98 +176,6 @@ def fusion_fields(model: GenModelSection) -> dict:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model.overrides: {err}") from None
     return merged
-
-
-def _t2i_format(source: str) -> str:
-    """The format `text_data.open_t2i` would pick for `source` (same rules, as a name)."""
-    if ".tar" in source or "{" in source:
-        return "tar"
-    path = Path(source)
-    if path.suffix == ".jsonl":
-        return "jsonl"
-    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-    if path.suffix == ".parquet" or _glob.has_magic(source) or (
-            path.is_dir() and any((path / m).is_file() for m in markers)):
-        return "hf"
-    return "folder"
-
-
-class _StringTable:
-    """Many strings in two files: `<prefix>.bin` (utf-8, concatenated) and `<prefix>.idx.npy`
-    (int64 offsets, n + 1), memory-mapped on read (shared by DataLoader workers, no Python objects)."""
-
-    def __init__(self, prefix: Path):
-        self.prefix, self._blob, self._offsets = prefix, None, None
-
-    @staticmethod
-    def files(prefix: Path) -> tuple[Path, Path]:
-        return prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx.npy")
-
-    def _open(self):
-        if self._offsets is None:
-            blob, idx = self.files(self.prefix)
-            self._offsets = np.load(idx, mmap_mode="r")
-            self._blob = np.memmap(blob, dtype=np.uint8, mode="r") if self._offsets[-1] > 0 else np.zeros(0, np.uint8)
-
-    def __len__(self):
-        self._open()
-        return len(self._offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        self._open()
-        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
-        return bytes(self._blob[a:b]).decode("utf-8")
-
-    def __getstate__(self):
-        return {"prefix": self.prefix, "_blob": None, "_offsets": None}
-
-
-class _StringWriter:
-    """Appends strings to a `_StringTable`'s files (temporary names until `close`)."""
-
-    def __init__(self, prefix: Path):
-        self.prefix = prefix
-        self.blob_path, self.idx_path = _StringTable.files(prefix)
-        self._tmp = self.blob_path.with_name("." + self.blob_path.name + ".tmp")
-        self._file = open(self._tmp, "wb")
-        self.offsets = [0]
-
-    def add(self, text: str) -> None:
-        data = text.encode("utf-8")
-        self._file.write(data)
-        self.offsets.append(self.offsets[-1] + len(data))
-
-    def close(self) -> None:
-        self._file.close()
-        tmp_idx = self.idx_path.with_name("." + self.idx_path.name + ".tmp.npy")
-        np.save(tmp_idx, np.asarray(self.offsets, dtype=np.int64))
-        os.replace(self._tmp, self.blob_path)
-        os.replace(tmp_idx, self.idx_path)
-
-
-class TarCaptionTable:
-    """The (key, caption) list of a set of tar shards, stored beside their cached latents, shaped like
-    a text_data map-style set (`key(i)`, `text(i)`, `fields`, `source`), so `CachedLatents` serves it."""
-
-    fields = ("image",)
-
-    def __init__(self, prefix: Path, source: str):
-        self.keys = _StringTable(prefix.with_name(prefix.name + ".keys"))
-        self.texts = _StringTable(prefix.with_name(prefix.name + ".texts"))
-        self.source = source
-
-    def __len__(self):
-        return len(self.keys)
-
-    def key(self, i: int) -> str:
-        return self.keys[i]
-
-    def text(self, i: int) -> str:
-        return self.texts[i]
-
-
-def _rebased_error(err: Exception) -> DataError:
-    return DataError(str(err))
 
 
 # --------------------------------------------------------------------------- stages
@@ -461,25 +365,22 @@ class _GeneratorStage(Stage):
 
     # --- data ---------------------------------------------------------------------------------
     def _open(self, source: str):
-        """A text_data source (map-style set or TarShardStream); text_data errors become DataError."""
+        """A trainer.data source (map-style set or TarShardStream)."""
         d = self.cfg.data
         common = dict(size=d.image_size, seed=self.cfg.run.seed, min_side=d.min_side)
-        try:
-            if self.task == "edit":
-                if d.format == "auto":
-                    return td.open_edit(source, check_images=d.check_images, **common)
-                cls = {"folder": td.EditFolder, "jsonl": td.EditManifest}[d.format]
-                return cls(source, check_images=d.check_images, **common)
-            kind = d.format if d.format != "auto" else _t2i_format(source)
-            if kind == "tar":
-                return td.TarShardStream(source, text_fields=tuple(d.text_fields), shuffle_shards=False, **common)
-            if kind == "hf":
-                return td.HFCaptionDataset(source, image_column=d.hf_image_column, text_column=d.hf_text_column,
-                                           split=d.hf_split, **common)
-            cls = {"folder": td.CaptionFolder, "jsonl": td.CaptionManifest}[kind]
+        if self.task == "edit":
+            if d.format == "auto":
+                return td.open_edit(source, check_images=d.check_images, **common)
+            cls = {"folder": td.EditFolder, "jsonl": td.EditManifest}[d.format]
             return cls(source, check_images=d.check_images, **common)
-        except (td.DataError, td.MissingDependencyError) as err:
-            raise _rebased_error(err) from None
+        kind = d.format if d.format != "auto" else td.t2i_format(source)
+        if kind == "tar":
+            return td.TarShardStream(source, text_fields=tuple(d.text_fields), shuffle_shards=False, **common)
+        if kind == "hf":
+            return td.HFCaptionDataset(source, image_column=d.hf_image_column, text_column=d.hf_text_column,
+                                       split=d.hf_split, **common)
+        cls = {"folder": td.CaptionFolder, "jsonl": td.CaptionManifest}[kind]
+        return cls(source, check_images=d.check_images, **common)
 
     def _barrier(self):
         if self.ctx.world_size > 1:
@@ -492,105 +393,26 @@ class _GeneratorStage(Stage):
 
     def _cached(self, dataset, what: str):
         """`dataset` served from the latent cache, filling what is missing first (split by rank)."""
-        ctx = self.ctx
-        try:
-            cache = self._cache()
-            if isinstance(dataset, td.TarShardStream):
-                table = self._fill_tar(dataset, cache, what)
-                self._barrier()
-                cache.refresh()
-                out = td.CachedLatents(table, cache)
-                self.reports[f"{what}_cache"] = {"folder": str(cache.folder), **self.reports.get(f"{what}_cache", {})}
-                return out
-            stats = td.fill_cache(cache, self.vae, dataset, batch_size=self.cfg.train.batch_size,
-                                  num_workers=self.cfg.train.num_workers, encode=self._encode_raw,
-                                  rank=ctx.rank, world_size=ctx.world_size)
+        ctx, t = self.ctx, self.cfg.train
+        cache = self._cache()
+        if isinstance(dataset, td.TarShardStream):
+            table, stats = td.fill_cache_from_tar(
+                dataset, cache, lambda images: self._encode_raw(self.vae, images), batch_size=t.batch_size,
+                num_workers=t.num_workers, rank=ctx.rank, world_size=ctx.world_size, barrier=self._barrier,
+                log=ctx.log)
             self._barrier()
             cache.refresh()
-            out = td.CachedLatents(dataset, cache)
-        except td.DataError as err:
-            raise _rebased_error(err) from None
+            self.reports[f"{what}_cache"] = {"folder": str(cache.folder), **stats}
+            return td.CachedLatents(table, cache)
+        stats = td.fill_cache(cache, self.vae, dataset, batch_size=t.batch_size, num_workers=t.num_workers,
+                              encode=self._encode_raw, rank=ctx.rank, world_size=ctx.world_size)
+        self._barrier()
+        cache.refresh()
         self.reports[f"{what}_cache"] = {"folder": str(cache.folder), "encoded": stats["encoded"],
                                          "cached": stats["cached"]}
         ctx.log(f"latent cache {cache.folder}: {stats['encoded']} encoded, {stats['cached']} already cached "
                 f"(rank {ctx.rank})")
-        return out
-
-    @torch.no_grad()
-    def _fill_tar(self, stream: td.TarShardStream, cache: td.LatentCache, what: str) -> TarCaptionTable:
-        """Stream the shards once: encode what the cache lacks and record every (key, caption) in a
-        table beside the latents. Each rank reads its own shards; rank 0 merges the per-rank parts.
-        Later runs (and resumes) reuse the table without reading a shard."""
-        ctx, d = self.ctx, self.cfg.data
-        ident = {"shards": [[s, os.path.getsize(s)] for s in stream.shards], "text_fields": list(d.text_fields),
-                 "min_side": d.min_side}
-        table_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-        prefix = cache.folder / f"captions-{table_id}"
-        done = prefix.with_name(prefix.name + ".json")
-        if done.is_file():
-            info = json.loads(done.read_text())
-            ctx.log(f"latent cache: reusing {info['count']} tar samples of {prefix}")
-            self.reports[f"{what}_cache"] = {"encoded": 0, "cached": info["count"], "table": str(prefix)}
-            return TarCaptionTable(prefix, str(d.source if what == "train" else d.val_source))
-        cache.folder.mkdir(parents=True, exist_ok=True)
-        part = prefix.with_name(f"{prefix.name}.part{ctx.rank}-of-{ctx.world_size}")
-        keys = _StringWriter(part.with_name(part.name + ".keys"))
-        texts = _StringWriter(part.with_name(part.name + ".texts"))
-        mine = copy.copy(stream)
-        mine.rank, mine.world_size, mine.repeat = ctx.rank, ctx.world_size, False
-        workers = self.cfg.train.num_workers
-        items = mine if workers == 0 else torch.utils.data.DataLoader(mine, batch_size=None, num_workers=workers)
-        stats, batch = Counter(), []
-
-        def encode(batch):
-            images = torch.stack([it["image"] for it in batch])
-            cache.add([it["key"] for it in batch], self._encode_raw(self.vae, images).cpu())
-            stats["encoded"] += len(batch)
-
-        try:
-            for item in items:
-                keys.add(item["key"])
-                texts.add(item["text"])
-                if item["key"] in cache:
-                    stats["cached"] += 1
-                    continue
-                batch.append(item)
-                if len(batch) == self.cfg.train.batch_size:
-                    encode(batch)
-                    batch = []
-            if batch:
-                encode(batch)
-            cache.flush()
-        except td.BadSample as bad:
-            raise DataError(f"tar shards: {bad}") from None
-        keys.close()
-        texts.close()
-        ctx.log(f"latent cache: {stats['encoded']} tar samples encoded, {stats['cached']} already cached "
-                f"(rank {ctx.rank})")
-        self.reports[f"{what}_cache"] = {"encoded": stats["encoded"], "cached": stats["cached"], "table": str(prefix)}
-        self._barrier()
-        if ctx.rank == 0:
-            count = 0
-            for field_name in ("keys", "texts"):
-                out = _StringWriter(prefix.with_name(f"{prefix.name}.{field_name}"))
-                base = 0
-                for r in range(ctx.world_size):
-                    p = prefix.with_name(f"{prefix.name}.part{r}-of-{ctx.world_size}.{field_name}")
-                    blob, idx = _StringTable.files(p)
-                    offsets = np.load(idx)
-                    with open(blob, "rb") as f:
-                        shutil.copyfileobj(f, out._file)
-                    out.offsets.extend((offsets[1:] + base).tolist())
-                    base += int(offsets[-1])
-                    blob.unlink()
-                    idx.unlink()
-                out.close()
-                count = len(out.offsets) - 1
-            tmp = done.with_name("." + done.name + ".tmp")
-            tmp.write_text(json.dumps({"count": count, **ident}) + "\n")
-            os.replace(tmp, done)  # written last: marks the table complete
-        self._barrier()
-        return TarCaptionTable(prefix, str(d.source if what == "train" else d.val_source))
+        return td.CachedLatents(dataset, cache)
 
     def datasets(self):
         d, ctx = self.cfg.data, self.ctx
@@ -610,12 +432,8 @@ class _GeneratorStage(Stage):
             if val is not None:
                 val = self._cached(val, "val")
         if d.val_count and val is None:
-            if d.val_count >= len(train):
-                raise DataError(f"data.val_count={d.val_count} leaves no training samples (the source has "
-                                f"{len(train)})")
-            n = len(train)
-            val = Subset(train, range(n - d.val_count, n))
-            train = Subset(train, range(n - d.val_count))
+            kept, held = split_holdout(len(train), d.val_count, self.cfg.run.seed)
+            train, val = Subset(train, kept), Subset(train, held)
         self.train_size = len(train)
         ctx.log(f"data: {len(train)} training samples from {d.source}"
                 + (f"; {len(val)} held out" if val is not None else "")

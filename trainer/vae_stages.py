@@ -27,8 +27,7 @@ from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS, PSVAEConfig
 
 from .config import BaseConfig, ConfigError, OptimSection, as_dict
-from .data import build_image_dataset, split_holdout
-from .feature_cache import CachedFeatures, build_cache, cache_key
+from .data import CachedFeatures, build_cache, build_image_dataset, cache_key, split_holdout
 from .rng import step_noise
 from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
 
@@ -281,7 +280,8 @@ class _VAEStage(Stage):
             val, val_report = build_image_dataset(d.val_source, d.image_size, **kwargs)
             self.reports["val"] = val_report.to_dict()
         elif d.val_count:
-            train, val = split_holdout(train, d.val_count, self.cfg.run.seed)
+            kept, held = split_holdout(len(train), d.val_count, self.cfg.run.seed, "images")
+            train, val = train.subset(kept), train.subset(held)
         report.used = len(train)
         self.reports["train"] = report.to_dict()
         ctx.log(f"data: {report.summary()}" + (f"; {len(val)} held out for validation" if val is not None else ""))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import shard_indices
+from .sampling import shard_indices
 
 
 def cache_key(encoder: torch.nn.Module, encoder_config: dict, names: list[str], size: int) -> str:

@@ -1,0 +1,459 @@
+"""The keyed latent cache of the generator stages, and the caption table of tar shards beside it.
+
+`LatentCache` keeps PS-VAE latents (posterior mean, raw, i.e. not normalised) in safetensors shards
+under a folder named by a fingerprint of the VAE file's tensors + config and of the preprocessing,
+so another VAE (or another crop size) never reads stale latents. `fill_cache` encodes what is
+missing; `CachedLatents` serves samples with latents instead of pixels.
+
+Tar shards are streamed once by `fill_cache_from_tar`: it encodes what the cache lacks and writes
+every (key, caption) into a `TarCaptionTable` (two `StringTable`s) beside the latents, so training
+then runs map-style from the cache and the loop's exact-resume sampler applies unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from psvae_core.checkpoint import fingerprint as vae_fingerprint
+
+from .captions import PathLike, TarShardStream
+from .images import IMAGE_SIZE, RESIZE_RULE
+from .report import BadSample, DataError, DataReport
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class LatentCache:
+    """PS-VAE latents (posterior mean, raw) per sample key, in safetensors shards.
+
+    Layout: `<root>/<cache id>/cache.json` (what the id stands for) + `shard-*.safetensors`, each with
+    one tensor "latents" [N,C,h,w] and the N keys (JSON) in its metadata. The cache id hashes the VAE
+    fingerprint (`vae_fingerprint`) with the preprocessing (crop size, resize rule, latent kind,
+    storage dtype, `settings`), so another VAE or crop gets another folder; nothing stale is read.
+    Old folders are left in place (`stale_folders()` lists them).
+
+    Writes: `add` buffers, full shards are written atomically (temporary name, then rename) under a
+    unique name, so ranks may fill disjoint parts of one cache at once; `refresh()` sees the others'.
+    float16 storage halves the disk (CC12M at 96x16x16: ~0.5 TB); values outside its range raise.
+    The in-memory index is 16 bytes a latent (sorted 64-bit key hashes + shard/row), ~175 MB for
+    CC12M's 10.9M, and is shared copy-on-write by forked DataLoader workers.
+    """
+
+    _MERGE_EVERY = 1 << 18  # recent writes kept in a dict until merged into the sorted index
+
+    def __init__(self, root: PathLike, vae_file: PathLike, size: int = IMAGE_SIZE, dtype: torch.dtype = torch.float16,
+                 settings: Optional[dict] = None, shard_size: int = 4096):
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"cache dtype must be float16, bfloat16 or float32, not {dtype}")
+        self.root, self.size, self.dtype, self.shard_size = Path(root), size, dtype, shard_size
+        self.vae_file = Path(vae_file)
+        self.vae_fingerprint = vae_fingerprint(vae_file)
+        self.settings = {"format": CACHE_FORMAT, "size": size, "resize": RESIZE_RULE,
+                         "latent": "posterior-mean-raw", "dtype": _dtype_name(dtype), **(settings or {})}
+        ident = json.dumps({"vae": self.vae_fingerprint, "settings": self.settings}, sort_keys=True)
+        self.cache_id = hashlib.sha256(ident.encode()).hexdigest()[:24]
+        self.folder = self.root / self.cache_id
+        self._shards: list[str] = []
+        self._hashes = np.zeros(0, dtype=np.uint64)
+        self._where = np.zeros((0, 2), dtype=np.int64)  # (shard number, row) per sorted hash
+        self._recent: dict[int, tuple[int, int]] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._handles: dict[tuple[int, str], Any] = {}
+        self.refresh()
+
+    def __repr__(self):
+        return f"LatentCache({self.folder}, {len(self)} latents)"
+
+    # -- index
+    def refresh(self) -> None:
+        """Re-read the shard list (after other processes wrote theirs)."""
+        from safetensors import safe_open
+
+        self._check_folder()
+        shards, hashes, where = [], [], []
+        for shard in sorted(self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else []:
+            with safe_open(str(shard), framework="pt") as f:
+                keys = json.loads((f.metadata() or {}).get("keys", "[]"))
+            number = len(shards)
+            shards.append(shard.name)
+            hashes += [_key_hash(k) for k in keys]
+            where += [(number, row) for row in range(len(keys))]
+        self._shards, self._recent = shards, {}
+        self._set_index(np.array(hashes, dtype=np.uint64), np.array(where, dtype=np.int64).reshape(-1, 2))
+
+    def _set_index(self, hashes: np.ndarray, where: np.ndarray) -> None:
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._where = hashes[order], where[order]
+
+    def _merge_recent(self) -> None:
+        if self._recent:
+            hashes = np.fromiter(self._recent.keys(), dtype=np.uint64, count=len(self._recent))
+            where = np.array(list(self._recent.values()), dtype=np.int64).reshape(-1, 2)
+            self._set_index(np.concatenate([self._hashes, hashes]), np.concatenate([self._where, where]))
+            self._recent = {}
+
+    def _locate(self, key: str) -> Optional[tuple[int, int]]:
+        h = _key_hash(key)
+        i = int(np.searchsorted(self._hashes, np.uint64(h)))
+        if i < len(self._hashes) and int(self._hashes[i]) == h:
+            return int(self._where[i, 0]), int(self._where[i, 1])
+        return self._recent.get(h)
+
+    def _check_folder(self) -> None:
+        info = self.folder / "cache.json"
+        if info.is_file():
+            stored = json.loads(info.read_text())
+            if stored.get("vae_fingerprint") != self.vae_fingerprint or stored.get("settings") != self.settings:
+                raise DataError(f"{self.folder} holds latents of another VAE or preprocessing than its name says; "
+                                "delete the folder")
+
+    def stale_folders(self) -> list[Path]:
+        """Cache folders under the root made with another VAE or settings (safe to delete)."""
+        return sorted(p for p in self.root.glob("*")
+                      if p.is_dir() and (p / "cache.json").is_file() and p != self.folder)
+
+    def __len__(self) -> int:
+        return len(self._hashes) + len(self._recent) + len(self._pending)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._pending or self._locate(key) is not None
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        return [k for k in keys if k not in self]
+
+    # -- read
+    def _handle(self, shard: str):
+        from safetensors import safe_open
+
+        slot = (os.getpid(), shard)  # a DataLoader worker opens its own
+        if slot not in self._handles:
+            self._handles[slot] = safe_open(str(self.folder / shard), framework="pt")
+        return self._handles[slot]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The latent [C,h,w] as float32."""
+        if key in self._pending:
+            return self._pending[key].float()
+        found = self._locate(key)
+        if found is None:
+            raise KeyError(f"{key!r} is not in the latent cache {self.folder}; run fill_cache first")
+        shard, row = found
+        return self._handle(self._shards[shard]).get_slice("latents")[row:row + 1][0].float()
+
+    # -- write
+    def add(self, keys: Sequence[str], latents: torch.Tensor) -> None:
+        if len(keys) != latents.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {latents.shape[0]} latents")
+        stored = latents.detach().to("cpu", self.dtype)
+        if not torch.isfinite(stored).all():
+            bad = [k for k, row in zip(keys, stored) if not torch.isfinite(row).all()]
+            raise DataError(f"non-finite latents (NaN/Inf, or beyond {_dtype_name(self.dtype)}'s range) for "
+                            f"{bad[:3]}; check those images, or cache in float32")
+        for key, row in zip(keys, stored):
+            if key not in self:
+                self._pending[key] = row.clone()
+        while len(self._pending) >= self.shard_size:
+            self._write(self.shard_size)
+
+    def flush(self) -> None:
+        """Write every buffered latent (shards of at most `shard_size`)."""
+        while self._pending:
+            self._write(self.shard_size)
+
+    def _write(self, count: int) -> None:
+        from safetensors.torch import save_file
+
+        keys = list(self._pending)[:count]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        info = self.folder / "cache.json"
+        if not info.is_file():
+            tmp = info.with_name(f".cache.json.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps({"vae_fingerprint": self.vae_fingerprint, "vae_file": str(self.vae_file),
+                                       "settings": self.settings}, indent=2, sort_keys=True))
+            os.replace(tmp, info)
+        name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
+        tmp = self.folder / f".{name}.tmp"
+        save_file({"latents": torch.stack([self._pending[k] for k in keys]).contiguous()}, str(tmp),
+                  metadata={"keys": json.dumps(keys), "cache_id": self.cache_id})
+        os.replace(tmp, self.folder / name)
+        number = len(self._shards)
+        self._shards.append(name)
+        for row, key in enumerate(keys):
+            self._recent[_key_hash(key)] = (number, row)
+            del self._pending[key]
+        if len(self._recent) >= self._MERGE_EVERY:
+            self._merge_recent()
+
+    def __getstate__(self):  # picklable for DataLoader workers; open handles stay behind
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """The posterior mean of `images` [B,3,H,W] 0..1 (raw: not normalised), on the VAE's device."""
+    weight = next(vae.parameters())
+    return vae.encode(images.to(weight.device, weight.dtype)).mode()
+
+
+def _cache_key(key: str, name: str) -> str:
+    return key if name == "image" else f"{key}#{name}"
+
+
+def fill_cache(cache: LatentCache, vae, dataset, batch_size: int = 32, num_workers: int = 0,
+               encode: Callable = encode_latents, rank: int = 0, world_size: int = 1,
+               log_every: int = 0) -> dict:
+    """Encode every image of the map-style `dataset` not yet in `cache` (this rank's indices i with
+    i % world_size == rank; tar shards go through `fill_cache_from_tar`). Returns counts.
+
+    `encode(vae, images) -> latents` does the work (default: posterior mean). Fields cached: the
+    dataset's `fields` ("image", plus "source" for edit sets); keys are `key` and `key#source`.
+    """
+    size = getattr(dataset, "size", cache.size)
+    if size != cache.size:
+        raise ValueError(f"the dataset crops to {size} px but the cache was made for {cache.size} px")
+    fields = tuple(getattr(dataset, "fields", ("image",)))
+    was_training = vae.training
+    vae.eval()
+    stats = Counter()
+    try:
+        todo = [i for i in range(rank, len(dataset), world_size)
+                if any(_cache_key(dataset.key(i), f) not in cache for f in fields)]
+        stats["cached"] = len(range(rank, len(dataset), world_size)) - len(todo)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size,
+                                             num_workers=num_workers, collate_fn=_collate)
+        for n, batch in enumerate(loader, 1):
+            for name in fields:
+                keys = [_cache_key(k, name) for k in batch["key"]]
+                cache.add(keys, encode(vae, batch[name]).cpu())
+            stats["encoded"] += len(batch["key"])
+            if log_every and n % log_every == 0:
+                logger.info("latent cache: %d encoded, %d already cached", stats["encoded"], stats["cached"])
+        cache.flush()
+    finally:
+        vae.train(was_training)
+    return {"encoded": stats["encoded"], "cached": stats["cached"], "total": len(cache)}
+
+
+def _collate(items: list[dict]) -> dict:
+    out = {}
+    for name in items[0]:
+        values = [it[name] for it in items]
+        out[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+class CachedLatents(Dataset):
+    """A map-style set served from a LatentCache: `{"key", "text", "latent"[, "source_latent"]}`,
+    raw latents [C,h,w] float32 (normalise with the VAE's stats in the stage); no image is decoded.
+
+    Samples without a cached latent (their image failed to load while filling) are left out and
+    counted as "not_cached" in `report()`; none cached at all is an error (fill_cache not run)."""
+
+    def __init__(self, dataset, cache: LatentCache):
+        self.dataset, self.cache = dataset, cache
+        self.fields = tuple(dataset.fields)
+        self._report = DataReport(f"{dataset.source} via {cache.folder}", "latent-cache", found=len(dataset))
+        self.indices = []
+        for i in range(len(dataset)):
+            key = dataset.key(i)
+            if all(_cache_key(key, f) in cache for f in self.fields):
+                self.indices.append(i)
+            else:
+                self._report.skip("not_cached", key)
+        self._report.used = len(self.indices)
+        if not self.indices:
+            raise self._report.empty_error("Run fill_cache(cache, vae, dataset) first.")
+        if self._report.skipped:
+            logger.warning("%s", self._report.summary())
+
+    def report(self) -> dict:
+        return self._report.to_dict()
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        i = self.indices[index]
+        key = self.dataset.key(i)
+        item = {"key": key, "text": self.dataset.text(i)}
+        for name in self.fields:
+            item["latent" if name == "image" else f"{name}_latent"] = self.cache.get(_cache_key(key, name))
+        return item
+
+
+# ================================================================================== tar caption tables
+
+class StringTable:
+    """Many strings in two files: `<prefix>.bin` (utf-8, concatenated) and `<prefix>.idx.npy`
+    (int64 offsets, n + 1), memory-mapped on read (shared by DataLoader workers, no Python objects)."""
+
+    def __init__(self, prefix: Path):
+        self.prefix, self._blob, self._offsets = prefix, None, None
+
+    @staticmethod
+    def files(prefix: Path) -> tuple[Path, Path]:
+        return prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx.npy")
+
+    def _open(self):
+        if self._offsets is None:
+            blob, idx = self.files(self.prefix)
+            self._offsets = np.load(idx, mmap_mode="r")
+            self._blob = np.memmap(blob, dtype=np.uint8, mode="r") if self._offsets[-1] > 0 else np.zeros(0, np.uint8)
+
+    def __len__(self):
+        self._open()
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        self._open()
+        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
+        return bytes(self._blob[a:b]).decode("utf-8")
+
+    def __getstate__(self):
+        return {"prefix": self.prefix, "_blob": None, "_offsets": None}
+
+
+class StringWriter:
+    """Appends strings to a `StringTable`'s files (temporary names until `close`)."""
+
+    def __init__(self, prefix: Path):
+        self.prefix = prefix
+        self.blob_path, self.idx_path = StringTable.files(prefix)
+        self._tmp = self.blob_path.with_name("." + self.blob_path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self.offsets = [0]
+
+    def add(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self._file.write(data)
+        self.offsets.append(self.offsets[-1] + len(data))
+
+    def append_table(self, prefix: Path) -> None:
+        """Append every string of the table at `prefix`, then delete its files."""
+        blob, idx = StringTable.files(prefix)
+        offsets = np.load(idx)
+        with open(blob, "rb") as f:
+            shutil.copyfileobj(f, self._file)
+        base = self.offsets[-1]
+        self.offsets.extend((offsets[1:] + base).tolist())
+        blob.unlink()
+        idx.unlink()
+
+    def close(self) -> None:
+        self._file.close()
+        tmp_idx = self.idx_path.with_name("." + self.idx_path.name + ".tmp.npy")
+        np.save(tmp_idx, np.asarray(self.offsets, dtype=np.int64))
+        os.replace(self._tmp, self.blob_path)
+        os.replace(tmp_idx, self.idx_path)
+
+
+class TarCaptionTable:
+    """The (key, caption) list of a set of tar shards, stored beside their cached latents, shaped like
+    a map-style caption set (`key(i)`, `text(i)`, `fields`, `source`), so `CachedLatents` serves it."""
+
+    fields = ("image",)
+
+    def __init__(self, prefix: Path, source: str):
+        self.keys = StringTable(prefix.with_name(prefix.name + ".keys"))
+        self.texts = StringTable(prefix.with_name(prefix.name + ".texts"))
+        self.source = source
+
+    def __len__(self):
+        return len(self.keys)
+
+    def key(self, i: int) -> str:
+        return self.keys[i]
+
+    def text(self, i: int) -> str:
+        return self.texts[i]
+
+
+@torch.no_grad()
+def fill_cache_from_tar(stream: TarShardStream, cache: LatentCache, encode: Callable[[torch.Tensor], torch.Tensor],
+                        *, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                        barrier: Callable[[], None] = lambda: None,
+                        log: Callable[[str], None] = logger.info) -> tuple[TarCaptionTable, dict]:
+    """Stream the shards once: encode (`encode(images 0..1) -> raw latents`) what the cache lacks and
+    record every (key, caption) in a table beside the latents. Each rank reads its own shards; rank 0
+    merges the per-rank parts. Later runs (and resumes) reuse the table without reading a shard.
+    Returns the table and {"encoded", "cached", "table"}; all ranks must call it (it has barriers)."""
+    ident = {"shards": [[s, os.path.getsize(s)] for s in stream.shards], "text_fields": list(stream.text_fields),
+             "min_side": stream.min_side}
+    table_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    prefix = cache.folder / f"captions-{table_id}"
+    done = prefix.with_name(prefix.name + ".json")
+    source = stream.source
+    if done.is_file():
+        info = json.loads(done.read_text())
+        log(f"latent cache: reusing {info['count']} tar samples of {prefix}")
+        return TarCaptionTable(prefix, source), {"encoded": 0, "cached": info["count"], "table": str(prefix)}
+    cache.folder.mkdir(parents=True, exist_ok=True)
+    part = prefix.with_name(f"{prefix.name}.part{rank}-of-{world_size}")
+    keys, texts = StringWriter(part.with_name(part.name + ".keys")), StringWriter(part.with_name(part.name + ".texts"))
+    mine = copy.copy(stream)
+    mine.rank, mine.world_size, mine.repeat = rank, world_size, False
+    items = mine if num_workers == 0 else torch.utils.data.DataLoader(mine, batch_size=None, num_workers=num_workers)
+    stats, batch = Counter(), []
+
+    def encode_batch():
+        cache.add([it["key"] for it in batch], encode(torch.stack([it["image"] for it in batch])).cpu())
+        stats["encoded"] += len(batch)
+        batch.clear()
+
+    try:
+        for item in items:
+            keys.add(item["key"])
+            texts.add(item["text"])
+            if item["key"] in cache:
+                stats["cached"] += 1
+                continue
+            batch.append(item)
+            if len(batch) == batch_size:
+                encode_batch()
+        if batch:
+            encode_batch()
+        cache.flush()
+    except BadSample as bad:
+        raise DataError(f"tar shards: {bad}") from None
+    keys.close()
+    texts.close()
+    log(f"latent cache: {stats['encoded']} tar samples encoded, {stats['cached']} already cached (rank {rank})")
+    barrier()
+    if rank == 0:
+        count = 0
+        for field_name in ("keys", "texts"):
+            out = StringWriter(prefix.with_name(f"{prefix.name}.{field_name}"))
+            for r in range(world_size):
+                out.append_table(prefix.with_name(f"{prefix.name}.part{r}-of-{world_size}.{field_name}"))
+            out.close()
+            count = len(out.offsets) - 1
+        tmp = done.with_name("." + done.name + ".tmp")
+        tmp.write_text(json.dumps({"count": count, **ident}) + "\n")
+        os.replace(tmp, done)  # written last: marks the table complete
+    barrier()
+    return TarCaptionTable(prefix, source), {"encoded": stats["encoded"], "cached": stats["cached"], "table": str(prefix)}

@@ -1,0 +1,148 @@
+"""The one image rule of the trainer: how a file (or bytes, or a PIL image) becomes a tensor.
+
+Every stage, the evaluation and the demo read images here:
+- the accepted file types are `IMAGE_SUFFIXES` (one set for folders, manifests and tar members);
+- EXIF orientation is applied (a phone photo stored sideways is read upright);
+- transparency is composited over white (the rule of `psvae_core.images.to_model_images`);
+- the shorter side is resized to `size` (bicubic) and the centre `size` x `size` crop is kept
+  (`psvae_core.images.resize_center_crop`); models resize to their own input size themselves.
+
+`read_crop` returns uint8 `[3,S,S]` (what DataLoader workers ship), `load_image` float32 0..1.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from psvae_core.images import resize_center_crop
+
+from .report import BadSample
+
+IMAGE_SIZE = 256  # the paper's training and evaluation crop
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
+RESIZE_RULE = "shorter-side-bicubic+centre-crop"  # part of the latent cache's identity: keep the string
+DESCRIPTION = ("EXIF orientation applied, transparency composited over white, shorter side resized to the "
+               "resolution with PIL bicubic, centre crop to resolution x resolution, uint8 "
+               "(trainer.data.images, psvae_core.images.resize_center_crop)")
+# What PIL raises for a file that is not a readable image.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+
+def is_image_name(name: Union[str, os.PathLike]) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every file under `root`, as paths relative to it, sorted by their POSIX form: recursive,
+    folder links followed (each real folder once), hidden files and folders skipped."""
+    found, seen = [], set()
+
+    def walk(folder: Path, rel: Path):
+        real = os.path.realpath(folder)
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:
+                continue
+            if is_dir:
+                walk(Path(entry.path), rel / entry.name)
+            elif is_file:
+                found.append(rel / entry.name)
+
+    walk(Path(root), Path())
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def image_files(root, relative: bool = False) -> list[Path]:
+    """The image files of `files_under(root)` (joined to `root` unless `relative`)."""
+    root = Path(root)
+    return [p if relative else root / p for p in files_under(root) if is_image_name(p)]
+
+
+def open_rgb(source: ImageSource) -> Image.Image:
+    """The decoded image as RGB, upright (EXIF) and with transparency over white; PIL errors pass."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # palette / DecompressionBomb notes
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return image.convert("RGB")
+
+
+def crop_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB PIL image -> its uint8 `[3,size,size]` centre crop."""
+    crop = resize_center_crop(image, size)
+    return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def read_crop(source: ImageSource, size: int = IMAGE_SIZE, min_side: int = 0,
+              where: Optional[str] = None) -> torch.Tensor:
+    """A file path, encoded bytes or PIL image -> uint8 `[3,size,size]` by the rule above.
+
+    Raises BadSample("missing_image" | "unreadable_image" | "too_small") instead of a PIL error.
+    """
+    where = where or (str(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
+    try:
+        image = open_rgb(source)
+    except FileNotFoundError:
+        raise BadSample("missing_image", where) from None
+    except DECODE_ERRORS:
+        raise BadSample("unreadable_image", where) from None
+    if min(image.size) < max(min_side, 1):
+        raise BadSample("too_small", where)
+    return crop_tensor(image, size)
+
+
+def load_image(source: ImageSource, size: int = IMAGE_SIZE, min_side: int = 0,
+               where: Optional[str] = None) -> torch.Tensor:
+    """`read_crop` as float32 in 0..1."""
+    return read_crop(source, size, min_side, where).float().div_(255)
+
+
+def check_image_file(path: Path, min_side: int = 0, decode: bool = False) -> Optional[str]:
+    """None if `path` looks usable, else why not: "missing", "empty", "too_small", "not_image" or
+    "unreadable". Reads the header and runs PIL's verify; `decode` decodes the whole image too
+    (catches truncated JPEGs, which verify does not)."""
+    try:
+        if not path.is_file():
+            return "missing"
+        if path.stat().st_size == 0:
+            return "empty"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                if min(image.size) < max(min_side, 1):
+                    return "too_small"
+                if decode:
+                    image.load()
+                else:
+                    image.verify()
+    except UnidentifiedImageError:
+        return "not_image"
+    except DECODE_ERRORS:
+        return "unreadable"
+    return None

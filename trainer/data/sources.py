@@ -1,0 +1,199 @@
+"""Image sources of the autoencoder stages: an image folder, a .jsonl/.csv manifest of paths, or a
+Hugging Face `datasets` folder, scanned once into an `ImageDataset` of uint8 crops.
+
+Files that cannot be images are skipped and counted by reason in a `DataReport` (written to the
+run folder), never silently dropped. Images are read by the package's one rule (images.py).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .images import IMAGE_SUFFIXES, check_image_file, files_under, is_image_name, read_crop
+from .report import BadSample, DataError, DataReport
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = {".jsonl", ".csv"}
+MANIFEST_KEYS = ("path", "file_name", "image", "file")  # jsonl keys / csv columns tried in order
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# What a scan-time check (images.check_image_file) means, in this report's words.
+SCAN_REASONS = {"missing": "missing file", "empty": "empty file", "not_image": "not an image",
+                "unreadable": "unreadable or truncated"}
+
+
+# --------------------------------------------------------------------------- sources
+
+def detect_kind(source: Path) -> str:
+    if source.is_file() and source.suffix.lower() in MANIFEST_SUFFIXES:
+        return "manifest"
+    if source.is_dir() and any((source / m).is_file() for m in HF_MARKERS):
+        return "hf"
+    if source.is_dir():
+        return "folder"
+    raise DataError(f"data source {source} is neither a folder nor a .jsonl/.csv manifest")
+
+
+def _folder_paths(root: Path, report: DataReport) -> list[Path]:
+    sidecars = {".txt", ".json", ".jsonl", ".csv", ".caption"}  # captions/metadata beside images are not skipped files
+    paths = []
+    for path in (root / rel for rel in files_under(root)):
+        if path.suffix.lower() in sidecars:
+            continue
+        report.found += 1
+        if is_image_name(path):
+            paths.append(path)
+        else:
+            report.skip("not an image file type", str(path))
+    return paths
+
+
+def jsonl_lines(path, error: type[Exception] = DataError) -> Iterator[tuple[int, str, Any]]:
+    """(line number, line, parsed JSON) per non-empty line of a jsonl file; a line that is not JSON
+    raises `error` naming the file and line."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        yield n, line, row
+
+
+def _manifest_paths(manifest: Path, key: Optional[str], report: DataReport) -> list[Path]:
+    if manifest.suffix.lower() == ".jsonl":
+        rows = [row if isinstance(row, dict) else {"path": row} for _n, _line, row in jsonl_lines(manifest)]
+    else:
+        rows = list(csv.DictReader(manifest.read_text(encoding="utf-8").splitlines()))
+    keys = (key,) if key else MANIFEST_KEYS
+    paths = []
+    for n, row in enumerate(rows, 1):
+        value = next((row[k] for k in keys if k in row and row[k]), None)
+        if value is None:
+            raise DataError(f"{manifest}: row {n} has none of the keys {list(keys)}; name the column with "
+                            f"data.manifest_key")
+        path = Path(value).expanduser()
+        paths.append(path if path.is_absolute() else manifest.parent / path)
+    report.found = len(paths)
+    return paths
+
+
+def select_split(ds, split: Optional[str], where, hint: str = "", error: type[Exception] = DataError):
+    """The split `split` (default: "train" if there is one, else the first) of a `datasets.DatasetDict`;
+    any other dataset as it is. A missing split raises `error` ("<where>: no split ...<hint>")."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds
+    names = list(ds)
+    split = split or ("train" if "train" in ds else names[0])
+    if split not in ds:
+        raise error(f"{where}: no split {split!r}; it has {names}{hint}")
+    return ds[split]
+
+
+class _HFItems:
+    """Rows of a `datasets.load_from_disk` folder, read lazily (each worker opens its own)."""
+
+    def __init__(self, folder: Path, column: str, split: Optional[str]):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{folder} is a Hugging Face `datasets` folder, but the `datasets` package is not "
+                            f"installed; `pip install datasets` or export the images to a folder") from None
+        ds = select_split(datasets.load_from_disk(str(folder)), split, folder, " (set data.hf_split)")
+        if column not in ds.column_names:
+            raise DataError(f"{folder}: no column {column!r}; columns are {ds.column_names} (set data.hf_column)")
+        self.ds, self.column = ds, column
+
+    def __len__(self):
+        return len(self.ds)
+
+    def load(self, i: int):
+        """Row i's image as read_crop takes it: a PIL image, encoded bytes or a path."""
+        value = self.ds[i][self.column]
+        if isinstance(value, dict):  # undecoded Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (Image.Image, bytes, str)):
+            return value
+        raise DataError(f"column {self.column!r} holds {type(value).__name__}, not images")
+
+
+def _as_is(item):
+    return item
+
+
+class ImageDataset(Dataset):
+    """`size` x `size` uint8 RGB crops `[3,S,S]` of one source, plus their index; `names[i]` says
+    where item i comes from (its path, or "<folder>[row]")."""
+
+    def __init__(self, load: Callable, items: list, size: int, names: list[str]):
+        self._load, self.items, self.size, self.names = load, items, size, names
+
+    def __len__(self):
+        return len(self.items)
+
+    def subset(self, indices: Sequence[int]) -> "ImageDataset":
+        return ImageDataset(self._load, [self.items[i] for i in indices], self.size, [self.names[i] for i in indices])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        # A file that passed the scan but fails to decode now is replaced by the next item, so
+        # every process keeps the same batch shapes; the warning names it.
+        for k in range(len(self.items)):
+            j = (i + k) % len(self.items)
+            try:
+                return {"image": read_crop(self._load(self.items[j]), self.size, where=self.names[j]), "index": i}
+            except (BadSample, DataError) as err:
+                logger.warning("skipping unreadable image %s (%s)", self.names[j], err)
+        raise DataError("no image of the dataset could be decoded")
+
+
+def build_image_dataset(source: str, size: int, *, kind: str = "auto", verify: str = "header",
+                        min_size: int = 0, manifest_key: Optional[str] = None, hf_column: str = "image",
+                        hf_split: Optional[str] = None) -> tuple[ImageDataset, DataReport]:
+    """Scan `source` into a dataset; raises DataError when nothing usable is left."""
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise DataError(f"data source {source} does not exist; set data.source to an image folder, a "
+                        f".jsonl/.csv manifest or a Hugging Face datasets folder")
+    kind = detect_kind(root) if kind == "auto" else kind
+    report = DataReport(str(source), kind)
+    too_small = f"smaller than {min_size} px"
+    if kind == "hf":
+        rows = _HFItems(root, hf_column, hf_split)
+        report.found = len(rows)
+        items = list(range(len(rows)))
+        if verify == "full":
+            kept = []
+            for i in items:
+                try:
+                    read_crop(rows.load(i), size, min_size)
+                    kept.append(i)
+                except BadSample as bad:
+                    report.skip(too_small if bad.reason == "too_small" else SCAN_REASONS["unreadable"], f"row {i}")
+            items = kept
+        dataset = ImageDataset(rows.load, items, size, [f"{root}[{i}]" for i in items])
+    elif kind in ("folder", "manifest"):
+        paths = _folder_paths(root, report) if kind == "folder" else _manifest_paths(root, manifest_key, report)
+        items = []
+        for path in paths:
+            reason = check_image_file(path, min_size, decode=verify == "full")
+            if reason:
+                report.skip(too_small if reason == "too_small" else SCAN_REASONS[reason], str(path))
+            else:
+                items.append(path)
+        dataset = ImageDataset(_as_is, items, size, [str(p) for p in items])
+    else:
+        raise DataError(f"data.kind must be auto, folder, manifest or hf; got {kind!r}")
+    report.used = len(dataset)
+    if report.used == 0:
+        raise DataError(f"no usable images in {source}: {report.summary()}. Check the path, the file types "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) and the data report")
+    return dataset, report
