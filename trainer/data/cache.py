@@ -416,7 +416,7 @@ def fill_cache_from_tar(stream: TarShardStream, cache: LatentCache, encode: Call
     part = prefix.with_name(f"{prefix.name}.part{rank}-of-{world_size}")
     keys, texts = StringWriter(part.with_name(part.name + ".keys")), StringWriter(part.with_name(part.name + ".texts"))
     mine = copy.copy(stream)
-    mine.rank, mine.world_size, mine.repeat = rank, world_size, False
+    mine.rank, mine.world_size = rank, world_size
     items = mine if num_workers == 0 else torch.utils.data.DataLoader(mine, batch_size=None, num_workers=num_workers)
     stats, batch = Counter(), []
 

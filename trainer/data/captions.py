@@ -285,13 +285,13 @@ class HFCaptionDataset(_MapDataset):
     (an Image feature, encoded bytes, {"bytes", "path"} or a path string) and a text column.
 
     Rows are read lazily; a row whose image or caption turns out bad is skipped at load time and
-    counted. Key = `key_column` if given, else "<row index>".
+    counted. Key = "<row index>".
     """
 
     kind = "hf-datasets"
 
     def __init__(self, path: Union[PathLike, Sequence[PathLike]], image_column: str = "image",
-                 text_column: str = "text", split: Optional[str] = None, key_column: Optional[str] = None,
+                 text_column: str = "text", split: Optional[str] = None,
                  **kwargs):
         datasets = _require_datasets()
         kwargs.setdefault("check_images", False)  # images live inside the files; checked when loaded
@@ -305,18 +305,16 @@ class HFCaptionDataset(_MapDataset):
                 raise DataError(f"no parquet file matches {path}")
             ds = datasets.load_dataset("parquet", data_files=files, split="train")
         ds = select_split(ds, split, path, error=DataError)
-        for column, what in ((image_column, "image_column"), (text_column, "text_column"), (key_column, "key_column")):
-            if column is not None and column not in ds.column_names:
+        for column, what in ((image_column, "image_column"), (text_column, "text_column")):
+            if column not in ds.column_names:
                 raise DataError(f"{path}: no column {column!r}; columns are {ds.column_names} (set {what})")
         feature = ds.features.get(image_column)
         if isinstance(feature, datasets.Image) and feature.decode:
             ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes; decoded by load_image
         self._ds, self._image_column, self._text_column = ds, image_column, text_column
         self._texts = ds.select_columns([text_column])
-        keys = ds[key_column] if key_column else [str(i) for i in range(len(ds))]
         self._report.found = len(ds)
-        self._finish([Entry(str(k), None, {"image": i}) for i, k in enumerate(keys)],
-                     f"{path} has no rows.")
+        self._finish([Entry(str(i), None, {"image": i}) for i in range(len(ds))], f"{path} has no rows.")
 
     def _load_text(self, entry: Entry) -> str:
         value = self._texts[entry.images["image"]][self._text_column]
@@ -439,7 +437,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [s for option in options for s in expand_braces(head + option + tail)]
 
 
-def expand_shards(shards: Union[PathLike, Sequence[PathLike]], allow_missing: bool = False) -> list[str]:
+def expand_shards(shards: Union[PathLike, Sequence[PathLike]]) -> list[str]:
     """Shard paths from a brace pattern, a glob, a list of either, or a text file listing them (.txt)."""
     patterns = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
     out: list[str] = []
@@ -447,7 +445,7 @@ def expand_shards(shards: Union[PathLike, Sequence[PathLike]], allow_missing: bo
     for pattern in map(str, patterns):
         if pattern.endswith(".txt") and Path(pattern).is_file():
             listed = [ln.strip() for ln in Path(pattern).read_text().splitlines() if ln.strip()]
-            out += expand_shards([str(_resolve(Path(pattern).parent, x)) for x in listed], allow_missing)
+            out += expand_shards([str(_resolve(Path(pattern).parent, x)) for x in listed])
             continue
         for path in expand_braces(os.path.expanduser(pattern)):
             if _glob.has_magic(path):
@@ -459,10 +457,10 @@ def expand_shards(shards: Union[PathLike, Sequence[PathLike]], allow_missing: bo
                 out.append(path)
             else:
                 missing.append(path)
-    if missing and not allow_missing:
+    if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise DataError(f"{len(missing)} shard path(s) do not exist: {', '.join(missing[:3])}{more}; "
-                        "fix the pattern, or pass allow_missing=True to train on the rest")
+                        "fix the pattern or the list")
     if not out:
         raise EmptyDatasetError(f"no tar shard matches {patterns}")
     return out
@@ -520,8 +518,7 @@ class TarShardStream(IterableDataset):
     reader streams every shard and keeps samples g, g+G, ... So each sample is read by exactly one
     reader either way. Rank/world come from torch.distributed, else $RANK/$WORLD_SIZE.
 
-    repeat=True streams forever, reshuffling the shard order each pass (epoch + 1).
-    shuffle_buffer > 0 shuffles samples within a seeded buffer of that size.
+    One iteration is one pass (the generator stages stream it once into the latent cache).
     load_images=False yields no pixels (keys and captions only).
     Key = "<shard file name>/<member key>". `report()` counts this process's skips.
     """
@@ -529,15 +526,13 @@ class TarShardStream(IterableDataset):
     kind = "tar-shards"
 
     def __init__(self, shards, size: int = IMAGE_SIZE, text_fields: Sequence[str] = TEXT_FIELDS, seed: int = 0,
-                 shuffle_shards: bool = True, shuffle_buffer: int = 0, repeat: bool = False, epoch: int = 0,
-                 rank: Optional[int] = None, world_size: Optional[int] = None, min_side: int = 0,
-                 load_images: bool = True, allow_missing: bool = False):
+                 shuffle_shards: bool = True, epoch: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, min_side: int = 0, load_images: bool = True):
         super().__init__()
-        self.shards = expand_shards(shards, allow_missing)
+        self.shards = expand_shards(shards)
         self.source = str(shards)
         self.size, self.text_fields, self.seed = size, tuple(text_fields), seed
-        self.shuffle_shards, self.shuffle_buffer = shuffle_shards, shuffle_buffer
-        self.repeat, self.epoch = repeat, epoch
+        self.shuffle_shards, self.epoch = shuffle_shards, epoch
         self.rank, self.world_size, self.min_side, self.load_images = rank, world_size, min_side, load_images
         self._report = DataReport(self.source, self.kind)
 
@@ -559,13 +554,7 @@ class TarShardStream(IterableDataset):
         return rank * workers + worker, world * workers
 
     def __iter__(self) -> Iterator[dict]:
-        reader, readers = self._reader()
-        epoch = self.epoch
-        while True:
-            yield from self.iter_partition(reader, readers, epoch)
-            if not self.repeat:
-                return
-            epoch += 1
+        return self.iter_partition(*self._reader())
 
     def iter_partition(self, reader: int, readers: int, epoch: Optional[int] = None) -> Iterator[dict]:
         """The samples of reader `reader` of `readers` (= rank * num_workers + worker) in one pass."""
@@ -574,20 +563,10 @@ class TarShardStream(IterableDataset):
         order = self.shard_order(self.epoch if epoch is None else epoch)
         by_shard = len(order) >= readers
         mine = order[reader::readers] if by_shard else order
-        rng = random.Random(f"{self.seed}:{epoch}:{reader}")
-        buffer: list[dict] = []
-        produced, had_any = 0, False
+        had_any = False
         for item in self._samples(mine, None if by_shard else (reader, readers)):
             had_any = True
-            produced += 1
-            if self.shuffle_buffer > 1:
-                buffer.append(item)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-            else:
-                yield item
-        rng.shuffle(buffer)
-        yield from buffer
+            yield item
         if not had_any and self._report.found:
             raise self._report.empty_error("Each sample needs {key}.jpg/png/webp and {key}.txt or {key}.json "
                                              f"(with one of {list(self.text_fields)}).")
