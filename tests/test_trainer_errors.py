@@ -47,6 +47,37 @@ def test_bad_value_and_stage_mismatch(capsys, photo_dir):
     assert code == 2 and "stage 'svae'" in err
 
 
+@pytest.mark.parametrize("override, fix", [
+    ("optim.lr=nan", "a finite number > 0"), ("optim.lr=inf", "a finite number > 0"),
+    ("optim.lr=-1", "a finite number > 0"), ("optim.eps=nan", "a finite number > 0"),
+    ("optim.betas=[1.5,0.9]", "two numbers in [0, 1)"), ("optim.betas=[0.9]", "two numbers in [0, 1)"),
+    ("optim.weight_decay=inf", "a finite number >= 0"), ("optim.min_lr_ratio=2", "in [0, 1]"),
+    ("ema.every=0", "> 0"), ("ema.decay=nan", "in [0, 1)")])
+def test_values_that_would_crash_later_are_refused_naming_key_and_fix(capsys, photo_dir, tmp_path, override, fix):
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}",
+                         f"run.output_dir={tmp_path}", override)
+    key = override.partition("=")[0]
+    assert code == 2 and f"'{key}' must be {fix}" in err, err
+    assert not (tmp_path / "svae_tiny").exists()
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", "ABSOLUTE"])
+def test_run_name_cannot_leave_the_output_dir(capsys, photo_dir, tmp_path, name):
+    out = tmp_path / "deep" / "runs"
+    name = str(tmp_path / "abs_run") if name == "ABSOLUTE" else name
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}", f"run.output_dir={out}",
+                         f"run.name={name}", "train.max_steps=1")
+    assert code == 2 and "'run.name' must be one folder name" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_a_choice_key_lists_its_values_and_explains_a_bare_no(capsys, photo_dir):
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}", "export.dtype=fp32")
+    assert code == 2 and "'export.dtype' is 'fp32'; use one of ['float32', 'bfloat16', 'float16']" in err
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}", "precision.mixed=no")
+    assert code == 2 and "use one of ['no', 'bf16', 'fp16']" in err and "quote it" in err
+
+
 def test_missing_data_source_and_missing_dir(capsys, tmp_path):
     code, err = run_main(capsys, "svae", "--config", TINY_SVAE)
     assert code == 2 and "'data.source' must be set" in err

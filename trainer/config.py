@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional, get_args
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
@@ -24,6 +25,11 @@ CONFIG_VERSION = 1
 
 class ConfigError(ValueError):
     """A config problem; the message names the key, the problem and the fix."""
+
+
+# A choice key is typed with a Literal: OmegaConf refuses any other value when the config is merged
+# (`_explain` turns that into a message), so no stage writes its own `if x not in (...)` check.
+DType = Literal["float32", "bfloat16", "float16"]  # storage dtypes (exports, caches)
 
 
 # --------------------------------------------------------------------------- generic sections
@@ -52,7 +58,7 @@ class OptimSection:
     weight_decay: float = 0.0
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    schedule: str = "constant"  # constant | cosine (after warm-up, down to lr * min_lr_ratio)
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: after warm-up, down to lr * min_lr_ratio
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
 
@@ -67,7 +73,7 @@ class EMASection:
 
 @dataclass
 class PrecisionSection:
-    mixed: str = "no"  # no | bf16 | fp16 (fp16 uses a dynamic grad scaler)
+    mixed: Literal["no", "bf16", "fp16"] = "no"  # fp16 uses a dynamic grad scaler
     frozen_fp32: bool = True  # frozen encoder / teacher forward in float32 whatever `mixed` says
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
 
@@ -104,7 +110,7 @@ class NaNSection:
 @dataclass
 class ExportSection:
     ema: bool = True  # export the EMA weights (else the raw ones)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: DType = "float32"
     stats_images: int = 2048  # training images used to measure the latent mean/std before export
 
 
@@ -148,6 +154,13 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> Co
         return ConfigError(f"{origin}: '{key}' must be set (add it to the YAML file or pass {key}=...)")
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
+        if msg.startswith("Invalid value") and "expected one of" in msg:  # a Literal (choice) key
+            hint = ""
+            if msg.startswith(("Invalid value 'False'", "Invalid value 'True'")):
+                # YAML 1.1 reads a bare no/off/yes/on as a boolean
+                hint = f" (YAML reads a bare no/yes as a boolean: quote it, e.g. {key}=\"'no'\" on the command line)"
+            value, _, choices = msg.removeprefix("Invalid value ").partition(", expected one of ")
+            return ConfigError(f"{origin}: '{key}' is {value}; use one of {choices}{hint}")
         return ConfigError(f"{origin}: wrong type for '{key}': {msg}")
     return ConfigError(f"{origin}: {str(err).splitlines()[0]} (key '{key}')")
 
@@ -189,36 +202,37 @@ def load_config(schema_cls, stage: str, path: Optional[str], overrides: list[str
     return cfg
 
 
-def _choice(cfg, key: str, choices) -> None:
+def _check(cfg, key: str, ok, rule: str) -> None:
     value = OmegaConf.select(cfg, key)
-    if value not in choices:
-        hint = ""
-        if value in ("False", "True"):  # YAML 1.1 reads a bare no/off/yes/on as a boolean
-            hint = f" (YAML reads a bare no/yes as a boolean: quote it, e.g. {key}=\"'no'\" on the command line)"
-        raise ConfigError(f"'{key}' is {value!r}; use one of {list(choices)}{hint}")
+    if not ok(value):
+        raise ConfigError(f"'{key}' must be {rule}, got {value!r}; set it on the command line ({key}=...) "
+                          f"or in the YAML file")
 
 
-def _positive(cfg, key: str, zero_ok: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"'{key}' must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def check_base(cfg) -> None:
     """Value checks the types cannot express."""
-    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "optim.lr", "log.every"):
-        _positive(cfg, key)
+    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "log.every", "ema.every"):
+        _check(cfg, key, lambda v: v > 0, "> 0")
     for key in ("train.num_workers", "checkpoint.every", "checkpoint.keep_last", "log.images_every",
-                "validation.every", "validation.max_images", "optim.warmup_steps", "optim.grad_clip",
+                "validation.every", "validation.max_images", "optim.warmup_steps",
                 "nan.max_consecutive", "export.stats_images"):
-        _positive(cfg, key, zero_ok=True)
-    _choice(cfg, "optim.schedule", ("constant", "cosine"))
-    _choice(cfg, "precision.mixed", ("no", "bf16", "fp16"))
-    _choice(cfg, "export.dtype", ("float32", "bfloat16", "float16"))
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"'optim.betas' must be two numbers, got {list(cfg.optim.betas)}")
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"'ema.decay' must be in [0, 1), got {cfg.ema.decay}")
+        _check(cfg, key, lambda v: v >= 0, ">= 0")
+    # NaN passes every comparison and inf trains until the export: refuse both up front.
+    _check(cfg, "optim.lr", lambda v: _finite(v) and v > 0, "a finite number > 0 (e.g. 1e-4)")
+    _check(cfg, "optim.eps", lambda v: _finite(v) and v > 0, "a finite number > 0 (e.g. 1e-8)")
+    for key in ("optim.weight_decay", "optim.grad_clip"):
+        _check(cfg, key, lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+    _check(cfg, "optim.min_lr_ratio", lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]")
+    _check(cfg, "optim.betas", lambda v: len(v) == 2 and all(_finite(b) and 0 <= b < 1 for b in v),
+           "two numbers in [0, 1) (e.g. [0.9, 0.95])")
+    _check(cfg, "ema.decay", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1) (e.g. 0.999)")
+    # The run folder is <output_dir>/<name>: a name with a path in it would write elsewhere.
+    _check(cfg, "run.name", lambda v: v not in ("", ".", "..") and Path(v).name == v and "\\" not in v,
+           "one folder name (no '/', '..' or absolute path; the folder goes under run.output_dir)")
 
 
 def to_yaml(cfg) -> str:
