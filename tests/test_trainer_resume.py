@@ -2,8 +2,9 @@
 weights (model, EMA, discriminator) as an uninterrupted run; plus keep-last-N and SIGTERM saves."""
 from __future__ import annotations
 
-import os
+import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from test_trainer_helpers import GAN_ON, ROOT, TINY_SVAE, cli, env, max_diff, photos, weights
+from trainer.__main__ import main
 from trainer.checkpointing import MARKER, complete_checkpoints
 
 STEPS = 9
@@ -75,3 +77,51 @@ def test_sigterm_saves_cleanly_and_keep_last(data, tmp_path):
     # Re-running without resume refuses to overwrite the run.
     again = cli(*_args(data, tmp_path, "term"))
     assert again.returncode == 2 and "checkpoint.resume=latest" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(data, tmp_path_factory):
+    """A finished 6-step run with complete checkpoints at steps 3 and 6 (copied by each test)."""
+    out = tmp_path_factory.mktemp("runs")
+    assert _main(_args(data, out, "base", "train.max_steps=6", "gan.weight=0")) == 0
+    return out / "base"
+
+
+def _main(args):
+    return main([str(a) for a in args])
+
+
+def _copy_run(two_checkpoints, tmp_path):
+    shutil.copytree(two_checkpoints, tmp_path / "run")
+    return tmp_path / "run" / "checkpoints"
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "model.optim.pt"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(data, two_checkpoints, tmp_path, capsys,
+                                                                          damage):
+    root = _copy_run(two_checkpoints, tmp_path)
+    _truncate(root / "step_00000006" / damage)
+    code = _main(_args(data, tmp_path, "run", "train.max_steps=7", "gan.weight=0", "checkpoint.resume=latest"))
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if "is damaged" in line]
+    assert code == 0, out.err
+    assert len(lines) == 1 and f"checkpoint step_00000006 is damaged: {damage} cannot be read" in lines[0], lines
+    assert "resuming from the previous complete checkpoint, step_00000003" in lines[0]
+    assert "at step 3" in out.out + out.err
+
+
+def test_an_explicit_damaged_checkpoint_or_an_absurd_step_is_refused(data, two_checkpoints, tmp_path, capsys):
+    root = _copy_run(two_checkpoints, tmp_path)
+    _truncate(root / "step_00000006" / "model.ema.safetensors")
+    code = _main(_args(data, tmp_path, "run", "gan.weight=0", f"checkpoint.resume={root / 'step_00000006'}"))
+    assert code == 2
+    assert "checkpoint step_00000006 is damaged: model.ema.safetensors cannot be read" in capsys.readouterr().err
+    state = root / "step_00000003" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "step": 10**9}))
+    code = _main(_args(data, tmp_path, "run", "gan.weight=0", f"checkpoint.resume={root / 'step_00000003'}"))
+    assert code == 2
+    assert "trainer_state.json says step 1000000000, its COMPLETE marker step 3" in capsys.readouterr().err

@@ -12,6 +12,8 @@
 A checkpoint is written into a hidden `.step_XXXXXXXX.tmp` folder by every process, then rank 0
 writes COMPLETE and renames the folder into place, so `latest` never sees a partial one.
 `.pt` files are read with `torch.load(weights_only=True)`: nothing is ever unpickled.
+Before a resume every file of the chosen checkpoint is opened (`verify`); with `latest`, a damaged
+one (truncated or corrupt file, a step that disagrees with its marker) is skipped for the previous one.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from psvae_core.checkpoint import fsync_path
@@ -51,20 +54,61 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
-    """`checkpoint.resume` -> a checkpoint folder, or None to start fresh."""
+def resolve_resume(resume: Optional[str], root: Path, log: Callable[[str], None] = print) -> Optional[Path]:
+    """`checkpoint.resume` -> a verified checkpoint folder, or None to start fresh. With `latest`, a
+    damaged checkpoint is skipped for the previous complete one (one line each through `log`)."""
     if resume is None:
         return None
     if resume == "latest":
         found = complete_checkpoints(root)
-        return found[-1][1] if found else None
+        damaged = []
+        for _, folder in reversed(found):
+            try:
+                verify(folder)
+            except ResumeError as err:
+                damaged.append(str(err))
+                continue
+            for problem in damaged:
+                log(f"warning: {problem}; resuming from the previous complete checkpoint, {folder.name}")
+            return folder
+        if damaged:
+            raise ResumeError(f"every checkpoint under {root} is damaged ({'; '.join(damaged)}); "
+                              f"start again with another run.name")
+        return None
     path = Path(resume).expanduser()
     if not path.is_dir():
         raise ResumeError(f"checkpoint.resume={resume}: no such folder; pass `latest` or a folder under {root}")
     if not (path / MARKER).is_file():
         raise ResumeError(f"{path} has no {MARKER} marker: the save was interrupted. Pick an earlier checkpoint "
                           f"(complete ones: {[p.name for _, p in complete_checkpoints(path.parent)]})")
+    verify(path)
     return path
+
+
+def _damaged(file: Path, err: Exception) -> ResumeError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ResumeError(f"checkpoint {file.parent.name} is damaged: {file.name} cannot be read ({reason})")
+
+
+def verify(folder: Path) -> None:
+    """Open every file of a complete checkpoint (headers and archive directories, not every byte)
+    and check that its step agrees with its marker; a ResumeError names the first damaged file."""
+    step = read_json(folder / MARKER).get("step")
+    state = read_json(folder / "trainer_state.json")
+    if not isinstance(step, int) or state.get("step") != step:
+        raise ResumeError(f"checkpoint {folder.name} is damaged: trainer_state.json says step {state.get('step')!r}, "
+                          f"its {MARKER} marker step {step!r}")
+    for file in sorted(folder.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix == ".pt":
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as err:  # safetensors, zip and JSON errors: each names no file
+            raise _damaged(file, err) from None
 
 
 def tmp_dir(root: Path, step: int) -> Path:
@@ -105,10 +149,17 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path))
 
 
+def _missing(path: Path) -> ResumeError:
+    return ResumeError(f"checkpoint {path.parent.name} is damaged: {path.name} is missing; pick another one")
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise ResumeError(f"{path} is missing from the checkpoint; it is damaged, pick another one")
-    return load_file(str(path))
+        raise _missing(path)
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise _damaged(path, err) from None
 
 
 def save_object(path: Path, obj) -> None:
@@ -117,8 +168,11 @@ def save_object(path: Path, obj) -> None:
 
 def load_object(path: Path):
     if not path.is_file():
-        raise ResumeError(f"{path} is missing from the checkpoint; it is damaged, pick another one")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise _missing(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise _damaged(path, err) from None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -127,5 +181,11 @@ def write_json(path: Path, data: dict) -> None:
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        raise ResumeError(f"{path} is missing; the checkpoint is damaged, pick another one")
-    return json.loads(path.read_text())
+        raise _missing(path)
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _damaged(path, err) from None
+    if not isinstance(data, dict):
+        raise _damaged(path, ValueError("not a JSON object"))
+    return data

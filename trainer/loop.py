@@ -121,7 +121,7 @@ class Loop:
         self.amp_dtype = DTYPES[cfg.precision.mixed]
         self.global_batch = cfg.train.batch_size * self.world * cfg.train.grad_accum
         self.hash = config_hash(cfg)
-        self.resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root)
+        self.resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root, self.log)
         if self.resume_dir is None and ckpt.complete_checkpoints(self.ckpt_root):
             raise ckpt.ResumeError(f"{self.run_dir} already has checkpoints; pass checkpoint.resume=latest to "
                                    f"continue that run, or choose another run.name")
