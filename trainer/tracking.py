@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,24 @@ def _plain(value):
     return value
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run re-runs the steps after its checkpoint: drop their rows (and a line cut short
+    by a kill), so that the log has one row per step and kind and a plot of it is right."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class Tracker:
     """Does nothing on ranks other than 0, so callers never branch on the rank."""
 
@@ -31,7 +50,9 @@ class Tracker:
         self.jsonl = None
         if not enabled:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = run_dir / "metrics.jsonl"
+        _drop_rows_after(path, start_step)
+        self.jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
