@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_trainer_helpers import GAN_ON, ROOT, TINY_SVAE, cli, env, max_diff, photos, weights
+from test_trainer_helpers import GAN_ON, ROOT, TINY_SVAE, cli, env, max_diff, metrics, photos, weights
 from trainer.__main__ import main
 from trainer.checkpointing import MARKER, complete_checkpoints
 
@@ -112,6 +112,9 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(data,
     assert len(lines) == 1 and f"checkpoint step_00000006 is damaged: {damage} cannot be read" in lines[0], lines
     assert "resuming from the previous complete checkpoint, step_00000003" in lines[0]
     assert "at step 3" in out.out + out.err
+    # The rows of the steps re-run after the resume (log.every=5: step 5 logged before the damaged
+    # save at 6) appear once, so that a plot of the log is right.
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 7]
 
 
 def test_an_explicit_damaged_checkpoint_or_an_absurd_step_is_refused(data, two_checkpoints, tmp_path, capsys):
@@ -125,3 +128,16 @@ def test_an_explicit_damaged_checkpoint_or_an_absurd_step_is_refused(data, two_c
     code = _main(_args(data, tmp_path, "run", "gan.weight=0", f"checkpoint.resume={root / 'step_00000003'}"))
     assert code == 2
     assert "trainer_state.json says step 1000000000, its COMPLETE marker step 3" in capsys.readouterr().err
+
+
+def test_metrics_of_steps_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    from trainer.tracking import Tracker
+
+    rows = [{"kind": kind, "step": s} for s in range(1, 7) for kind in ("train", "val")]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tr')
+    tracker = Tracker(tmp_path, True, tensorboard=False, progress=False, total_steps=9, start_step=3)
+    tracker.log("train", 4, {"loss": 1.0})
+    tracker.close()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in logged] == [(k, s) for s in (1, 2, 3) for k in ("train", "val")] + [
+        ("train", 4)]
