@@ -1,6 +1,7 @@
 """Config and data errors: clear messages and a non-zero exit; data sources, reports and sampling."""
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -173,3 +174,46 @@ def test_shipped_configs_validate(capsys, name):
     cfg = load_config(VAEConfig, stage, str(path), ["data.source=/x", "model.init_from=/y.safetensors"])
     assert cfg.stage == stage
     model_config(cfg.model, "psvae")  # preset + overrides form a valid PSVAEConfig
+
+
+def test_an_output_dir_through_a_file_or_read_only_is_refused_naming_folder_and_free_space(
+        capsys, photo_dir, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a folder")
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}",
+                         f"run.output_dir={tmp_path / 'a_file' / 'runs'}")
+    assert code == 2 and f"cannot write {tmp_path / 'a_file' / 'runs' / 'svae_tiny'}" in err, err
+    assert " free)" in err and "set run.output_dir to a writable folder" in err
+    # Root ignores chmod: a read-only folder is simulated where the trainer creates the run folder.
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}",
+                         f"run.output_dir={tmp_path / 'ro'}")
+    assert code == 2 and f"cannot write {tmp_path / 'ro' / 'svae_tiny'}" in err and "Permission denied" in err, err
+
+
+def test_disk_full_while_saving_says_so_and_keeps_the_previous_checkpoint(capsys, photo_dir, tmp_path, monkeypatch):
+    from trainer import checkpointing
+
+    real_save = checkpointing.save_object
+
+    def full_at_step_4(path, obj):
+        if ".step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(path, obj)
+
+    monkeypatch.setattr(checkpointing, "save_object", full_at_step_4)
+    code, err = run_main(capsys, "svae", "--config", TINY_SVAE, f"data.source={photo_dir}", f"run.output_dir={tmp_path}",
+                         "data.image_size=64", "model.overrides.encoder.image_size=56", "train.max_steps=4",
+                         "checkpoint.every=2")
+    root = tmp_path / "svae_tiny" / "checkpoints"
+    assert code == 2 and f"disk full while writing checkpoint step_00000004 in {root}" in err, err
+    assert "checkpoint.resume=latest" in err
+    assert [p.name for p in sorted(root.iterdir())] == ["step_00000002"]  # kept; the partial one removed

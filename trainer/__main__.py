@@ -1,7 +1,7 @@
 """`python -m trainer <stage> --config FILE [section.key=value ...]` (docs/TRAINER.md).
 
 The same command runs under `accelerate launch -m trainer ...` and `torchrun -m trainer ...`.
-Exit codes: 0 done, 2 config/data/resume error, 3 halted by the NaN guard, 128+N stopped by
+Exit codes: 0 done, 2 config/data/resume/output-folder error, 3 halted by the NaN guard, 128+N stopped by
 signal N after a clean checkpoint.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from . import vae_stages  # noqa: F401  (registers svae, psvae, rae)
 from . import generator_stages  # noqa: F401  (registers t2i, edit)
 from psvae_core.checkpoint import CheckpointError
 
-from .checkpointing import ResumeError
+from .checkpointing import OutputError, ResumeError
 from .config import ConfigError, load_config, to_yaml
 from .data import DataError
 from .loop import TrainingHalted, train
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         summary = train(stage, cfg)
-    except (ConfigError, DataError, ResumeError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ResumeError, OutputError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingHalted as err:

@@ -17,6 +17,7 @@ one (truncated or corrupt file, a step that disagrees with its marker) is skippe
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,6 +37,31 @@ _NAME = re.compile(r"^step_(\d{8})$")
 
 class ResumeError(ValueError):
     """A checkpoint cannot be resumed; the message says why and what to do."""
+
+
+class OutputError(OSError):
+    """The run folder cannot be written (read-only, a path through a file, disk full); the message
+    names the folder, its free space and the fix."""
+
+
+def free_space(path: Path) -> str:
+    """Free space on the file system of `path` (or of its nearest existing parent), e.g. '3.2 GiB'."""
+    path = Path(path).absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+
+
+def output_error(folder: Path, err: OSError, doing: str) -> OutputError:
+    if err.errno == errno.ENOSPC:
+        return OutputError(f"disk full while {doing} in {folder} ({free_space(folder)} free); free some space or "
+                           f"set run.output_dir elsewhere, then continue with checkpoint.resume=latest")
+    return OutputError(f"cannot write {folder} while {doing} ({err.strerror or err}; {free_space(folder)} free): "
+                       f"set run.output_dir to a writable folder")
 
 
 def step_dir_name(step: int) -> str:
@@ -163,7 +189,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_object(path: Path, obj) -> None:
-    torch.save(obj, path)
+    with open(path, "wb") as file:  # through a Python file: a full disk is OSError(ENOSPC), not a zip error
+        torch.save(obj, file)
 
 
 def load_object(path: Path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -125,9 +126,12 @@ class Loop:
         if self.resume_dir is None and ckpt.complete_checkpoints(self.ckpt_root):
             raise ckpt.ResumeError(f"{self.run_dir} already has checkpoints; pass checkpoint.resume=latest to "
                                    f"continue that run, or choose another run.name")
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if self.main:  # the first write: a folder that cannot take one is refused before any work
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            except OSError as err:
+                raise ckpt.output_error(self.run_dir, err, "creating the run folder") from None
         self.acc.wait_for_everyone()
         seed_everything(cfg.run.seed)
         self.ctx = Context(run_dir=self.run_dir, device=self.device, rank=self.rank, world_size=self.world,
@@ -202,6 +206,13 @@ class Loop:
 
     # ------------------------------------------------------------------ checkpoint I/O
     def _save(self, step: int, counters: dict) -> None:
+        try:
+            self._write_checkpoint(step, counters)
+        except OSError as err:  # the previous complete checkpoint stays as it is
+            shutil.rmtree(ckpt.tmp_dir(self.ckpt_root, step), ignore_errors=True)
+            raise ckpt.output_error(self.ckpt_root, err, f"writing checkpoint {ckpt.step_dir_name(step)}") from None
+
+    def _write_checkpoint(self, step: int, counters: dict) -> None:
         root = self.ckpt_root
         if self.main:
             ckpt.begin(root, step)
@@ -478,7 +489,8 @@ class Loop:
         try:
             if self.main and self.step == 0:
                 self.log(f"training '{cfg.stage}' for {cfg.train.max_steps} steps, global batch "
-                         f"{self.global_batch} ({self.world} process(es)) -> {self.run_dir}")
+                         f"{self.global_batch} ({self.world} process(es)) -> {self.run_dir} "
+                         f"({ckpt.free_space(self.run_dir)} free)")
             while self.step < cfg.train.max_steps:
                 losses, logs, bad = self._train_step(batches)
                 window_steps += 1
