@@ -334,19 +334,31 @@ class Loop:
 
     # ------------------------------------------------------------------ one optimiser step
     def _train_step(self, batches) -> tuple[dict, dict, list[str]]:
-        cfg, accum = self.cfg, self.cfg.train.grad_accum
+        """Accumulate the micro-batches, agree on non-finite losses over processes, clip, step, advance
+        the schedules, update the EMA. Returns the mean losses, the logs and the non-finite terms."""
+        sums, logs, active, bad = self._accumulate(batches)
+        bad = self._agree_on_nonfinite(bad)
+        grad_norms = {}
+        if not bad:
+            grad_norms = self._clip(active)
+            bad = self._optimizer_step(active, grad_norms)
+        self._advance_schedules()
+        if bad:
+            self._count_skipped(bad)
+        else:
+            self.counters["nan_consecutive"] = 0
+            self._update_ema()
+        self.step += 1
+        return sums, {**logs, **grad_norms}, bad
+
+    def _accumulate(self, batches) -> tuple[dict, dict, set, set]:
+        """Forward and backward over grad_accum micro-batches; gradients are reduced over processes on
+        the last one only. Returns mean losses, logs, the groups with a loss, the non-finite terms."""
+        accum = self.cfg.train.grad_accum
         sums, logs, active, bad = defaultdict(float), {}, set(), set()
         for micro in range(accum):
             batch = self._to_device(next(batches))
-            last = micro == accum - 1
-            with contextlib.ExitStack() as stack:
-                # Reduce gradients over processes on the last micro-batch only.
-                if self.sharded:
-                    for g in self.groups.values():
-                        g.wrapped.set_requires_gradient_sync(last)
-                elif not last and self.world > 1:
-                    for g in self.groups.values():
-                        stack.enter_context(self.acc.no_sync(g.wrapped))
+            with self._gradient_sync(micro == accum - 1):
                 with self.autocast():
                     result = self.stage.training_step(self.models, batch, self.step, micro)
                 total = None
@@ -363,60 +375,82 @@ class Loop:
                     (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for k, v in result.logs.items():
                 logs[k] = float(v)
+        return dict(sums), logs, active, bad
+
+    def _gradient_sync(self, sync: bool):
+        stack = contextlib.ExitStack()
+        if self.sharded:
+            for g in self.groups.values():
+                g.wrapped.set_requires_gradient_sync(sync)
+        elif not sync and self.world > 1:
+            for g in self.groups.values():
+                stack.enter_context(self.acc.no_sync(g.wrapped))
+        return stack
+
+    def _agree_on_nonfinite(self, bad: set) -> list[str]:
+        """Every process skips the step if any saw a non-finite loss; all name the same terms."""
+        if not self._any(bool(bad)):
+            return []
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, sorted(bad))
+            bad = set().union(*map(set, gathered))
+        return sorted(bad)
+
+    def _clip(self, active: set) -> dict[str, float]:
+        """Unscale (fp16) and clip each stepped group's gradients; returns their norms before clipping."""
         grad_norms = {}
-        skip = self._any(bool(bad))
-        if skip:
-            bad_all = set(bad)
-            if self.world > 1:
-                gathered = [None] * self.world
-                dist.all_gather_object(gathered, sorted(bad))
-                bad_all = set().union(*map(set, gathered))
-            bad = sorted(bad_all)
-        else:
-            for name in sorted(active):
-                g = self.groups[name]
-                if self.scaler is not None:
-                    self.scaler.unscale_(g.optimizer)
-                clip = g.spec.optim.grad_clip
-                clip = clip if clip > 0 else float("inf")
-                if self.sharded:  # the norm of sharded gradients is itself sharded until gathered
-                    norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(g.params, clip))
-                else:
-                    norm = self.acc.clip_grad_norm_(g.params, clip)
-                grad_norms[f"grad_norm/{name}"] = float(norm)
-            nonfinite = [k for k, v in grad_norms.items() if not math.isfinite(v)]
-            if nonfinite and self.scaler is None:
-                skip, bad = True, nonfinite
+        for name in sorted(active):
+            g = self.groups[name]
+            if self.scaler is not None:
+                self.scaler.unscale_(g.optimizer)
+            clip = g.spec.optim.grad_clip
+            clip = clip if clip > 0 else float("inf")
+            if self.sharded:  # the norm of sharded gradients is itself sharded until gathered
+                norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(g.params, clip))
             else:
-                if nonfinite:
-                    self.counters["scaler_skips"] += 1  # fp16 overflow: the scaler skips and lowers its scale
-                for name in sorted(active):
-                    g = self.groups[name]
-                    (self.scaler.step(g.optimizer) if self.scaler is not None else g.optimizer.step())
-                if self.scaler is not None:
-                    self.scaler.update()
+                norm = self.acc.clip_grad_norm_(g.params, clip)
+            grad_norms[f"grad_norm/{name}"] = float(norm)
+        return grad_norms
+
+    def _optimizer_step(self, active: set, grad_norms: dict) -> list[str]:
+        """Step the optimisers; returns the non-finite gradient norms when that skips the step
+        (without fp16 scaler; with it, the scaler skips and lowers its scale)."""
+        nonfinite = [k for k, v in grad_norms.items() if not math.isfinite(v)]
+        if nonfinite and self.scaler is None:
+            return nonfinite
+        if nonfinite:
+            self.counters["scaler_skips"] += 1
+        for name in sorted(active):
+            g = self.groups[name]
+            (self.scaler.step(g.optimizer) if self.scaler is not None else g.optimizer.step())
+        if self.scaler is not None:
+            self.scaler.update()
+        return []
+
+    def _advance_schedules(self) -> None:
         for g in self.groups.values():
             g.optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # a group not stepped yet (discriminator before its start) still
                 warnings.simplefilter("ignore", UserWarning)  # advances: the LR is a function of the global step
                 g.scheduler.step()
-        if skip:
-            self.counters["nan_steps"] += 1
-            self.counters["nan_consecutive"] += 1
-            self.log(f"step {self.step}: non-finite {', '.join(bad)}; step skipped "
-                     f"({self.counters['nan_consecutive']} in a row, {self.counters['nan_steps']} in total)")
-            if self.counters["nan_consecutive"] >= max(1, cfg.nan.max_consecutive):
-                raise TrainingHalted(f"halted: {self.counters['nan_consecutive']} non-finite steps in a row "
-                                     f"(last: {', '.join(bad)}). Lower optim.lr, use precision.mixed=bf16 or no, "
-                                     f"or resume from an earlier checkpoint")
-        else:
-            self.counters["nan_consecutive"] = 0
-            if (self.step + 1) % cfg.ema.every == 0:
-                for g in self.groups.values():
-                    if g.ema is not None:
-                        g.ema.update(g.raw)
-        self.step += 1
-        return dict(sums), {**logs, **grad_norms}, bad if skip else []
+
+    def _count_skipped(self, bad: list[str]) -> None:
+        c = self.counters
+        c["nan_steps"] += 1
+        c["nan_consecutive"] += 1
+        self.log(f"step {self.step}: non-finite {', '.join(bad)}; step skipped "
+                 f"({c['nan_consecutive']} in a row, {c['nan_steps']} in total)")
+        if c["nan_consecutive"] >= max(1, self.cfg.nan.max_consecutive):
+            raise TrainingHalted(f"halted: {c['nan_consecutive']} non-finite steps in a row "
+                                 f"(last: {', '.join(bad)}). Lower optim.lr, use precision.mixed=bf16 or no, "
+                                 f"or resume from an earlier checkpoint")
+
+    def _update_ema(self) -> None:
+        if (self.step + 1) % self.cfg.ema.every == 0:
+            for g in self.groups.values():
+                if g.ema is not None:
+                    g.ema.update(g.raw)
 
     # ------------------------------------------------------------------ validation / previews
     @torch.no_grad()
