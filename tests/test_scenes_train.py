@@ -1,0 +1,179 @@
+"""The scenes miniature's training side (docs/SCENES.md): the toy encoder folder loads like a DINOv2
+download, the linear probe measures what features hold, and every trainer/configs/scenes_*.yaml
+trains a few steps on the CPU (tiny overrides: 128-px images, a 32-wide encoder, small decoder and
+generator) in the order the pipeline chains them (svae -> psvae / pvae, rae; t2i -> edit)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "trainer" / "configs"
+
+
+def _tiny_encoder(folder: Path, seed: int = 0):
+    from psvae_core.config import EncoderConfig
+    from psvae_core.encoders import RepresentationEncoder
+    from trainer.scenes.encoder import encoder_config, save_encoder
+
+    torch.manual_seed(seed)
+    enc = RepresentationEncoder(EncoderConfig(family="dinov2_reg", hf_config=encoder_config(32, 1, 2),
+                                              image_size=112)).eval()
+    save_encoder(enc, folder)
+    return enc
+
+
+def test_encoder_folder_loads_as_the_trainer_reads_dinov2(tmp_path):
+    """save_encoder writes a folder RepresentationEncoder.from_pretrained (model.encoder_weights)
+    reads back to the same features, as the dinov2_reg family, with the ImageNet mean/std."""
+    from psvae_core.encoders import RepresentationEncoder
+
+    enc = _tiny_encoder(tmp_path / "enc")
+    loaded = RepresentationEncoder.from_pretrained(tmp_path / "enc", image_size=112).eval()
+    assert loaded.config.family == "dinov2_reg"
+    assert loaded.image_mean == enc.image_mean and loaded.image_std == enc.image_std
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        a, b = enc(x), loaded(x)
+    assert a.shape == (2, 32, 8, 8)
+    torch.testing.assert_close(a, b)
+
+
+def test_pretrain_writes_the_folder_and_its_probe(tmp_path):
+    """The encoder command trains on dense labels (the loss falls) and reports the probe of the saved folder."""
+    from trainer.scenes.encoder import pretrain
+
+    report = pretrain(tmp_path / "enc", steps=12, batch_size=4, lr=3e-3, train_scenes=8, probe_train=4,
+                      probe_test=2, workers=1, hidden=32, layers=1, heads=2, device="cpu", log_every=11)
+    assert (tmp_path / "enc" / "config.json").is_file() and (tmp_path / "enc" / "model.safetensors").is_file()
+    assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
+    probe = report["probe"]
+    assert probe["test_cells"] == 2 * 256 and probe["feature_dim"] == 32
+    assert 0.0 <= probe["object_accuracy"] <= probe["accuracy"] <= 1.0  # background is the easy majority
+
+
+def test_linear_probe_reads_linear_information_only():
+    """Features that hold the label one-hot (plus noise) probe at ~100 %; pure noise at chance level."""
+    from trainer.scenes import world
+    from trainer.scenes.encoder import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(world.NUM_CLASSES, (40, 16, 16), generator=g)
+    onehot = torch.nn.functional.one_hot(labels, world.NUM_CLASSES).permute(0, 3, 1, 2).float()
+    signal = onehot + 0.1 * torch.randn(onehot.shape, generator=g)
+    good = linear_probe(signal[:30], labels[:30], signal[30:], labels[30:], steps=150, lr=0.05)
+    noise = torch.randn(onehot.shape, generator=g)
+    bad = linear_probe(noise[:30], labels[:30], noise[30:], labels[30:], steps=150, lr=0.05)
+    assert good["accuracy"] > 0.99 and good["object_balanced_accuracy"] > 0.99
+    assert bad["accuracy"] < 0.1
+
+
+@pytest.fixture(scope="module")
+def scenes_data(tmp_path_factory):
+    """t2i/ (6 captioned scenes), val/ (2), edit/ (source, target with one object removed, instruction), encoder/."""
+    import numpy as np
+
+    from trainer.scenes import captions, world
+
+    root = tmp_path_factory.mktemp("scenes")
+    for name, split, n in (("t2i", "train", 6), ("val", "val", 2)):
+        (root / name).mkdir()
+        for i in range(n):
+            rng = np.random.default_rng([i])
+            text, spec = captions.prompt(rng, split)
+            world.render(captions.scene_for(spec, rng, split)).resize((128, 128)).save(root / name / f"{i}.png")
+            (root / name / f"{i}.txt").write_text(text)
+    for sub in ("source", "target", "instruction"):
+        (root / "edit" / sub).mkdir(parents=True)
+    for i in range(4):
+        scene = world.sample_scene(world.rng_for("train", i), "train", n_objects=2)
+        world.render(scene, 128).save(root / "edit" / "source" / f"{i}.png")
+        world.render(scene.with_objects(scene.objects[1:]), 128).save(root / "edit" / "target" / f"{i}.png")
+        first = scene.objects[0]
+        (root / "edit" / "instruction" / f"{i}.txt").write_text(f"remove the {first.color} {first.shape}")
+    _tiny_encoder(root / "encoder")
+    return root
+
+
+STEPS = ["train.max_steps=2", "train.batch_size=2", "train.num_workers=0", "precision.mixed='no'",
+         "export.stats_images=4", "validation.max_images=2"]
+VAE_NEW = ["model.overrides.encoder.image_size=112", "model.overrides.pixel_decoder.base_channels=8"]
+GEN_NEW = ["model.overrides.latent_size=[8,8]", "model.overrides.lm.hidden_size=32",
+           "model.overrides.lm.num_hidden_layers=1", "model.overrides.lm.intermediate_size=64",
+           "model.overrides.head_width=32", "model.overrides.head_depth=1", "checkpoint.every=1",
+           "preview.steps=2"]
+
+
+def _train(config: str, root: Path, extra: list[str]) -> dict:
+    from trainer.config import load_config
+    from trainer.loop import train
+    from trainer.stage import STAGES
+    import trainer.generator_stages  # noqa: F401  (registers t2i, edit)
+    import trainer.vae_stages  # noqa: F401  (registers svae, psvae, rae)
+
+    path = CONFIGS / f"{config}.yaml"
+    stage = path.read_text().split("stage: ", 1)[1].split()[0]
+    cls = STAGES[stage]
+    cfg = load_config(cls.config_class, stage, str(path),
+                      [f"run.output_dir={root / 'runs'}", f"run.name={config}"] + STEPS + extra)
+    summary = train(cls, cfg)
+    assert Path(summary["export"]).is_file() and summary["step"] == 2
+    return summary
+
+
+@pytest.fixture(scope="module")
+def vaes(scenes_data):
+    root = scenes_data
+    images = [f"data.source={root / 't2i'}", f"data.val_source={root / 'val'}", "data.image_size=128"]
+    out = {}
+    for name in ("svae", "rae"):
+        out[name] = _train(f"scenes_{name}", root, images + VAE_NEW + [f"model.encoder_weights={root / 'encoder'}"])
+    for name in ("psvae", "pvae"):
+        out[name] = _train(f"scenes_{name}", root, images + [f"model.init_from={out['svae']['export']}"])
+    return out
+
+
+def test_scenes_vae_configs_train(vaes):
+    """scenes_svae / _rae on the toy encoder folder, scenes_psvae / _pvae from the svae export: each
+    exports a VAE of the configured kind; P-VAE differs from PS-VAE only by the semantic loss."""
+    from psvae_core.autoencoder import PSVAE
+    from trainer.config import load_config
+    from trainer.vae_stages import VAEConfig
+
+    loaded = {n: PSVAE.from_file(s["export"]) for n, s in vaes.items()}
+    assert {n: v.latent_channels for n, v in loaded.items()} == {"svae": 96, "rae": 32, "psvae": 96, "pvae": 96}
+    assert {n: v.config.mode for n, v in loaded.items()} == {"svae": "psvae", "rae": "rae", "psvae": "psvae",
+                                                              "pvae": "psvae"}
+    assert all(v.latents_mean.dtype == torch.float32 for v in loaded.values())
+    cfg = {n: load_config(VAEConfig, "psvae", str(CONFIGS / f"scenes_{n}.yaml"), ["data.source=/x", "model.init_from=/y"])
+           for n in ("psvae", "pvae")}
+    assert cfg["psvae"].loss.semantic_weight > 0 and cfg["pvae"].loss.semantic_weight == 0
+    differ = {k for k in cfg["psvae"].loss if cfg["psvae"].loss[k] != cfg["pvae"].loss[k]}
+    assert differ == {"semantic_weight"} and cfg["psvae"].train == cfg["pvae"].train
+
+
+def test_scenes_generator_configs_train(vaes, scenes_data, tmp_path):
+    """scenes_t2i on the psvae and rae latents (the same generator but for the latent width), then
+    scenes_edit from the t2i export; the evaluation's loader rebuilds a checkpoint's EMA model."""
+    from trainer.scenes.evaluate import load_generator
+
+    root = scenes_data
+    exports = {}
+    for vae, channels in (("psvae", []), ("rae", ["model.overrides.latent_channels=32"])):
+        common = [f"model.vae={vaes[vae]['export']}", f"data.latent_cache={tmp_path / 'cache'}", "data.image_size=128"]
+        t2i = _train("scenes_t2i", root, common + GEN_NEW + channels + [f"data.source={root / 't2i'}",
+                                                                        f"run.name=t2i_{vae}"])
+        exports[vae] = t2i["export"]
+        edit = _train("scenes_edit", root, common + ["preview.steps=2", f"model.init_from={t2i['export']}",
+                                                     f"data.source={root / 'edit'}", f"run.name=edit_{vae}"])
+        assert Path(edit["export"]).is_file()
+    run = Path(exports["psvae"]).parents[1]
+    step1 = load_generator(Path(exports["psvae"]), run / "checkpoints" / "step_00000001")
+    final = load_generator(Path(exports["psvae"]))
+    differs = [k for k, v in final.state_dict().items() if not torch.equal(v, step1.state_dict()[k])]
+    assert differs and "x_embedder.weight" in differs  # step 1's EMA is not the final one
+    assert final.config.latent_channels == 96
