@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= outputs/demo
+MODELS ?= models
 PYTEST_ARGS ?=
 
 # Real ComfyUI 0.3.75 + headless Chromium for the `comfyui`-marked tests (tools/build_*.sh).
@@ -16,7 +17,7 @@ BROWSER_STAMP := $(BROWSER_DIR)/.installed
 COMFYCLI_DIR   := .cache/comfy-cli
 COMFYCLI_STAMP := $(COMFYCLI_DIR)/.installed
 
-.PHONY: demo test venv clean comfyui browser comfy-cli validate-pack workflows tf5 test-tf5
+.PHONY: demo demo-photos test venv clean comfyui browser comfy-cli validate-pack workflows tf5 test-tf5
 
 venv: $(STAMP)
 
@@ -28,7 +29,12 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constrai
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
+# The shipped scenes models (MODELS: the bundled folder) turn prompts into images and carry out edits,
+# scored by code (docs/SCENES.md). `demo-photos` is the earlier demo: a tiny PS-VAE trained on photos.
 demo: $(STAMP)
+	$(PY) -m trainer.scenes.demo --models $(MODELS) --out $(OUT)
+
+demo-photos: $(STAMP)
 	$(PY) -m trainer.demo --out $(OUT)
 
 # The newest transformers 5.x the registry serves, in its own venv (torch etc. as pinned): checkpoint
