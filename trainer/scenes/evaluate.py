@@ -128,9 +128,10 @@ def edit_summary(scores: list[dict]) -> dict:
         edited = [next(v for k, v in r["checks"].items() if k.startswith("edited")) for r in rows]
         kept = [all(v for k, v in r["checks"].items() if k.startswith("kept")) for r in rows]
         psnrs = [min(r["psnr"], 60.0) for r in rows]  # identical pixels give inf: capped
+        pooled = [min(r.get("pooled_psnr", r["psnr"]), 60.0) for r in rows]  # what "preserved" thresholds
         return {"edit_accuracy": float(np.mean(edited)), "objects_kept": float(np.mean(kept)),
                 "preserved": float(np.mean([r["checks"]["preserved"] for r in rows])),
-                "preservation_psnr": float(np.mean(psnrs)), "all_checks": float(np.mean([r["passed"] for r in rows])),
+                "preservation_psnr": float(np.mean(psnrs)), "preservation_pooled_psnr": float(np.mean(pooled)), "all_checks": float(np.mean([r["passed"] for r in rows])),
                 "n": len(rows)}
     kinds = sorted({r["category"] for r in scores})
     return {**rates(scores), "kinds": {k: rates([r for r in scores if r["category"] == k]) for k in kinds}}
