@@ -5,8 +5,8 @@ on a CPU, and the scorer says whether they did (docs/SCENES.md).
 
 Reads the shipped default from --models (scenes_psvae.safetensors, scenes_t2i.safetensors,
 scenes_edit.safetensors: trainer/scenes/retrain.sh makes them), runs test-split prompts of the six
-categories and test-split edits through the real pipeline (FusionDiffuser.sample, then
-PSVAE.decode), scores every image with trainer.scenes.scorer, and writes into --out:
+categories and test-split edits through the real pipeline (psvae_core.generation, the path the
+ComfyUI nodes take), scores every image with trainer.scenes.scorer, and writes into --out:
 
     report.json        per prompt / edit: the text, each check and whether it passed; per-category
                        and overall accuracy; edit accuracy; the sampler settings; wall times

@@ -13,7 +13,7 @@ Reads the runs of trainer/scenes/pipeline.py under WORK and writes into OUT:
 Per latent (RAE, S-VAE, P-VAE, PS-VAE): rFID (offline TF-FID Inception, trainer.evaluate's code),
 PSNR and SSIM on test-split scenes, and the linear probe (trainer.scenes.encoder.linear_probe) on
 the latent grid. T2I: test-split prompts of the six categories through the real sampler
-(FusionDiffuser.sample + PSVAE.decode), scored by trainer.scenes.scorer, at every saved step of
+(psvae_core.generation: FusionDiffuser + PSVAE.decode), scored by trainer.scenes.scorer, at every saved step of
 each run (EMA weights) so the score-against-step curve compares the latents. Editing: test-split
 scenes, an instruction, the edit scored for the instruction and for what it must keep.
 """
@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+from psvae_core import generation
 from psvae_core.autoencoder import PSVAE
 from psvae_core.checkpoint import read_metadata
 from psvae_core.fusion import FusionDiffuser
@@ -84,16 +85,14 @@ def load_generator(export: Path, checkpoint: Optional[Path] = None, device="cpu"
 def generate(generator: FusionDiffuser, vae: PSVAE, prompts: list[str], sampling: dict, seed: int = 0,
              batch: int = 200, sources: Optional[torch.Tensor] = None) -> torch.Tensor:
     """uint8 images [N,3,H,W] for `prompts` (edit instructions when `sources`, uint8 images, are
-    given), through FusionDiffuser.sample and PSVAE.decode, batch by batch (seed + batch index)."""
+    given) through psvae_core.generation, the path the ComfyUI nodes take; row i uses seed + i."""
     device = next(generator.parameters()).device
     out = []
-    for i, s in enumerate(range(0, len(prompts), batch)):
+    for s in range(0, len(prompts), batch):
         source = None
         if sources is not None:
-            x = sources[s:s + batch].to(device).float() / 255
-            source = vae.normalize_latents(vae.encode(x).mode())
-        z = generator.sample(prompts[s:s + batch], source=source, seed=seed + i, **sampling)
-        images = vae.decode(vae.denormalize_latents(z.float())).clamp(0, 1)
+            source = generation.encode_source(vae, sources[s:s + batch].to(device).float() / 255)
+        images = generation.generate(generator, prompts[s:s + batch], source, seed=seed + s, vae=vae, **sampling)
         out.append((images * 255).round().to(torch.uint8).cpu())
     return torch.cat(out)
 
