@@ -72,6 +72,20 @@ def test_linear_probe_reads_linear_information_only():
     assert bad["accuracy"] < 0.1
 
 
+def test_linear_probe_does_not_depend_on_the_global_rng():
+    """The same features give the same probe numbers whatever torch's global seed (the head's init
+    is seeded), so two evaluations of one model agree."""
+    from trainer.scenes.encoder import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(6, 8, 16, 16, generator=g), torch.randint(3, (6, 16, 16), generator=g)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(linear_probe(features[:4], labels[:4], features[4:], labels[4:], steps=20))
+    assert runs[0] == runs[1]
+
+
 @pytest.fixture(scope="module")
 def scenes_data(tmp_path_factory):
     """t2i/ (6 captioned scenes), val/ (2), edit/ (source, target with one object removed, instruction), encoder/."""

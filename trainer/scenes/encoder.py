@@ -109,7 +109,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     xtr, xte = ((xtr - mean) / std).to(device), ((xte - mean) / std).to(device)
     ytr, yte = ytr.to(device), yte.to(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    head = nn.Linear(xtr.shape[1], world.NUM_CLASSES).to(device)
+    with torch.random.fork_rng(devices=[]):  # a seeded head init: the same number every run
+        torch.manual_seed(seed)
+        head = nn.Linear(xtr.shape[1], world.NUM_CLASSES).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(steps):
         idx = torch.randint(len(xtr), (min(batch_size, len(xtr)),), generator=g).to(device)
