@@ -10,11 +10,14 @@ The per-channel latent stats are buffers, so they travel inside every checkpoint
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import checkpoint
 from .config import PSVAEConfig
@@ -118,6 +121,19 @@ class PSVAE(nn.Module):
         recon_features = self.semantic_decoder(z) if self.semantic_decoder is not None else None
         pixels = self.decode(z.detach() if detach_pixel_input else z)
         return AutoencoderOutput(features, posterior, z, pixels, recon_features)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> int:
+        """Recompute block activations in the backward pass (less memory); returns the block count.
+
+        transformers' convention, which the pixel-decoder blocks share: each layer reads
+        `gradient_checkpointing` in its own call (in training mode only), so deep copies made
+        later (the teacher, EMA copies) keep computing with their own weights.
+        """
+        run = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        blocks = [m for m in self.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for block in blocks:
+            block.gradient_checkpointing, block._gradient_checkpointing_func = enabled, run
+        return len(blocks)
 
     # --- latent normalisation (the generator's space) ---------------------------------------
     def _stats(self, latents):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .config import PixelDecoderConfig
 
@@ -22,7 +23,9 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)  # 32 groups when the width allows
 
 
-class ResnetBlock(nn.Module):
+# The blocks are transformers' checkpointable layers (a flag read in their own call, no bound
+# closure), so one switch, `PSVAE.set_grad_checkpointing`, covers them and the encoder's layers.
+class ResnetBlock(GradientCheckpointingLayer):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -35,7 +38,7 @@ class ResnetBlock(nn.Module):
         return self.skip(x) + h
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(GradientCheckpointingLayer):
     """Single-head spatial self-attention (LDM), through SDPA."""
 
     def __init__(self, channels: int):

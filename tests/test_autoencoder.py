@@ -158,3 +158,25 @@ def test_preview_map_is_fitted_by_least_squares_and_saved(tmp_path):
     torch.testing.assert_close(vae.preview(z), colours.clamp(0, 1), atol=1e-4, rtol=1e-4)
     vae.save(tmp_path / "v.safetensors")
     assert torch.equal(PSVAE.from_file(tmp_path / "v.safetensors").latent_rgb_weight, vae.latent_rgb_weight)
+
+
+def test_grad_checkpointing_recomputes_every_block_with_the_same_gradients():
+    x = torch.rand(1, 3, 112, 112)
+    grads, calls = [], []
+    for on in (False, True):
+        vae = tiny(image_size=112).train()
+        vae.encoder.set_trainable(True)
+        # tiny: 4 encoder layers, 1 in E_s, 1 in D_s; the decoder: 2 mid ResnetBlocks + 1 AttnBlock,
+        # and per level 2 ResnetBlocks (+ 2 AttnBlocks at the lowest resolution).
+        assert vae.set_grad_checkpointing(on) == 4 + 1 + 1 + 3 + 5 * 2 + 2
+        runs = []
+        for block in (vae.encoder.model.encoder.layer[0], vae.semantic_encoder.blocks.layers[0], vae.pixel_decoder.mid[1]):
+            block.register_forward_pre_hook(lambda *_: runs.append(1))
+        out = vae(x, generator=torch.Generator().manual_seed(0))
+        (out.images.mean() + out.reconstructed_features.mean() + out.posterior.kl().mean()).backward()
+        grads.append({n: p.grad for n, p in vae.named_parameters() if p.grad is not None})
+        calls.append(len(runs))
+    assert calls == [3, 6]  # with checkpointing each block runs again in backward
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

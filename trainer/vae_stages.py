@@ -149,24 +149,6 @@ class VAETrainModule(nn.Module):
         return out
 
 
-def checkpoint_activations(module: nn.Module, block_types: tuple) -> int:
-    """Recompute the activations of every block of `block_types` in backward (saves memory)."""
-    from torch.utils.checkpoint import checkpoint
-
-    count = 0
-    for m in module.modules():
-        if isinstance(m, block_types):
-            forward = m.forward
-
-            def run(*args, _forward=forward, _m=m, **kwargs):
-                if torch.is_grad_enabled() and _m.training:
-                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-                return _forward(*args, **kwargs)
-            m.forward = run
-            count += 1
-    return count
-
-
 @contextlib.contextmanager
 def frozen(module: nn.Module):
     """Parameters without gradients for a while (the discriminator inside the generator's loss)."""
@@ -194,10 +176,7 @@ class _VAEStage(Stage):
         self.vae = self._build_vae()
         self.vae.encoder.set_trainable(self.train_encoder)
         if cfg.train.grad_checkpointing:
-            from psvae_core.pixel_decoder import AttnBlock, ResnetBlock
-            layer_types = tuple({type(layer) for layer in self._encoder_layers()})
-            n = checkpoint_activations(self.vae, (ResnetBlock, AttnBlock) + layer_types)
-            ctx.log(f"gradient checkpointing on {n} blocks")
+            ctx.log(f"gradient checkpointing on {self.vae.set_grad_checkpointing(True)} blocks")
         self.teacher = None
         if self.train_encoder and self.mode == "psvae":
             self.teacher = self.vae.encoder.frozen_copy().to(ctx.device)  # the L_s anchor (docs/PAPER.md §4)
@@ -262,12 +241,6 @@ class _VAEStage(Stage):
         self.ctx.log("note: model.encoder_weights is not set, so the representation encoder is RANDOMLY "
                      "initialised (fine for tests and the demo; set it to a DINOv2 folder for real training)")
         return PSVAE(config).train()
-
-    def _encoder_layers(self):
-        from torch.nn import ModuleList
-        for m in self.vae.modules():
-            if isinstance(m, ModuleList):
-                yield from m
 
     # --- data ---------------------------------------------------------------------------------
     def datasets(self):
