@@ -112,15 +112,28 @@ class PSVAE(nn.Module):
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.decode(z).clamp(0.0, 1.0)
 
-    def forward(self, images, sample: bool = True, generator: Optional[torch.Generator] = None,
-                detach_pixel_input: bool = False) -> AutoencoderOutput:
-        """One full pass. `detach_pixel_input` is stage 1's `f_l.detach()` (docs/PAPER.md §2)."""
-        features = self.semantic_features(images)
+    def forward(self, images=None, sample: bool = True, generator: Optional[torch.Generator] = None,
+                detach_pixel_input: bool = False, *, features: Optional[torch.Tensor] = None,
+                latent_noise: Optional[torch.Tensor] = None,
+                decoder_noise: Optional[torch.Tensor] = None) -> AutoencoderOutput:
+        """One full pass, the one training uses: features -> posterior -> z -> D_s(z), pixels(z).
+
+        features: the encoder's features of `images` when already computed (a frozen encoder, a
+            feature cache); `images` is then not read.
+        sample: z is drawn from the posterior (with `latent_noise` when given, else from
+            `generator`); False: z is the posterior mode.
+        detach_pixel_input: stage 1's `f_l.detach()` (docs/PAPER.md §2): L_P does not reach E_s.
+        decoder_noise: added to the pixel decoder's input (RAE's noise augmentation).
+        """
+        if features is None:
+            features = self.semantic_features(images)
         posterior = self.posterior_from_features(features)
-        z = posterior.sample(generator) if sample else posterior.mode()
+        z = posterior.sample(generator, noise=latent_noise) if sample else posterior.mode()
         recon_features = self.semantic_decoder(z) if self.semantic_decoder is not None else None
-        pixels = self.decode(z.detach() if detach_pixel_input else z)
-        return AutoencoderOutput(features, posterior, z, pixels, recon_features)
+        pixel_in = z.detach() if detach_pixel_input else z
+        if decoder_noise is not None:
+            pixel_in = pixel_in + decoder_noise
+        return AutoencoderOutput(features, posterior, z, self.decode(pixel_in), recon_features)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> int:
         """Recompute block activations in the backward pass (less memory); returns the block count.
@@ -160,7 +173,11 @@ class PSVAE(nn.Module):
     @torch.no_grad()
     def fit_preview(self, latents: torch.Tensor, images: torch.Tensor) -> None:
         """Fit the latent -> RGB preview map on raw latents and the images they came from."""
-        weight, bias = fit_latent_to_rgb(latents, images)
+        self.set_preview(*fit_latent_to_rgb(latents, images))
+
+    @torch.no_grad()
+    def set_preview(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Store a fitted preview map (weight [3,C], bias [3]; `psvae_core.preview`)."""
         self.latent_rgb_weight.copy_(weight)
         self.latent_rgb_bias.copy_(bias)
 

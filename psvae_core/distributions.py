@@ -36,10 +36,13 @@ class DiagonalGaussian:
     def _dims(self):
         return tuple(range(1, self.mean.ndim))
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mean + std * noise; `noise` (standard normal, the shape of the mean) is drawn from
+        `generator` unless given (the trainer passes its own, seeded per global batch)."""
         if self.deterministic:
             return self.mean
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:

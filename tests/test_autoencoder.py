@@ -180,3 +180,19 @@ def test_grad_checkpointing_recomputes_every_block_with_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_forward_takes_features_and_its_randomness_as_tensors():
+    vae = tiny(image_size=112).eval()
+    x = torch.rand(2, 3, 112, 112)
+    g = torch.Generator().manual_seed(3)
+    noise, dec_noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    with torch.no_grad():
+        features = vae.semantic_features(x)
+        out = vae(features=features, latent_noise=noise, decoder_noise=dec_noise)  # no images needed
+        post = vae.encode(x)
+        torch.testing.assert_close(out.latents, post.mean + post.std * noise, rtol=0, atol=0)
+        torch.testing.assert_close(out.images, vae.decode(out.latents + dec_noise), rtol=0, atol=0)
+        torch.testing.assert_close(out.reconstructed_features, vae.decode_features(out.latents), rtol=0, atol=0)
+        assert torch.equal(vae(x, sample=False).latents, post.mean)
+

@@ -1,6 +1,9 @@
 """Two processes (torchrun, gloo on CPU) with batch 2 each match one process with batch 4."""
 from __future__ import annotations
 
+import torch
+
+from psvae_core.autoencoder import PSVAE
 from test_trainer_helpers import GAN_ON, TINY_SVAE, cli, max_diff, metrics, photos, torchrun, weights
 
 STEPS = 4
@@ -32,6 +35,11 @@ def test_two_processes_match_one(tmp_path):
         for key in ("model/semantic", "model/l1", "disc/hinge", "adaptive_weight"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    # The export measures the same image sample (latent stats, preview fit) whatever the process count.
+    one_vae, two_vae = (PSVAE.from_file(tmp_path / name / "export" / "vae.safetensors") for name in ("one", "two"))
+    assert one_vae.provenance["latent_stats_sample"] == two_vae.provenance["latent_stats_sample"]
+    for buffer in ("latents_mean", "latents_std", "latent_rgb_weight", "latent_rgb_bias"):
+        torch.testing.assert_close(getattr(two_vae, buffer), getattr(one_vae, buffer), atol=1e-3, rtol=1e-3)
 
 
 def test_processes_end_with_no_process_group_threads_left(tmp_path):

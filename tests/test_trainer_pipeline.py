@@ -49,6 +49,20 @@ def test_exports_load_and_carry_provenance_and_latent_stats(runs):
         assert (run / "config.yaml").is_file() and (run / "data_report.json").is_file()
 
 
+def test_exports_carry_a_live_preview_fitted_to_their_decoded_colours(runs):
+    images = torch.stack([pil_to_tensor(p) for p in sample_photos(128).values()]).float() / 255
+    for stage, run in runs.items():
+        vae = PSVAE.from_file(run / "export" / "vae.safetensors")
+        with torch.no_grad():
+            z = vae.encode(images).mode()
+            decoded = torch.nn.functional.adaptive_avg_pool2d(vae.decode(z).clamp(0, 1), z.shape[-2:])
+        preview = vae.preview(z)
+        assert preview.std() > 0.05, f"{stage}: flat preview"
+        for c in range(3):
+            r = torch.corrcoef(torch.stack([preview[:, c].flatten(), decoded[:, c].flatten()]))[0, 1].item()
+            assert r > 0.5, f"{stage} channel {c}: preview/decoded correlation {r:.3f}"
+
+
 def test_losses_go_down(runs):
     for stage, terms in (("svae", ("model/semantic", "model/l1")), ("psvae", ("model/semantic", "model/l1"))):
         rows = read_metrics(runs[stage])

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from psvae_core.autoencoder import PSVAE
 from test_trainer_helpers import TINY_PSVAE, TINY_SVAE
 from trainer.config import load_config
 from trainer.ema import EMA
+from trainer.rng import derive_seed
 from trainer.stage import Context
 from trainer.vae_stages import PSVAEStage, SVAEStage, VAEConfig, model_config
 
@@ -52,3 +56,34 @@ def test_teacher_and_ema_copies_keep_their_own_weights(stage1_export, tmp_path, 
     ema_out = ema_copy.vae.encode(images).mean
     torch.testing.assert_close(ema_out, clean.encode(images).mean, rtol=0, atol=0)
     torch.testing.assert_close(ema_copy.vae.decode(ema_out.detach()), clean.decode(ema_out.detach()), rtol=0, atol=0)
+
+
+def class_folders(root, classes=4, per_class=5):
+    """ImageNet's layout in small: one folder per class, each class its own colour."""
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        (root / f"class_{k}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal([60 * k, 220 - 50 * k, 30 * i], 20, (128, 128, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class_{k}" / f"{i}.png")
+    return root
+
+
+def test_latent_stats_come_from_a_seeded_sample_of_the_whole_set_and_are_recorded(tmp_path):
+    data = class_folders(tmp_path / "data")
+    stage = stage_of(SVAEStage, TINY_SVAE, tmp_path, f"data.source={data}", "export.stats_images=8", "run.seed=5")
+    train, _ = stage.datasets()
+    # The documented rule: the first 8 of a permutation of the 20 images seeded by (run.seed, "latent-stats").
+    g = torch.Generator().manual_seed(derive_seed(5, "latent-stats"))
+    sample = torch.randperm(20, generator=g)[:8].tolist()
+    assert len({Path(train.names[i]).parent.name for i in sample}) >= 3  # not the first 8 = two classes
+    (tmp_path / "export").mkdir()
+    path = stage.export(stage.build()[0].module, tmp_path / "export", {"stage": "svae"})
+    exported = PSVAE.from_file(path)
+    with torch.no_grad():
+        z = stage.vae.encode(torch.stack([train[i]["image"] for i in sample]).float() / 255).mode().double()
+    torch.testing.assert_close(exported.latents_mean, z.mean(dim=(0, 2, 3)).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exported.latents_std, z.std(dim=(0, 2, 3), correction=0).float(), rtol=1e-4, atol=1e-5)
+    record = exported.provenance["latent_stats_sample"]
+    assert {k: record[k] for k in ("images", "of", "seed")} == {"images": 8, "of": 20, "seed": 5}
+    assert "randperm" in record["rule"] and exported.provenance["latent_stats_images"] == 8

@@ -25,10 +25,11 @@ from torch import nn
 from psvae_core import losses
 from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS, PSVAEConfig
+from psvae_core.preview import preview_moments, solve_preview
 
 from .config import BaseConfig, ConfigError, OptimSection, as_dict
-from .data import CachedFeatures, build_cache, build_image_dataset, cache_key, split_holdout
-from .rng import step_noise
+from .data import CachedFeatures, build_cache, build_image_dataset, cache_key, shard_indices, split_holdout
+from .rng import derive_seed, step_noise
 from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
 
 
@@ -118,35 +119,16 @@ def model_config(model: ModelSection, mode: str) -> PSVAEConfig:
 # --------------------------------------------------------------------------- the trained module
 
 class VAETrainModule(nn.Module):
-    """The PSVAE plus the forward one training step needs; this is what DDP wraps.
+    """What DDP wraps: the PSVAE under the name `vae` (checkpoint keys and LR groups read `vae.`).
+    Its forward is PSVAE's own, with the noise passed in as tensors (drawn per global batch by the
+    stage, rng.py), so the result does not depend on the process layout."""
 
-    Noise comes in as tensors (drawn per global batch by the stage, rng.py), so the result does
-    not depend on the process layout.
-    """
-
-    def __init__(self, vae: PSVAE, kl_reduction: str):
+    def __init__(self, vae: PSVAE):
         super().__init__()
-        self.vae, self.kl_reduction = vae, kl_reduction
+        self.vae = vae
 
-    def forward(self, images: torch.Tensor, features: Optional[torch.Tensor] = None,
-                latent_noise: Optional[torch.Tensor] = None, decoder_noise: Optional[torch.Tensor] = None,
-                detach_pixel_input: bool = False) -> dict[str, torch.Tensor]:
-        vae = self.vae
-        if features is None:
-            features = vae.semantic_features(images)
-        posterior = vae.posterior_from_features(features)
-        if latent_noise is not None and not posterior.deterministic:
-            z = posterior.mean + posterior.std * latent_noise  # = posterior.sample(), with the given noise
-        else:
-            z = posterior.mode()
-        out = {"features": features, "latents": z, "kl": losses.kl_loss(posterior, self.kl_reduction)}
-        if vae.semantic_decoder is not None:
-            out["reconstructed_features"] = vae.decode_features(z)
-        pixel_in = z.detach() if detach_pixel_input else z
-        if decoder_noise is not None:
-            pixel_in = pixel_in + decoder_noise
-        out["images"] = vae.decode(pixel_in)
-        return out
+    def forward(self, images: torch.Tensor, **kwargs):
+        return self.vae(images, **kwargs)
 
 
 @contextlib.contextmanager
@@ -284,7 +266,7 @@ class _VAEStage(Stage):
 
     # --- training -----------------------------------------------------------------------------
     def build(self) -> list[Trainable]:
-        module = VAETrainModule(self.vae, self.cfg.loss.kl_reduction)
+        module = VAETrainModule(self.vae)
         scales = {"vae.encoder.": self.cfg.model.encoder_lr_scale} if self.train_encoder else {}
         specs = [Trainable("model", module, self.cfg.optim, lr_scales=scales, ema=True)]
         if self.disc is not None:
@@ -324,7 +306,8 @@ class _VAEStage(Stage):
         if L.noise_tau > 0:
             sigma = L.noise_tau * self._noise((b, 1, 1, 1), step, micro, "tau", uniform=True)
             decoder_noise = sigma * self._noise((b, *self.latent_shape), step, micro, "decoder")
-        out = models["model"](images, features=features, latent_noise=latent_noise, decoder_noise=decoder_noise,
+        out = models["model"](images, features=features, sample=latent_noise is not None, latent_noise=latent_noise,
+                              decoder_noise=decoder_noise,
                               detach_pixel_input=self.detach_pixel_input and self.mode == "psvae")
         terms, logs = {}, {}
         if self.mode == "psvae":
@@ -332,15 +315,15 @@ class _VAEStage(Stage):
                 with torch.no_grad(), self._precise():
                     target = self.teacher(images)
             else:
-                target = out["features"].detach()  # the frozen encoder's own features
-            ls, parts = losses.semantic_loss(out["reconstructed_features"], target, L.semantic_l2, L.semantic_cos)
+                target = out.features.detach()  # the frozen encoder's own features
+            ls, parts = losses.semantic_loss(out.reconstructed_features, target, L.semantic_l2, L.semantic_cos)
             terms["semantic"] = L.semantic_weight * ls
             logs.update({"semantic_l2": parts["l2"], "semantic_cos": parts["cos"]})
             if self.teacher is not None and L.semantic_encoder_weight > 0:
-                le, _ = losses.semantic_loss(out["features"], target, L.semantic_l2, L.semantic_cos)
+                le, _ = losses.semantic_loss(out.features, target, L.semantic_l2, L.semantic_cos)
                 terms["semantic_encoder"] = L.semantic_weight * L.semantic_encoder_weight * le
-            terms["kl"] = L.kl_weight * out["kl"]
-        recon = out["images"]
+            terms["kl"] = L.kl_weight * losses.kl_loss(out.posterior, L.kl_reduction)
+        recon = out.images
         rec = L.l1_weight * losses.l1_loss(recon, images)
         terms["l1"] = L.pixel_weight * rec
         if self.lpips is not None:
@@ -409,38 +392,59 @@ class _VAEStage(Stage):
         images = batch["image"].float() / 255
         return torch.cat([images, model.vae.reconstruct(images).float()])
 
+    def stats_sample(self) -> list[int]:
+        """Training-image indices the export measures on: the first export.stats_images of a permutation
+        seeded by run.seed, so the sample spreads over the whole set (a sorted listing of class
+        folders would otherwise give the first few classes) and no process layout changes it."""
+        n = len(self.train_images)
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "latent-stats"))
+        return torch.randperm(n, generator=g)[:min(n, max(1, self.cfg.export.stats_images))].tolist()
+
     @torch.no_grad()
-    def latent_stats(self, vae: PSVAE) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean/std of the posterior mode over the first export.stats_images training images."""
-        ctx, data = self.ctx, self.train_images
-        n = min(len(data), max(1, self.cfg.export.stats_images))
-        from .data import shard_indices
-        mine = shard_indices(n, ctx.world_size, ctx.rank)
+    def measure_latents(self, vae: PSVAE) -> dict[str, torch.Tensor]:
+        """One pass over `stats_sample()`: the per-channel mean/std of the posterior mode, and the live
+        preview map fitted to the colours those latents decode to (psvae_core.preview)."""
+        ctx, data, sample = self.ctx, self.train_images, self.stats_sample()
+        mine = [sample[i] for i in shard_indices(len(sample), ctx.world_size, ctx.rank)]
         c = vae.latent_channels
-        acc = torch.zeros(3, c, dtype=torch.float64, device=ctx.device)  # count, sum, sum of squares
+        sums = torch.zeros(3, c, dtype=torch.float64, device=ctx.device)  # count, sum, sum of squares
+        ata = torch.zeros(c + 1, c + 1, dtype=torch.float64, device=ctx.device)
+        aty = torch.zeros(c + 1, 3, dtype=torch.float64, device=ctx.device)
         bs = self.cfg.train.batch_size
         for s in range(0, len(mine), bs):
             images = torch.stack([data[i]["image"] for i in mine[s:s + bs]]).to(ctx.device).float() / 255
             with self._precise():
-                z = vae.encode(images).mode().double()
-            acc[0] += z.shape[0] * z.shape[2] * z.shape[3]
-            acc[1] += z.sum(dim=(0, 2, 3))
-            acc[2] += z.pow(2).sum(dim=(0, 2, 3))
+                z = vae.encode(images).mode()
+                decoded = vae.decode(z).clamp(0.0, 1.0)
+            zd = z.double()
+            sums[0] += zd.shape[0] * zd.shape[2] * zd.shape[3]
+            sums[1] += zd.sum(dim=(0, 2, 3))
+            sums[2] += zd.pow(2).sum(dim=(0, 2, 3))
+            a, b = preview_moments(z, decoded)
+            ata += a
+            aty += b
         if ctx.world_size > 1:
-            torch.distributed.all_reduce(acc)
-        mean = acc[1] / acc[0]
-        std = (acc[2] / acc[0] - mean.pow(2)).clamp_min(1e-12).sqrt()
-        return mean.float().cpu(), std.float().cpu()
+            for t in (sums, ata, aty):
+                torch.distributed.all_reduce(t)
+        mean = sums[1] / sums[0]
+        std = (sums[2] / sums[0] - mean.pow(2)).clamp_min(1e-12).sqrt()
+        weight, bias = solve_preview(ata, aty)
+        return {"mean": mean.float().cpu(), "std": std.float().cpu(), "preview_weight": weight, "preview_bias": bias}
 
     def export(self, model, folder: Path, provenance: dict) -> Optional[Path]:
         vae = model.vae.eval()
-        mean, std = self.latent_stats(vae)
-        vae.set_latent_stats(mean.to(vae.latents_mean.device), std.to(vae.latents_std.device))
+        m = self.measure_latents(vae)
+        vae.set_latent_stats(m["mean"].to(vae.latents_mean.device), m["std"].to(vae.latents_std.device))
+        vae.set_preview(m["preview_weight"], m["preview_bias"])
+        count = len(self.stats_sample())
         path = folder / "vae.safetensors"
         if self.ctx.rank == 0:
             dtype = EXPORT_DTYPES[self.cfg.export.dtype]
-            vae.save(path, provenance={**provenance, "latent_stats_images": min(len(self.train_images),
-                                                                                 self.cfg.export.stats_images)},
+            sample = {"images": count, "of": len(self.train_images), "seed": self.cfg.run.seed,
+                      "rule": "the first `images` of torch.randperm(`of`) seeded by derive_seed(seed, 'latent-stats') "
+                              "(trainer/rng.py), over the training images in listing order; posterior mode; the "
+                              "live preview is fitted on the same images, decoded"}
+            vae.save(path, provenance={**provenance, "latent_stats_images": count, "latent_stats_sample": sample},
                      dtype=dtype)
             self.ctx.log(f"exported {path}")
         return path
