@@ -65,10 +65,12 @@ class PSVAE(nn.Module):
 
     @classmethod
     def from_pretrained_encoder(cls, config: PSVAEConfig, source: str) -> "PSVAE":
-        """A new autoencoder around real encoder weights (hub id or local folder)."""
+        """A new autoencoder around real encoder weights (hub id or local folder). The encoder
+        settings of `config` apply; image_mean/image_std left None come from the folder."""
         enc = config.encoder
-        encoder = RepresentationEncoder.from_pretrained(
-            source, family=enc.family, image_size=enc.image_size, feature_norm=enc.feature_norm)
+        settings = dict(image_size=enc.image_size, feature_norm=enc.feature_norm, resize_antialias=enc.resize_antialias)
+        settings.update({k: v for k, v in (("image_mean", enc.image_mean), ("image_std", enc.image_std)) if v is not None})
+        encoder = RepresentationEncoder.from_pretrained(source, family=enc.family, **settings)
         return cls(config, encoder=encoder)
 
     @property

@@ -89,6 +89,9 @@ class EncoderConfig(_Serialisable):
     image_size: every input is resized (bicubic) to this square size before the encoder; 224 with
         patch 14 gives the 16x16 grid. None = "native": each side is rounded to the nearest multiple
         of the patch size, so a 448-px input gives a 32x32 grid.
+    resize_antialias: that resize antialiased (default); False resizes as RAE does (plain bicubic,
+        torch's antialias=False), so RAE's released decoders and statistics see the pixels they
+        were trained on.
     feature_norm: "layernorm" = final LayerNorm without affine (RAE), "affine" = the model's own
         final norm, "none" = the raw last hidden state.
     image_mean / image_std: None = the family's (or the folder's preprocessor_config.json) values.
@@ -101,6 +104,7 @@ class EncoderConfig(_Serialisable):
     feature_norm: str = "layernorm"
     image_mean: Optional[tuple] = None
     image_std: Optional[tuple] = None
+    resize_antialias: bool = True
 
     def __post_init__(self):
         if self.family not in ENCODER_FAMILIES:

@@ -256,7 +256,7 @@ class RepresentationEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, source, family: Optional[str] = None, **overrides) -> "RepresentationEncoder":
         """Load weights from a local folder or hub id. `overrides` are EncoderConfig fields
-        (image_size, feature_norm, image_mean, image_std); mean/std default to the folder's
+        (image_size, feature_norm, image_mean, image_std, resize_antialias); mean/std default to the folder's
         preprocessor_config.json, then to the family's values."""
         source = str(source)
         folder = _local_folder(source)
@@ -282,11 +282,13 @@ class RepresentationEncoder(nn.Module):
         return max(1, int(height / self.patch_size + 0.5)), max(1, int(width / self.patch_size + 0.5))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in 0..1 -> resized to the patch grid (bicubic, antialiased) and mean/std-normalised."""
+        """[B,3,H,W] in 0..1 -> resized to the patch grid (bicubic, antialiased unless
+        config.resize_antialias is False) and mean/std-normalised."""
         h, w = self.grid_size(*images.shape[-2:])
         size = (h * self.patch_size, w * self.patch_size)
         if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False,
+                                   antialias=self.config.resize_antialias)
         mean, std = (images.new_tensor(v).view(1, -1, 1, 1) for v in (self.image_mean, self.image_std))
         return (images - mean) / std
 

@@ -196,3 +196,20 @@ def test_forward_takes_features_and_its_randomness_as_tensors():
         torch.testing.assert_close(out.reconstructed_features, vae.decode_features(out.latents), rtol=0, atol=0)
         assert torch.equal(vae(x, sample=False).latents, post.mean)
 
+
+def test_from_pretrained_encoder_keeps_the_configs_encoder_settings(tmp_path):
+    import transformers
+    from transformers import AutoConfig
+
+    from psvae_core.config import TINY_DINOV2_REG
+
+    transformers.Dinov2WithRegistersModel(AutoConfig.for_model(**TINY_DINOV2_REG)).save_pretrained(tmp_path)
+    enc = TINY.encoder.replace(image_size=112, image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6),
+                               resize_antialias=False, feature_norm="affine")
+    vae = PSVAE.from_pretrained_encoder(TINY.replace(encoder=enc, pixel_decoder=SMALL_DECODER), str(tmp_path))
+    assert (vae.encoder.image_mean, vae.encoder.image_std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    got = vae.config.encoder
+    assert (got.image_size, got.resize_antialias, got.feature_norm, got.source) == (112, False, "affine", str(tmp_path))
+    # Left unset, mean/std are the family's (no preprocessor_config.json in the folder).
+    plain = PSVAE.from_pretrained_encoder(TINY.replace(pixel_decoder=SMALL_DECODER), str(tmp_path))
+    assert plain.encoder.image_mean == (0.485, 0.456, 0.406) and plain.config.encoder.resize_antialias is True

@@ -257,3 +257,17 @@ def test_blocks_edge_cases(folders):
         encoder.make_blocks(1, "random")
     with pytest.raises(ValueError, match="grid"):
         encoder.make_blocks(1)(tokens, (4, 4))
+
+
+def test_resize_without_antialiasing_is_an_option(folders):
+    images = _images(2, 3, 448, 448)  # a downscale, where antialiasing changes the pixels
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in IMAGENET)
+    out = {}
+    for antialias in (True, False):
+        encoder = RepresentationEncoder.from_pretrained(folders["dinov2"], resize_antialias=antialias)
+        assert encoder.config.resize_antialias is antialias
+        expected = F.interpolate(images, size=(224, 224), mode="bicubic", align_corners=False, antialias=antialias)
+        out[antialias] = encoder.preprocess(images)
+        torch.testing.assert_close(out[antialias], (expected - mean) / std, rtol=0, atol=0)
+    assert (out[True] - out[False]).abs().max() > 0.05
+    assert EncoderConfig().resize_antialias is True  # the default is unchanged
