@@ -147,7 +147,7 @@ def test_relation_words_follow_image_axes():
 
 # ---- scorer ------------------------------------------------------------------------------------
 
-from trainer.scenes import scorer  # noqa: E402
+from trainer.scenes import scorer, validate  # noqa: E402
 
 
 def test_scorer_detects_every_object_of_clean_test_renders():
@@ -176,6 +176,19 @@ def test_scorer_passes_clean_test_prompts_and_fails_mismatched_ones():
     summary = scorer.summarise(results)
     assert summary["overall"] == 1.0 and set(summary["categories"]) == set(CATEGORIES)
     assert wrong > 40 and false_passes == 0
+
+
+@pytest.mark.parametrize("kind", ["noise4", "noise8", "blobs", "ellipses"])
+def test_scorer_fails_garbage_images(kind):
+    # Untrained generators paint smooth colour mush and blobs: no prompt may pass on them (the old
+    # scorer passed single objects, counts and positions on 2-4-step generators' images).
+    passed = []
+    for seed in range(6):
+        image = validate.garbage(kind, seed)
+        for category in ("single_object", "counting", "position"):
+            _, spec = prompt(np.random.default_rng([seed, len(category)]), "test", category)
+            passed.append(scorer.score(image, spec)["passed"])
+    assert not any(passed)
 
 
 def test_check_follows_geneval_rules():
@@ -263,7 +276,7 @@ def test_scorer_checks_edits_and_fails_undone_ones():
 from trainer.data import build_image_dataset  # noqa: E402
 from trainer.scenes import datasets  # noqa: E402
 from trainer.scenes.__main__ import main as scenes_main  # noqa: E402
-from trainer.text_data import open_edit, open_t2i  # noqa: E402
+from trainer.data import open_edit, open_t2i  # noqa: E402
 
 
 def test_writer_round_trips_through_the_trainers_data_readers(tmp_path):
@@ -316,7 +329,6 @@ def test_writer_is_deterministic_for_any_worker_count(tmp_path):
 
 # ---- scorer validation -------------------------------------------------------------------------
 
-from trainer.scenes import validate  # noqa: E402
 
 
 def test_near_misses_are_truly_wrong():

@@ -16,6 +16,7 @@ from multiprocessing import get_context
 
 import numpy as np
 from PIL import Image, ImageFilter
+from scipy import ndimage
 
 from . import scorer
 from .captions import CATEGORIES, prompt, scene_for
@@ -23,6 +24,46 @@ from .edits import KINDS, make_edit
 from .world import COLORS, SHAPES, Scene, render, rng_for, sample_background, sample_scene
 
 CONDITIONS = ("clean", "blur1", "blur2", "noise0.05", "jpeg30")
+# Garbage: images with no well-formed object in them, as untrained generators make. Every prompt
+# scored on them should fail.
+NOISE_SCALES = (2, 4, 8, 16)  # Gaussian sigma (pixels) of the blurred colour noise
+GARBAGE = tuple(f"noise{s}" for s in NOISE_SCALES) + ("blobs", "ellipses")
+
+
+def colour_noise(rng: np.random.Generator, sigma: float, size: int = 256) -> np.ndarray:
+    """Uniform colour noise blurred with `sigma` and stretched back to 0..1 per channel: smooth colour mush."""
+    x = ndimage.gaussian_filter(rng.uniform(size=(size, size, 3)).astype(np.float32), (sigma, sigma, 0))
+    lo, hi = x.min((0, 1)), x.max((0, 1))
+    return (x - lo) / np.maximum(hi - lo, 1e-6)
+
+
+def palette_blobs(rng: np.random.Generator, ellipses: bool, size: int = 256) -> np.ndarray:
+    """1-4 solid palette-coloured regions over a world background: irregular blobs (thresholded smooth
+    noise) or ellipses elongated 1.6-3x, of the objects' sizes, none of them a world shape."""
+    img = np.asarray(render(Scene((), sample_background(rng)), size), np.float32) / 255
+    yy, xx = np.mgrid[:size, :size] / size
+    for _ in range(int(rng.integers(1, 5))):
+        colour = np.array(COLORS[str(rng.choice(list(COLORS)))], np.float32) / 255
+        cx, cy = rng.uniform(0.15, 0.85, 2)
+        r = rng.uniform(0.06, 0.14)
+        if ellipses:
+            ratio, angle = rng.uniform(1.6, 3.0), rng.uniform(0, np.pi)
+            u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+            v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+            mask = (u * u * ratio + v * v / ratio) < r * r
+        else:
+            field = ndimage.gaussian_filter(rng.normal(size=(size, size)), 6)
+            mask = (field / field.std() + 2.5 * (1 - np.hypot(xx - cx, yy - cy) / r)) > 1.5
+        img[mask] = colour
+    return ndimage.gaussian_filter(img, (*[rng.uniform(0, 3)] * 2, 0))  # sharp to soft edges
+
+
+def garbage(kind: str, seed: int, size: int = 256) -> np.ndarray:
+    """One garbage image (float RGB (size, size, 3)) of a GARBAGE kind."""
+    rng = np.random.default_rng([seed, GARBAGE.index(kind)])
+    if kind.startswith("noise"):
+        return colour_noise(rng, float(kind[5:]), size)
+    return palette_blobs(rng, kind == "ellipses", size)
 
 
 def degrade(image: Image.Image, condition: str, seed: int = 0):
