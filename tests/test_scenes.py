@@ -343,7 +343,9 @@ def test_near_misses_are_truly_wrong():
 
 def test_validate_scorer_table(capsys):
     assert scenes_main(["validate-scorer", "--per-category", "1", "--degraded-per-category", "0", "--per-kind", "1",
-                        "--workers", "1"]) == 0
+                        "--garbage-per-kind", "1", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "| clean | 6 | 100.0 |" in out and "| blur2 | 0 |" in out and "Near misses" in out and "pooled PSNR" in out
     assert out.count("| jpeg30 |") == 2  # the GenEval and the edit tables
+    for kind in validate.GARBAGE:  # one image of each, failing every category
+        assert f"| {kind} | 1 |" in out and out.split(f"| {kind} | 1 |")[1].split("\n")[0].endswith(" | 0.0 |")

@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     v.add_argument("--degraded-per-category", type=int, default=100,
                    help="of those, how many are also scored blurred, noisy and as JPEG")
     v.add_argument("--per-kind", type=int, default=50, help="edits per edit kind (clean and degraded)")
+    v.add_argument("--garbage-per-kind", type=int, default=50,
+                   help="garbage images (colour noise, blobs, ellipses) per kind, each scored against every category")
+    v.add_argument("--garbage-vae", help="also score decodes of random latents through this PS-VAE file")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--workers", type=int, default=default_workers())
     v.add_argument("--out", help="also write the table as JSON here")
@@ -37,7 +40,8 @@ def main(argv=None) -> int:
               f"in {time.perf_counter() - start:.1f} s; manifest {manifest}")
         return 0
     from .validate import format_table, validate_scorer
-    table = validate_scorer(args.per_category, args.seed, args.workers, args.per_kind, args.degraded_per_category)
+    table = validate_scorer(args.per_category, args.seed, args.workers, args.per_kind, args.degraded_per_category,
+                            args.garbage_per_kind, args.garbage_vae)
     print(format_table(table))
     if args.out:
         with open(args.out, "w") as f:

@@ -5,7 +5,9 @@ render of each (every check is true), and fail a near miss: the render of the sp
 point (another shape, colour or count, the opposite relation, swapped colours). Edits, `per_kind`
 per kind: the exact target should pass, the unedited source should fail "edited", and another
 scene should fail "preserved". Each image is also scored after Gaussian blur (sigma 1 and 2), noise
-(sigma 0.05) and JPEG (quality 30).
+(sigma 0.05) and JPEG (quality 30). Garbage, which must fail every prompt: blurred colour noise at
+several scales, palette blobs and ellipses over a world background, and decodes of random latents
+through a given PS-VAE (what an untrained generator produces).
 """
 from __future__ import annotations
 
@@ -81,6 +83,34 @@ def degrade(image: Image.Image, condition: str, seed: int = 0):
     raise ValueError(f"unknown condition {condition!r}")
 
 
+def decoded_noise(vae_path: str, count: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` decodes of random normal latents through the PS-VAE file at `vae_path`: what a
+    generator that has learnt nothing hands its decoder."""
+    import torch
+
+    from psvae_core.autoencoder import PSVAE
+    from psvae_core.generation import decode, encode_source
+
+    vae = PSVAE.from_file(vae_path).eval()
+    with torch.no_grad():
+        shape = encode_source(vae, torch.zeros(1, 3, 256, 256)).shape[1:]
+        latents = torch.randn((count, *shape), generator=torch.Generator().manual_seed(seed))
+        images = torch.cat([decode(vae, latents[i:i + 8]) for i in range(0, count, 8)])
+    return [scorer.as_array(x.permute(1, 2, 0).numpy()) for x in images]
+
+
+def _garbage_case(args) -> dict:
+    """One garbage image scored against a test prompt of every category: {category: passed}, detections."""
+    seed, index, kind, image = args
+    image = garbage(kind, seed * 1_000_003 + index) if image is None else image
+    found = scorer.detect(image)
+    passed = {}
+    for c, category in enumerate(CATEGORIES):
+        _, spec = prompt(rng_for("test", seed, 2_000_000 + 6 * index + c), "test", category)
+        passed[category] = all(scorer.check(found, spec).values())
+    return {"kind": kind, "passed": passed, "detections": len(found)}
+
+
 def near_miss(spec: dict, rng: np.random.Generator) -> dict:
     """`spec` changed in one point, so that its exact render fails the original spec."""
     spec = {**spec, "objects": [dict(g) for g in spec["objects"]]}
@@ -154,26 +184,35 @@ def _rate(values) -> float:
 
 
 def validate_scorer(per_category: int = 500, seed: int = 0, workers: int = 1, per_kind: int | None = None,
-                    degraded_per_category: int | None = None) -> dict:
+                    degraded_per_category: int | None = None, garbage_per_kind: int = 0,
+                    garbage_vae: str | None = None) -> dict:
     """The table: GenEval prompts clean (`per_category` each) and degraded (the first
-    `degraded_per_category` of them), edits (`per_kind` each, clean and degraded)."""
+    `degraded_per_category` of them), edits (`per_kind` each, clean and degraded), and
+    `garbage_per_kind` garbage images of each GARBAGE kind (and decodes of random latents through
+    the PS-VAE file `garbage_vae`, when given), each scored against a prompt of every category."""
     per_kind = per_category if per_kind is None else per_kind
     degraded = per_category if degraded_per_category is None else min(degraded_per_category, per_category)
     geneval_jobs = [(seed, c * per_category + i, cat, i < degraded)
                     for c, cat in enumerate(CATEGORIES) for i in range(per_category)]
     edit_jobs = [(seed, k * per_kind + i, kind) for k, kind in enumerate(KINDS) for i in range(per_kind)]
+    garbage_jobs = [(seed, i, kind, None) for kind in GARBAGE for i in range(garbage_per_kind)]
+    if garbage_vae and garbage_per_kind:
+        garbage_jobs += [(seed, i, "decoded", image)
+                         for i, image in enumerate(decoded_noise(garbage_vae, garbage_per_kind, seed))]
     start = time.perf_counter()
     if workers <= 1:
         g_cases, e_cases = list(map(_geneval_case, geneval_jobs)), list(map(_edit_case, edit_jobs))
+        x_cases = list(map(_garbage_case, garbage_jobs))
     else:
         with get_context("spawn").Pool(workers) as pool:
             g_cases = pool.map(_geneval_case, geneval_jobs, chunksize=8)
             e_cases = pool.map(_edit_case, edit_jobs, chunksize=8)
+            x_cases = pool.map(_garbage_case, garbage_jobs, chunksize=8)
     table = {"per_category": per_category, "degraded_per_category": degraded, "per_kind": per_kind,
              "seed": seed, "split": "test",
              "wall_s": round(time.perf_counter() - start, 1),
              "detect_cpu_ms_mean": round(1000 * _rate(c["cpu_s"] for c in g_cases), 1),
-             "geneval": {}, "edits": {}}
+             "geneval": {}, "edits": {}, "garbage": {}, "garbage_per_kind": garbage_per_kind}
     truly_wrong = [c for c in g_cases if not all(c["truth_wrong"].values())]
     for cond in CONDITIONS:
         cases = [c for c in g_cases if cond in c["right"]]
@@ -210,6 +249,11 @@ def validate_scorer(per_category: int = 500, seed: int = 0, workers: int = 1, pe
         "other_background_psnr_median": float(np.median([c["other_background"]["psnr"]
                                                          for c in e_cases if "other_background" in c])),
     }
+    for kind in dict.fromkeys(c["kind"] for c in x_cases):
+        cases = [c for c in x_cases if c["kind"] == kind]
+        per_cat = {cat: _rate(c["passed"][cat] for c in cases) for cat in CATEGORIES}
+        table["garbage"][kind] = {"false_pass": per_cat, "overall": _rate(per_cat.values()), "images": len(cases),
+                                  "detections_mean": _rate(c["detections"] for c in cases)}
     return table
 
 
@@ -240,4 +284,11 @@ def format_table(table: dict) -> str:
               f"{wrong['other_image_psnr_max']:.1f} dB); the target over another background "
               f"{pct(wrong['other_background_false_pass'])} % (median {wrong['other_background_psnr_median']:.1f} dB). "
               f"Preservation threshold: pooled PSNR >= {scorer.PRESERVE_PSNR} dB."]
+    if table["garbage"]:
+        lines += ["", "Garbage (no object in them; each image scored against a prompt of every category): false pass %.",
+                  "", "| garbage | images | detections / image | " + " | ".join(CATEGORIES) + " | overall |",
+                  "|---" * (len(CATEGORIES) + 4) + "|"]
+        for kind, row in table["garbage"].items():
+            lines.append(f"| {kind} | {row['images']} | {row['detections_mean']:.2f} | "
+                         + " | ".join(pct(row["false_pass"][c]) for c in CATEGORIES) + f" | {pct(row['overall'])} |")
     return "\n".join(lines)
