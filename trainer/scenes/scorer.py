@@ -40,8 +40,8 @@ SMOOTH_SIGMA = 1.0
 TEMPLATE_BLURS = (0.0, 1.0, 2.0, 3.0)
 _CROP = 32  # side of the scale-normalised masks compared with the templates
 # Well-formed objects (validated in docs/SCENES.md: clean and degraded renders against colour noise,
-# palette blobs and ellipses, untrained generators' images). Renders under blur 2 / JPEG 30 keep a
-# soft IoU >= 0.92, their colour on >= 97 % of the region and background on >= 99 % of the ring
+# palette blobs and ellipses, untrained generators' images). Renders under blur 2 / JPEG 30 (40 each)
+# kept a soft IoU >= 0.92, their colour on >= 97 % of the region and background on >= 99 % of the ring
 # around it, and an area within 10 % of the template's; garbage patches rarely exceed 0.85 IoU.
 MATCH_MIN = 0.88  # soft IoU with the best template
 HOMOGENEITY_MIN = 0.9  # share of the region's pixels named by its colour
