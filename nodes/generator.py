@@ -10,17 +10,15 @@ another loader). The rules, in order:
 2. latent grid: when the VAE resizes every image to a fixed square (224 px -> 16x16), the
    generator's `latent_size` must be that grid; a "native"-grid VAE (image_size None) makes any
    grid, so this is not checked;
-3. the VAE it was trained with, when the generator file records one in its provenance (see
-   `recorded_vae`): its latent statistics must equal this VAE's (they define the normalisation the
-   generator learned); without recorded statistics its fingerprint (psvae_core.checkpoint.fingerprint) must
-   equal this VAE file's. Same statistics but another fingerprint (e.g. a re-export in another
-   dtype) is only logged. A file that records nothing is checked by 1 and 2 alone (logged once).
+3. the VAE it was trained with, when the generator file records one in its provenance: the one
+   rule of psvae_core.provenance (recorded latent statistics decide; without them the fingerprint;
+   the same statistics under another fingerprint is only logged). A file that records nothing is
+   checked by 1 and 2 alone (logged once).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Optional
 
 import torch
@@ -29,32 +27,10 @@ import comfy.model_management as mm
 
 from ..psvae_core import checkpoint
 from ..psvae_core.fusion import FusionDiffuser
+from ..psvae_core.provenance import recorded_vae, vae_mismatch
 from .handles import ModelHandle, PSVAEHandle, choose_dtype
 
 log = logging.getLogger("PS-VAE")
-
-STATS_RTOL, STATS_ATOL = 5e-3, 1e-4  # passes stats rounded to bf16 (a VAE saved in bf16), not another VAE's
-
-
-def recorded_vae(provenance: dict) -> dict:
-    """What a generator file says about the VAE it was trained with:
-    {"name": str|None, "fingerprint": str|None, "latent_stats": {"mean": [...], "std": [...]}|None}.
-
-    Read from provenance["vae"] = {"file"|"name", "fingerprint", "latent_stats"} (the contract the
-    trainer's generator export writes), or provenance["vae_fingerprint"] / ["vae_latent_stats"], or
-    the fingerprint of its latent cache in provenance["data"]["vae_fingerprint"].
-    """
-    prov = provenance if isinstance(provenance, dict) else {}
-    rec = prov.get("vae") if isinstance(prov.get("vae"), dict) else {}
-    data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
-    fingerprint = rec.get("fingerprint") or prov.get("vae_fingerprint") or data.get("vae_fingerprint")
-    stats = rec.get("latent_stats") or prov.get("vae_latent_stats")
-    if not (isinstance(stats, dict) and isinstance(stats.get("mean"), list) and isinstance(stats.get("std"), list)):
-        stats = None
-    name = rec.get("file") or rec.get("name") or (prov.get("vae") if isinstance(prov.get("vae"), str) else None)
-    return {"name": name if isinstance(name, str) else None,
-            "fingerprint": fingerprint if isinstance(fingerprint, str) else None, "latent_stats": stats}
-
 
 class GeneratorHandle(ModelHandle):
     """What the loader's `generator` output carries: a FusionDiffuser, and what its file records
@@ -97,24 +73,6 @@ class GeneratorHandle(ModelHandle):
 
 # ----------------------------------------------------------------------------- compatibility
 
-def _stats_differ(recorded: dict, vae: PSVAEHandle) -> Optional[str]:
-    mean, std = vae.latent_stats
-    try:
-        r_mean = torch.tensor([float(v) for v in recorded["mean"]])
-        r_std = torch.tensor([float(v) for v in recorded["std"]])
-    except (TypeError, ValueError):
-        return None  # unreadable: treated as not recorded
-    if r_mean.numel() != mean.numel() or r_std.numel() != std.numel():
-        return f"{r_mean.numel()} recorded channels vs {mean.numel()}"
-    worst = max(((r_mean - mean).abs() / (STATS_ATOL + STATS_RTOL * mean.abs())).max().item(),
-                ((r_std - std).abs() / (STATS_ATOL + STATS_RTOL * std.abs())).max().item())
-    if worst > 1.0 or not math.isfinite(worst):
-        i = int(torch.argmax((r_mean - mean).abs() + (r_std - std).abs()))
-        return (f"channel {i}: recorded mean {r_mean[i].item():.4g} / std {r_std[i].item():.4g}, "
-                f"this VAE's {mean[i].item():.4g} / {std[i].item():.4g}")
-    return None
-
-
 def pair_problems(gen: GeneratorHandle, vae: PSVAEHandle) -> list[str]:
     """Why `gen` cannot sample in `vae`'s latent space, in words (empty when they belong together)."""
     problems = []
@@ -129,21 +87,11 @@ def pair_problems(gen: GeneratorHandle, vae: PSVAEHandle) -> list[str]:
             f"{vae.name} resizes every image to {vae.input_size} px, a {grid[0]}x{grid[1]} latent grid")
     if problems:
         return problems
-    rec = gen.recorded_vae
-    trained_with = f" (it was trained with {rec['name']})" if rec["name"] else ""
-    if rec["latent_stats"] is not None:
-        differ = _stats_differ(rec["latent_stats"], vae)
-        if differ:
-            problems.append(
-                f"the generator {gen.name} was trained on latents of another VAE{trained_with}: the latent "
-                f"statistics it records differ from those of the VAE {vae.name} ({differ})")
-        elif rec["fingerprint"] and vae.fingerprint and rec["fingerprint"] != vae.fingerprint:
-            log.warning("PS-VAE: %s records the same latent statistics as %s but another VAE file%s; assuming "
-                        "a re-export of the same VAE (e.g. in another dtype)", gen.name, vae.name, trained_with)
-    elif rec["fingerprint"] and vae.fingerprint and rec["fingerprint"] != vae.fingerprint:
-        problems.append(
-            f"the generator {gen.name} was trained with another VAE file{trained_with}: it records the VAE "
-            f"fingerprint {rec['fingerprint'][:12]}, the VAE {vae.name} has {vae.fingerprint[:12]}")
+    verdict = vae_mismatch(gen.recorded_vae, vae.fingerprint, *vae.latent_stats, generator=gen.name, vae=vae.name)
+    if verdict.note:
+        log.warning("PS-VAE: %s", verdict.note)
+    if verdict.problem:
+        problems.append(verdict.problem)
     return problems
 
 
@@ -157,8 +105,7 @@ def check_pair(gen: GeneratorHandle, vae: PSVAEHandle, who: str) -> None:
     key = (id(vae), vae.fingerprint)
     if key not in gen._checked:
         gen._checked.add(key)
-        rec = gen.recorded_vae
-        if rec["latent_stats"] is None and rec["fingerprint"] is None:
+        if gen.recorded_vae.empty:
             log.info("PS-VAE: %s records no training VAE; only the latent channels and grid of %s were checked",
                      gen.name, vae.name)
 

@@ -196,7 +196,7 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     import comfy.utils
     from psvae_pack.nodes import generator as gen_mod
     from psvae_pack.nodes import handles, runtime, sampling
-    from psvae_pack.psvae_core import generation
+    from psvae_pack.psvae_core import generation, provenance
     from psvae_pack.psvae_core.autoencoder import PSVAE
     from psvae_pack.psvae_core.config import PRESETS
     from psvae_pack.psvae_core.fusion import PRESETS as GEN_PRESETS
@@ -274,19 +274,19 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     # 5. provenance layouts the compatibility check reads; stats stored in bf16 still match.
     mean, std = vae.latent_stats
     stats = {"mean": mean.tolist(), "std": std.tolist()}
-    assert gen_mod.recorded_vae({"vae": {"file": "v", "fingerprint": "ab", "latent_stats": stats}}) == {
-        "name": "v", "fingerprint": "ab", "latent_stats": stats}
-    assert gen_mod.recorded_vae({"data": {"vae_fingerprint": "cd"}})["fingerprint"] == "cd"
-    assert gen_mod.recorded_vae({"vae_fingerprint": "ef", "vae_latent_stats": stats})["latent_stats"] == stats
-    assert gen_mod.recorded_vae({"vae": {"latent_stats": {"mean": 1}}})["latent_stats"] is None
-    assert gen_mod.recorded_vae("junk") == {"name": None, "fingerprint": None, "latent_stats": None}
+    assert provenance.recorded_vae({"vae": {"file": "v", "fingerprint": "ab", "latent_stats": stats}}) == \
+        provenance.VAERecord("v", "ab", stats)
+    assert provenance.recorded_vae({"data": {"vae_fingerprint": "cd"}}).fingerprint == "cd"
+    assert provenance.recorded_vae({"vae_fingerprint": "ef", "vae_latent_stats": stats}).latent_stats == stats
+    assert provenance.recorded_vae({"vae": {"latent_stats": {"mean": 1}}}).latent_stats is None
+    assert provenance.recorded_vae("junk") == provenance.VAERecord() and provenance.VAERecord().empty
     bf16_stats = {k: torch.tensor(v).bfloat16().float().tolist() for k, v in stats.items()}
     close = gen_mod.GeneratorHandle(model, "g", torch.float32, cpu, cpu, {"vae": {"latent_stats": stats}})
     assert gen_mod.pair_problems(close, vae) == []
     shifted = {"mean": (mean + 0.05).tolist(), "std": std.tolist()}
     far = gen_mod.GeneratorHandle(model, "g", torch.float32, cpu, cpu, {"vae": {"file": "x", "latent_stats": shifted}})
     assert "latent statistics" in gen_mod.pair_problems(far, vae)[0]
-    assert gen_mod._stats_differ(bf16_stats, vae) is None
+    assert provenance.stats_differ(bf16_stats, *vae.latent_stats) is None
     print("provenance ok")
 
     # 6. dtypes: auto on the CPU = fp32; bf16 samples and returns float32 raw latents.

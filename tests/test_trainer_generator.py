@@ -341,3 +341,39 @@ def test_mismatched_vae_and_generator_exit_2(assets, t2i_run, tmp_path, capsys):
                       f"model.init_from={t2i_run / 'export' / 'generator.safetensors'}", f"run.output_dir={tmp_path}",
                       "run.name=other")
     assert code == 2 and "another VAE" in err and "model.allow_other_vae" in err
+
+
+def test_init_from_judges_the_vae_by_the_rule_the_comfyui_loader_uses(assets, tmp_path, capsys):
+    """psvae_core.provenance: recorded latent stats decide, the fingerprint only without them. Before
+    that rule the trainer compared fingerprints alone, so it refused a re-export of the same VAE (which
+    the loader accepts) and accepted a generator whose stats name another VAE (which the loader refuses)."""
+    from psvae_core.autoencoder import PSVAE
+    from psvae_core.checkpoint import fingerprint, read_metadata
+    from psvae_core.fusion import PRESETS, FusionDiffuser
+
+    stats = json.loads(read_metadata(assets["vae"])["latent_stats"])
+    torch.manual_seed(0)
+    generator = FusionDiffuser(PRESETS["tiny"].replace(latent_channels=16, latent_size=(8, 8)))
+
+    def edit(name: str, vae: Path, provenance: dict) -> tuple[int, str]:
+        from trainer.__main__ import main
+
+        path = tmp_path / f"{name}.safetensors"
+        generator.save(path, provenance=provenance)
+        code = main(["edit", "--config", str(EDIT_TINY), f"model.vae={vae}", f"data.source={assets['edits']}",
+                     f"model.init_from={path}", "model.tokenizer=bytes", "train.max_steps=1", "checkpoint.every=0",
+                     f"run.output_dir={tmp_path}", f"run.name={name}"])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    bf16 = tmp_path / "vae_bf16.safetensors"  # the same VAE re-exported: another fingerprint, the same stats
+    PSVAE.from_file(assets["vae"]).save(bf16, dtype=torch.bfloat16)
+    assert fingerprint(bf16) != fingerprint(assets["vae"])
+    record = {"vae": {"file": "vae.safetensors", "fingerprint": fingerprint(assets["vae"]), "latent_stats": stats}}
+    code, err = edit("reexport", bf16, record)
+    assert code == 0, err[-3000:]
+    assert "same latent statistics" in err and "re-export" in err
+
+    other = _tiny_vae(tmp_path / "other_vae.safetensors", 1)  # same shapes; stats 0/1, far from the recorded ones
+    code, err = edit("stats", other, {"vae_latent_stats": stats})
+    assert code == 2 and "latent statistics it records differ" in err and "model.allow_other_vae" in err

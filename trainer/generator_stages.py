@@ -22,7 +22,6 @@ match one. The export (`export/generator.safetensors`) records the VAE it was tr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections import Counter
@@ -40,6 +39,7 @@ from psvae_core.checkpoint import CheckpointError, read_metadata
 from psvae_core.fusion import PRESETS as GENERATOR_PRESETS
 from psvae_core.fusion import FusionConfig, FusionDiffuser
 from psvae_core.fusion_heads import DDTBlock
+from psvae_core.provenance import file_sha256, recorded_vae, vae_mismatch, vae_provenance
 
 from . import data as td
 from .config import BaseConfig, ConfigError, EMASection, as_dict
@@ -157,14 +157,6 @@ def cfg_dropout_masks(seed: int, step: int, step_batch: int, p_text: float,
     process r (b rows each) uses rows (m * processes + r) * b onwards, the sampler's order."""
     g = torch.Generator().manual_seed(derive_seed(seed, "cfg-dropout", step))
     return td.dropout_masks(step_batch, p_text, p_image, generator=g)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fusion_fields(model: GenModelSection) -> dict:
@@ -336,32 +328,40 @@ class _GeneratorStage(Stage):
                 f"generator) set model.overrides.latent_channels={vae.latent_channels} "
                 f"model.overrides.latent_size=[{self.latent_grid[0]},{self.latent_grid[1]}]")
 
+    def _vae_verdict(self, provenance, generator: str):
+        """psvae_core.provenance's rule: is model.vae the VAE `provenance` records?"""
+        return vae_mismatch(recorded_vae(provenance), self.vae_fingerprint, self.vae.latents_mean, self.vae.latents_std,
+                            generator=generator, vae=self.vae_path.name)
+
     def _check_init_vae(self, path: Path):
         try:
             prov = json.loads(read_metadata(path).get("provenance", "{}"))
         except json.JSONDecodeError:
             prov = {}
-        recorded = (prov.get("vae") or {}).get("fingerprint") if isinstance(prov.get("vae"), dict) else None
-        recorded = recorded or prov.get("vae_fingerprint")
-        if recorded and recorded != self.vae_fingerprint:
-            message = (f"model.init_from {path.name} was trained on latents of another VAE (fingerprint "
-                       f"{recorded[:12]}, model.vae has {self.vae_fingerprint[:12]})")
+        verdict = self._vae_verdict(prov, path.name)
+        if verdict.note:
+            self.ctx.log("note: model.init_from: " + verdict.note)
+        if verdict.problem:
+            message = f"model.init_from: {verdict.problem}"
             if not self.cfg.model.allow_other_vae:
-                raise ConfigError(message + "; use that VAE, or pass model.allow_other_vae=true to adapt anyway")
+                raise ConfigError(message + "; use model.vae=<that VAE>, or pass model.allow_other_vae=true to "
+                                  "adapt anyway")
             self.ctx.log("note: " + message)
 
     def _check_run_vae(self):
-        """A resumed run must use the VAE it started with (the latents define what was learned)."""
+        """A resumed run must use the VAE it started with (the latents define what was learned), by the
+        same rule as model.init_from."""
         record = self.ctx.run_dir / "generator_vae.json"
         if self.cfg.checkpoint.resume and record.is_file():
             before = json.loads(record.read_text())
-            if before.get("fingerprint") != self.vae_fingerprint:
-                raise ConfigError(f"this run started with the VAE {before.get('path')} (fingerprint "
-                                  f"{str(before.get('fingerprint'))[:12]}); model.vae={self.vae_path} differs. Resume "
-                                  f"with that VAE, or start a new run")
+            before.setdefault("vae_fingerprint", before.get("fingerprint"))  # a record written before the "vae" entry
+            verdict = self._vae_verdict(before, f"in run {self.ctx.run_dir.name}")
+            if verdict.problem:
+                raise ConfigError(f"model.vae={self.vae_path}: {verdict.problem}. Resume with the VAE this run "
+                                  f"started with, or start a new run")
         if self.ctx.rank == 0:
             self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({"path": str(self.vae_path), "fingerprint": self.vae_fingerprint}) + "\n")
+            record.write_text(json.dumps(self.vae_provenance()) + "\n")
 
     # --- data ---------------------------------------------------------------------------------
     def _open(self, source: str):
@@ -569,16 +569,10 @@ class _GeneratorStage(Stage):
         return self._decode(z)
 
     def vae_provenance(self) -> dict:
-        """What the export records about its VAE (docs/TRAINER_GENERATOR.md §5; nodes/generator.py reads it)."""
-        grid = list(self.latent_grid)
-        c = self.vae.latent_channels
-        return {
-            "vae": {"file": self.vae_path.name, "path": str(self.vae_path), "fingerprint": self.vae_fingerprint,
-                    "sha256": self.vae_sha256, "latent_channels": c, "latent_grid": grid,
-                    "latent_stats": self.vae_latent_stats},
-            "vae_fingerprint": self.vae_fingerprint, "vae_sha256": self.vae_sha256,
-            "vae_latent_channels": c, "vae_latent_grid": grid, "vae_latent_stats": self.vae_latent_stats,
-        }
+        """What the export records about its VAE (psvae_core.provenance; docs/TRAINER_GENERATOR.md §5)."""
+        return vae_provenance(name=self.vae_path.name, path=str(self.vae_path), fingerprint=self.vae_fingerprint,
+                              sha256=self.vae_sha256, latent_channels=self.vae.latent_channels,
+                              latent_grid=self.latent_grid, latent_stats=self.vae_latent_stats)
 
     def export(self, model, folder: Path, provenance: dict) -> Optional[Path]:
         path = folder / EXPORT_NAME
