@@ -14,10 +14,10 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..psvae_core.checkpoint import fingerprint as vae_fingerprint
+from ..psvae_core.dtypes import SHORT_NAMES, to_dtype
 from ..psvae_core.preview import latent_to_rgb
 
-DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES = ["auto", *SHORT_NAMES]  # the loader's widget: fp32 | bf16 | fp16, as ComfyUI spells them
 # Upper bound on images per batch even when memory allows more: keeps progress ticks and interrupt
 # points coming on big batches.
 MAX_BATCH = 16
@@ -30,9 +30,9 @@ def choose_dtype(choice: str, device: torch.device, auto: Callable[[], torch.dty
     named dtype, except fp16 on a CPU, which is slow and partly unsupported there: fp32 instead."""
     if choice == "auto":
         return auto()
-    if choice not in _DTYPES:
+    if choice not in SHORT_NAMES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {choice!r}")
-    dtype = _DTYPES[choice]
+    dtype = to_dtype(choice)
     if dtype == torch.float16 and mm.is_device_cpu(device):
         log.warning("PS-VAE: fp16 is not used on the CPU; running in fp32 instead")
         return torch.float32

@@ -79,6 +79,29 @@ def test_a_choice_key_lists_its_values_and_explains_a_bare_no(capsys, photo_dir)
     assert code == 2 and "use one of ['no', 'bf16', 'fp16']" in err and "quote it" in err
 
 
+@pytest.mark.parametrize("stage, override, message", [
+    ("svae", "data.kind=zip", "'data.kind' is 'zip'; use one of ['auto', 'folder', 'manifest', 'hf']"),
+    ("svae", "gan.norm=layer", "'gan.norm' is 'layer'; use one of ['group', 'none', 'batch']"),
+    ("svae", "loss.kl_reduction=sum", "'loss.kl_reduction' is 'sum'; use one of ['sum_mean', 'mean']"),
+    ("t2i", "data.latent_cache_dtype=int8", "'data.latent_cache_dtype' is 'int8'; use one of ['float32', 'bfloat16', "
+     "'float16']"),
+    ("edit", "data.format=tar", "'data.format' is 'tar'; use one of ['auto', 'folder', 'jsonl']"),
+    ("t2i", "model.preset=huge", "'model.preset' is 'huge'; use one of ['paper-653m', 'paper-1708m', 'smollm2-135m', "
+     "'tiny']")])
+def test_stage_choice_keys_are_checked_by_the_schema(stage, override, message):
+    """Every stage's choice keys are Literal fields: refused when the config is read, before any file
+    is opened, with the same message shape as the shared keys."""
+    from trainer.config import ConfigError, load_config
+    from trainer.generator_stages import EditConfig, T2IConfig
+    from trainer.vae_stages import VAEConfig
+
+    schema, extra = {"svae": (VAEConfig, []), "t2i": (T2IConfig, ["model.vae=v"]),
+                     "edit": (EditConfig, ["model.vae=v"])}[stage]
+    with pytest.raises(ConfigError) as err:
+        load_config(schema, stage, None, [f"stage={stage}", "data.source=s", *extra, override])
+    assert message in str(err.value)
+
+
 def test_missing_data_source_and_missing_dir(capsys, tmp_path):
     code, err = run_main(capsys, "svae", "--config", TINY_SVAE)
     assert code == 2 and "'data.source' must be set" in err

@@ -35,6 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from psvae_core import flow, generation
 from psvae_core.autoencoder import PSVAE
 from psvae_core.checkpoint import read_header
+from psvae_core.dtypes import DTYPES
 from psvae_core.fusion import FusionDiffuser
 
 from .data import DataError, jsonl_lines, load_image
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 BENCHMARKS = ("geneval", "dpg", "gedit")
 PNG_KEY = "psvae"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class BenchmarkError(DataError):

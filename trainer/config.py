@@ -20,6 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
                               ValidationError)
 
+from psvae_core.dtypes import DType  # noqa: F401  (the storage-dtype choice key of every stage)
+
 CONFIG_VERSION = 1
 
 
@@ -29,8 +31,6 @@ class ConfigError(ValueError):
 
 # A choice key is typed with a Literal: OmegaConf refuses any other value when the config is merged
 # (`_explain` turns that into a message), so no stage writes its own `if x not in (...)` check.
-DType = Literal["float32", "bfloat16", "float16"]  # storage dtypes (exports, caches)
-
 
 # --------------------------------------------------------------------------- generic sections
 

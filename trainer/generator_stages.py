@@ -27,7 +27,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 from omegaconf import MISSING, OmegaConf
@@ -36,21 +36,21 @@ from torch.utils.data import Subset
 from psvae_core import flow, generation
 from psvae_core.autoencoder import PSVAE
 from psvae_core.checkpoint import CheckpointError, read_metadata
+from psvae_core.dtypes import DTYPES
 from psvae_core.fusion import PRESETS as GENERATOR_PRESETS
 from psvae_core.fusion import FusionConfig, FusionDiffuser
 from psvae_core.fusion_heads import DDTBlock
 from psvae_core.provenance import file_sha256, recorded_vae, vae_mismatch, vae_provenance
 
 from . import data as td
-from .config import BaseConfig, ConfigError, EMASection, as_dict
+from .config import BaseConfig, ConfigError, DType, EMASection, as_dict
 from .data import DataError, split_holdout
 from .rng import derive_seed, micro_rows, step_noise
-from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
+from .stage import Stage, StepResult, Trainable, register
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # collate runs in forked DataLoader workers
 
 EXPORT_NAME = "generator.safetensors"
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BYTES_TOKENIZER = "bytes"
 DEFAULT_PROMPTS = ["a photo of a cat sitting on a wooden table", "a red car parked on a city street at night",
                    "a bowl of fresh fruit, studio lighting", "a mountain lake at sunrise, mist over the water"]
@@ -61,7 +61,7 @@ DEFAULT_PROMPTS = ["a photo of a cat sitting on a wooden table", "a red car park
 @dataclass
 class GenModelSection:
     vae: str = MISSING  # the frozen PS-VAE export (.safetensors); its latent channels/grid must match the generator
-    preset: str = "paper-653m"  # psvae_core.fusion.PRESETS: paper-653m | paper-1708m | smollm2-135m | tiny
+    preset: Literal[tuple(GENERATOR_PRESETS)] = "paper-653m"  # psvae_core.fusion.PRESETS
     # FusionConfig fields merged into the preset (latent_channels, latent_size, head_width, ...)
     overrides: Dict[str, Any] = field(default_factory=dict)
     lm_path: Optional[str] = None  # HF folder (or hub id) of a Qwen2/Llama LM: backbone weights + its tokenizer
@@ -75,19 +75,24 @@ class GenModelSection:
 class GenDataSection:
     # t2i: caption folder | .jsonl | .parquet/glob/`datasets` folder | tar shards; edit: triplet folder | .jsonl
     source: str = MISSING
-    format: str = "auto"  # auto (trainer.data.open_t2i / open_edit rules) | folder | jsonl | hf | tar (tar: t2i only)
+    format: Literal["auto", "folder", "jsonl", "hf", "tar"] = "auto"  # auto: trainer.data.open_t2i's rules
     image_size: int = 256  # centre crop fed to the VAE encoder (which resizes to its own input size)
     min_side: int = 0  # skip images whose shorter side is smaller
     check_images: bool = True  # open every image header when a folder/jsonl source is scanned (false for huge sets)
     val_source: Optional[str] = None  # held-out samples (same formats) for the validation flow loss
     val_count: int = 0  # or: hold the last N samples of `source`'s seeded order out
     latent_cache: Optional[str] = None  # DIR: encode once into DIR/<vae+preprocessing id>/, then train on latents
-    latent_cache_dtype: str = "float16"  # float16 | bfloat16 | float32 (storage of cached latents)
+    latent_cache_dtype: DType = "float16"  # storage of cached latents
     max_text_tokens: int = 512  # captions are truncated to this many tokens in collate
     text_fields: List[str] = field(default_factory=lambda: list(td.TEXT_FIELDS))  # tar: json keys tried for the caption
     hf_image_column: str = "image"
     hf_text_column: str = "text"
     hf_split: Optional[str] = None
+
+
+@dataclass
+class EditDataSection(GenDataSection):
+    format: Literal["auto", "folder", "jsonl"] = "auto"  # auto: trainer.data.open_edit's rules
 
 
 @dataclass
@@ -124,6 +129,7 @@ class T2IConfig(BaseConfig):
 
 @dataclass
 class EditConfig(T2IConfig):
+    data: EditDataSection = field(default_factory=EditDataSection)
     loss: EditLossSection = field(default_factory=EditLossSection)
 
 
@@ -210,11 +216,6 @@ class _GeneratorStage(Stage):
     # --- construction ---------------------------------------------------------------------
     def _check_config(self):
         cfg, d, L = self.cfg, self.cfg.data, self.cfg.loss
-        formats = ("auto", "folder", "jsonl", "hf", "tar") if self.task == "t2i" else ("auto", "folder", "jsonl")
-        if d.format not in formats:
-            raise ConfigError(f"'data.format' is {d.format!r}; use one of {list(formats)}")
-        if d.latent_cache_dtype not in CACHE_DTYPES:
-            raise ConfigError(f"'data.latent_cache_dtype' is {d.latent_cache_dtype!r}; use one of {list(CACHE_DTYPES)}")
         for key in ("data.image_size", "data.max_text_tokens", "preview.steps", "loss.logit_std"):
             if OmegaConf.select(cfg, key) <= 0:
                 raise ConfigError(f"'{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
@@ -235,8 +236,6 @@ class _GeneratorStage(Stage):
                               "keeps its file's architecture, so remove the overrides")
         if m.gguf_file and not m.lm_path:
             raise ConfigError("model.gguf_file names a file inside model.lm_path; set model.lm_path too")
-        if not m.init_from and m.preset not in GENERATOR_PRESETS:
-            raise ConfigError(f"'model.preset' is {m.preset!r}; use one of {sorted(GENERATOR_PRESETS)}")
         if cfg.train.grad_checkpointing:
             raise ConfigError("train.grad_checkpointing is not implemented for the generator stages (the LM "
                               "layers run through psvae_core.fusion_backbone); lower train.batch_size and raise "
@@ -389,7 +388,7 @@ class _GeneratorStage(Stage):
     def _cache(self) -> td.LatentCache:
         d = self.cfg.data
         return td.LatentCache(d.latent_cache, self.vae_path, size=d.image_size,
-                              dtype=CACHE_DTYPES[d.latent_cache_dtype])
+                              dtype=DTYPES[d.latent_cache_dtype])
 
     def _cached(self, dataset, what: str):
         """`dataset` served from the latent cache, filling what is missing first (split by rank)."""
@@ -583,7 +582,7 @@ class _GeneratorStage(Stage):
             model.save(path, provenance={**provenance, **self.vae_provenance(), "task": self.task, "init": self.init,
                                          "train_shift": self.shift, "cfg_dropout": dropout,
                                          "image_size": self.cfg.data.image_size, "dtype": self.cfg.export.dtype},
-                       dtype=EXPORT_DTYPES[self.cfg.export.dtype])
+                       dtype=DTYPES[self.cfg.export.dtype])
             self.ctx.log(f"exported {path}")
         return path
 

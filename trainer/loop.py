@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from psvae_core.dtypes import to_dtype
+
 from . import __version__, checkpointing as ckpt, sharding
 from .config import ConfigError, config_hash, to_yaml
 from .data import GlobalBatchSampler, shard_indices
@@ -34,7 +36,6 @@ from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .stage import Context, Models, Stage, Trainable
 from .tracking import Tracker
 
-DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingHalted(RuntimeError):
@@ -119,7 +120,7 @@ class Loop:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         # Training batches have one shape: let cuDNN time its convolution algorithms once.
         torch.backends.cudnn.benchmark = cuda
-        self.amp_dtype = DTYPES[cfg.precision.mixed]
+        self.amp_dtype = None if cfg.precision.mixed == "no" else to_dtype(cfg.precision.mixed)
         self.global_batch = cfg.train.batch_size * self.world * cfg.train.grad_accum
         self.hash = config_hash(cfg)
         self.resume_dir = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_root, self.log)

@@ -86,10 +86,6 @@ class Context:
     log: Any  # str -> None, printed on rank 0
 
 
-# export.dtype -> the dtype exports are cast to (None: float32, as trained)
-EXPORT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class Stage:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 import torch
 from omegaconf import MISSING, OmegaConf
@@ -25,12 +25,13 @@ from torch import nn
 from psvae_core import losses
 from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS, PSVAEConfig
+from psvae_core.dtypes import DTYPES
 from psvae_core.preview import preview_moments, solve_preview
 
 from .config import BaseConfig, ConfigError, OptimSection, as_dict
 from .data import CachedFeatures, build_cache, build_image_dataset, cache_key, shard_indices, split_holdout
 from .rng import derive_seed, step_noise
-from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
+from .stage import Stage, StepResult, Trainable, register
 
 
 # --------------------------------------------------------------------------- config schema
@@ -38,11 +39,11 @@ from .stage import EXPORT_DTYPES, Stage, StepResult, Trainable, register
 @dataclass
 class DataSection:
     source: str = MISSING  # image folder (recursive), .jsonl/.csv manifest of paths, or HF `datasets` folder
-    kind: str = "auto"  # auto | folder | manifest | hf
+    kind: Literal["auto", "folder", "manifest", "hf"] = "auto"
     image_size: int = 256  # training crop = decoder output size (shorter side resized, centre crop)
     val_source: Optional[str] = None  # held-out images (same kinds as `source`)
     val_count: int = 0  # or: hold this many images of `source` out (a seeded choice)
-    verify: str = "header"  # header: open each file's header at scan time; full: decode every image
+    verify: Literal["header", "full"] = "header"  # header: open each file's header at scan time; full: decode every image
     min_size: int = 0  # skip images whose shorter side is smaller
     manifest_key: Optional[str] = None  # jsonl key / csv column holding the path (default: path, file_name, image, file)
     hf_column: str = "image"
@@ -67,13 +68,13 @@ class LossSection:
     semantic_cos: float = 1.0  # inside L_s: (1 - cosine) weight
     semantic_encoder_weight: float = 1.0  # psvae: L_s also on the fine-tuned encoder's f_h' (x semantic_weight); 0 = f_h'' only
     kl_weight: float = 1.0e-6  # L_KL
-    kl_reduction: str = "sum_mean"  # sum_mean (LDM) | mean
+    kl_reduction: Literal["sum_mean", "mean"] = "sum_mean"  # sum_mean: LDM's
     pixel_weight: float = 1.0  # L_P multiplier (L1 + LPIPS + GAN)
     l1_weight: float = 1.0
     lpips_weight: float = 1.0
     lpips_net: str = "vgg"  # vgg (LDM) | alex | squeeze
     lpips_weights: Optional[str] = None  # torchvision backbone weights; null = $PSVAE_LPIPS_WEIGHTS or random (warns)
-    decoder_input: str = "sample"  # sample | mode: what the pixel decoder gets from the posterior in training
+    decoder_input: Literal["sample", "mode"] = "sample"  # what the pixel decoder gets from the posterior in training
     noise_tau: float = 0.0  # decoder-input noise sigma ~ U(0, tau) per image (RAE uses 0.8); 0 = off
 
 
@@ -84,16 +85,16 @@ class GANSection:
     disc_start_step: Optional[int] = None  # discriminator updates start here (null = start_step)
     adaptive: bool = True  # LDM adaptive weight ||grad rec|| / ||grad gan|| at the decoder's last layer
     max_adaptive: float = 1.0e4
-    loss: str = "hinge"  # hinge (LDM) | vanilla (RAE's generator loss)
+    loss: Literal["hinge", "vanilla"] = "hinge"  # hinge: LDM's; vanilla: RAE's generator loss
     ndf: int = 64
     n_layers: int = 3
-    norm: str = "group"  # group | none | batch (batch statistics differ per process under DDP)
+    norm: Literal["group", "none", "batch"] = "group"  # (batch statistics differ per process under DDP)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, betas=[0.5, 0.9]))
 
 
 @dataclass
 class ValidationExtra:
-    lpips: str = "auto"  # auto: report LPIPS (alex) only when real backbone weights are available | on | off
+    lpips: Literal["auto", "on", "off"] = "auto"  # auto: report LPIPS (alex) only when real backbone weights are available
 
 
 @dataclass
@@ -180,20 +181,6 @@ class _VAEStage(Stage):
     # --- construction ---------------------------------------------------------------------
     def _check_config(self):
         cfg = self.cfg
-        if cfg.data.kind not in ("auto", "folder", "manifest", "hf"):
-            raise ConfigError(f"'data.kind' is {cfg.data.kind!r}; use auto, folder, manifest or hf")
-        if cfg.data.verify not in ("header", "full"):
-            raise ConfigError(f"'data.verify' is {cfg.data.verify!r}; use header or full")
-        if cfg.loss.decoder_input not in ("sample", "mode"):
-            raise ConfigError(f"'loss.decoder_input' is {cfg.loss.decoder_input!r}; use sample or mode")
-        if cfg.loss.kl_reduction not in ("sum_mean", "mean"):
-            raise ConfigError(f"'loss.kl_reduction' is {cfg.loss.kl_reduction!r}; use sum_mean or mean")
-        if cfg.gan.loss not in ("hinge", "vanilla"):
-            raise ConfigError(f"'gan.loss' is {cfg.gan.loss!r}; use hinge or vanilla")
-        if cfg.gan.norm not in ("group", "none", "batch"):
-            raise ConfigError(f"'gan.norm' is {cfg.gan.norm!r}; use group, none or batch")
-        if cfg.metrics.lpips not in ("auto", "on", "off"):
-            raise ConfigError(f"'metrics.lpips' is {cfg.metrics.lpips!r}; use auto, on or off")
         if cfg.data.cache_features and self.train_encoder:
             raise ConfigError("data.cache_features only applies to stages with a frozen encoder (svae, rae)")
         if self.needs_init and not cfg.model.init_from:
@@ -439,7 +426,7 @@ class _VAEStage(Stage):
         count = len(self.stats_sample())
         path = folder / "vae.safetensors"
         if self.ctx.rank == 0:
-            dtype = EXPORT_DTYPES[self.cfg.export.dtype]
+            dtype = DTYPES[self.cfg.export.dtype]
             sample = {"images": count, "of": len(self.train_images), "seed": self.cfg.run.seed,
                       "rule": "the first `images` of torch.randperm(`of`) seeded by derive_seed(seed, 'latent-stats') "
                               "(trainer/rng.py), over the training images in listing order; posterior mode; the "
