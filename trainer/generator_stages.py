@@ -21,7 +21,6 @@ match one. The export (`export/generator.safetensors`) records the VAE it was tr
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections import Counter
@@ -464,16 +463,10 @@ class _GeneratorStage(Stage):
         return out
 
     # --- latents --------------------------------------------------------------------------------
-    def _precise(self):
-        """The frozen VAE runs in float32 when precision.frozen_fp32 (whatever the autocast)."""
-        if self.cfg.precision.frozen_fp32:
-            return torch.autocast(device_type=self.ctx.device.type, enabled=False)
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def _encode_raw(self, vae, images: torch.Tensor) -> torch.Tensor:
         """Posterior mean (raw) of images 0..1: the same function fills the cache and runs on the fly."""
-        with self._precise():
+        with self.frozen_precision():
             return td.encode_latents(vae, images.float())
 
     def _latents(self, batch: dict, name: str) -> Optional[torch.Tensor]:
@@ -489,7 +482,7 @@ class _GeneratorStage(Stage):
 
     @torch.no_grad()
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        with self._precise():
+        with self.frozen_precision():
             return generation.decode(self.vae, z)
 
     # --- training -----------------------------------------------------------------------------
@@ -574,17 +567,11 @@ class _GeneratorStage(Stage):
                               latent_grid=self.latent_grid, latent_stats=self.vae_latent_stats)
 
     def export(self, model, folder: Path, provenance: dict) -> Optional[Path]:
-        path = folder / EXPORT_NAME
-        if self.ctx.rank == 0:
-            L = self.cfg.loss
-            folder.mkdir(parents=True, exist_ok=True)
-            dropout = {"text": L.text_dropout, **({"image": L.image_dropout} if self.task == "edit" else {})}
-            model.save(path, provenance={**provenance, **self.vae_provenance(), "task": self.task, "init": self.init,
-                                         "train_shift": self.shift, "cfg_dropout": dropout,
-                                         "image_size": self.cfg.data.image_size, "dtype": self.cfg.export.dtype},
-                       dtype=DTYPES[self.cfg.export.dtype])
-            self.ctx.log(f"exported {path}")
-        return path
+        L = self.cfg.loss
+        dropout = {"text": L.text_dropout, **({"image": L.image_dropout} if self.task == "edit" else {})}
+        return self.write_export(model, folder / EXPORT_NAME, {
+            **provenance, **self.vae_provenance(), "task": self.task, "init": self.init, "train_shift": self.shift,
+            "cfg_dropout": dropout, "image_size": self.cfg.data.image_size, "dtype": self.cfg.export.dtype})
 
 
 @register

@@ -21,12 +21,15 @@ log shows every term and the NaN guard can name the one that broke.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
+
+from psvae_core.dtypes import DTYPES
 
 
 @dataclass
@@ -125,6 +128,23 @@ class Stage:
     def export(self, model: nn.Module, folder: Path, provenance: dict) -> Optional[Path]:
         """Write the inference file(s) of the (EMA) main model; runs on every process (rank 0 writes)."""
         return None
+
+    # --- shared by the stages -------------------------------------------------------------------
+    def frozen_precision(self):
+        """Frozen networks (encoder, teacher, the generator's VAE) run in float32 when
+        precision.frozen_fp32, whatever the autocast."""
+        if self.cfg.precision.frozen_fp32:
+            return torch.autocast(device_type=self.ctx.device.type, enabled=False)
+        return contextlib.nullcontext()
+
+    def write_export(self, model: nn.Module, path: Path, provenance: dict) -> Path:
+        """Rank 0 saves `model` (a psvae_core model: `save(path, provenance, dtype)`) in export.dtype;
+        every process returns the path."""
+        if self.ctx.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            model.save(path, provenance=provenance, dtype=DTYPES[self.cfg.export.dtype])
+            self.ctx.log(f"exported {path}")
+        return path
 
 
 STAGES: dict[str, type[Stage]] = {}

@@ -25,7 +25,6 @@ from torch import nn
 from psvae_core import losses
 from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS, PSVAEConfig
-from psvae_core.dtypes import DTYPES
 from psvae_core.preview import preview_moments, solve_preview
 
 from .config import BaseConfig, ConfigError, OptimSection, as_dict
@@ -260,15 +259,9 @@ class _VAEStage(Stage):
             specs.append(Trainable("disc", self.disc, self.cfg.gan.optim))
         return specs
 
-    def _precise(self):
-        """Frozen networks run in float32 when precision.frozen_fp32 (whatever the autocast)."""
-        if self.cfg.precision.frozen_fp32:
-            return torch.autocast(device_type=self.ctx.device.type, enabled=False)
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def _frozen_features(self, images: torch.Tensor) -> torch.Tensor:
-        with self._precise():
+        with self.frozen_precision():
             return self.vae.encoder(images.float())
 
     def _noise(self, shape, step: int, micro: int, what: str, uniform: bool = False) -> torch.Tensor:
@@ -299,7 +292,7 @@ class _VAEStage(Stage):
         terms, logs = {}, {}
         if self.mode == "psvae":
             if self.teacher is not None:
-                with torch.no_grad(), self._precise():
+                with torch.no_grad(), self.frozen_precision():
                     target = self.teacher(images)
             else:
                 target = out.features.detach()  # the frozen encoder's own features
@@ -400,7 +393,7 @@ class _VAEStage(Stage):
         bs = self.cfg.train.batch_size
         for s in range(0, len(mine), bs):
             images = torch.stack([data[i]["image"] for i in mine[s:s + bs]]).to(ctx.device).float() / 255
-            with self._precise():
+            with self.frozen_precision():
                 z = vae.encode(images).mode()
                 decoded = vae.decode(z).clamp(0.0, 1.0)
             zd = z.double()
@@ -424,17 +417,12 @@ class _VAEStage(Stage):
         vae.set_latent_stats(m["mean"].to(vae.latents_mean.device), m["std"].to(vae.latents_std.device))
         vae.set_preview(m["preview_weight"], m["preview_bias"])
         count = len(self.stats_sample())
-        path = folder / "vae.safetensors"
-        if self.ctx.rank == 0:
-            dtype = DTYPES[self.cfg.export.dtype]
-            sample = {"images": count, "of": len(self.train_images), "seed": self.cfg.run.seed,
-                      "rule": "the first `images` of torch.randperm(`of`) seeded by derive_seed(seed, 'latent-stats') "
-                              "(trainer/rng.py), over the training images in listing order; posterior mode; the "
-                              "live preview is fitted on the same images, decoded"}
-            vae.save(path, provenance={**provenance, "latent_stats_images": count, "latent_stats_sample": sample},
-                     dtype=dtype)
-            self.ctx.log(f"exported {path}")
-        return path
+        sample = {"images": count, "of": len(self.train_images), "seed": self.cfg.run.seed,
+                  "rule": "the first `images` of torch.randperm(`of`) seeded by derive_seed(seed, 'latent-stats') "
+                          "(trainer/rng.py), over the training images in listing order; posterior mode; the "
+                          "live preview is fitted on the same images, decoded"}
+        return self.write_export(vae, folder / "vae.safetensors",
+                                 {**provenance, "latent_stats_images": count, "latent_stats_sample": sample})
 
 
 @register
