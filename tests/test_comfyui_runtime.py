@@ -287,6 +287,15 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     far = gen_mod.GeneratorHandle(model, "g", torch.float32, cpu, cpu, {"vae": {"file": "x", "latent_stats": shifted}})
     assert "latent statistics" in gen_mod.pair_problems(far, vae)[0]
     assert provenance.stats_differ(bf16_stats, *vae.latent_stats) is None
+    # psvae_core.provenance's rule, as the trainer applies it: the same stats under another
+    # fingerprint is a re-export (accepted); a fingerprint alone must match.
+    vae._fingerprint = "a" * 64  # as if loaded from a file
+    reexport = gen_mod.GeneratorHandle(model, "g", torch.float32, cpu, cpu,
+                                       {"vae": {"fingerprint": "b" * 64, "latent_stats": stats}})
+    assert gen_mod.pair_problems(reexport, vae) == []
+    by_file = gen_mod.GeneratorHandle(model, "g", torch.float32, cpu, cpu, {"vae_fingerprint": "b" * 64})
+    assert "another VAE file" in gen_mod.pair_problems(by_file, vae)[0]
+    vae._fingerprint = None
     print("provenance ok")
 
     # 6. dtypes: auto on the CPU = fp32; bf16 samples and returns float32 raw latents.
