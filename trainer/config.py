@@ -14,13 +14,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Literal, Optional, get_args
+from typing import Any, List, Literal, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
                               ValidationError)
 
-from psvae_core.dtypes import DType  # noqa: F401  (the storage-dtype choice key of every stage)
+from psvae_core.dtypes import DType  # the storage-dtype choice key (export.dtype; the stages use it too)
 
 CONFIG_VERSION = 1
 
