@@ -18,13 +18,15 @@ from . import handles, model_files
 from .generator import load_generator
 from .types import PSVAEGenerator, PSVAEVae
 
-_WHERE = "Files are listed from ComfyUI/models/psvae and any 'psvae:' folder in extra_model_paths.yaml."
+_WHERE = ("Files are listed from ComfyUI/models/psvae, any 'psvae:' folder in extra_model_paths.yaml, then the "
+          "pack's bundled models folder (a file of the same name in your folders wins).")
 
 
 class PSVAELoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = model_files.list_files()  # re-read on every /object_info: new files show after a refresh
+        # Re-read on every /object_info, so new files show after a refresh; each slot offers its kind only.
+        vaes, generators = (model_files.list_files(k) for k in (model_files.KIND_VAE, model_files.KIND_GENERATOR))
         return io.Schema(
             node_id="PSVAELoader",
             display_name="PS-VAE Loader",
@@ -36,10 +38,12 @@ class PSVAELoader(io.ComfyNode):
                 "generator's latent grid equal to the VAE's, and (when the generator file records the VAE it was "
                 "trained with) the same latent statistics or VAE file. " + _WHERE),
             inputs=[
-                io.Combo.Input("vae_name", options=files, tooltip=(
+                # Short labels: at the default node width ComfyUI cuts a long label and the file name both.
+                io.Combo.Input("vae_name", display_name="vae", options=vaes, tooltip=(
                     "The PS-VAE autoencoder file (kind 'vae'): encodes images to latents and decodes them. "
                     + _WHERE)),
-                io.Combo.Input("generator_name", options=[model_files.NONE] + files, default=model_files.NONE,
+                io.Combo.Input("generator_name", display_name="generator", options=[model_files.NONE] + generators,
+                               default=model_files.NONE,
                                tooltip=("The PS-VAE generator file (kind 'generator') used by the T2I and Edit "
                                         "samplers, or 'none' to load only the autoencoder. It must belong to the "
                                         "VAE above (checked). " + _WHERE)),
@@ -58,15 +62,22 @@ class PSVAELoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae_name):
-        # A header-only check, so a wrong file is flagged on the node before anything runs. Only
-        # vae_name is taken here: ComfyUI attaches the returned message to every input named in
-        # this signature, and those inputs skip its own "value not in list" check (so existence
-        # is checked here too). The generator file is checked when the node runs.
+    def validate_inputs(cls, vae_name, generator_name):
+        # A header-only check, so a wrong file is flagged before anything runs. The inputs named in
+        # this signature skip ComfyUI's own "value not in list" check (the lists are filtered by
+        # kind, so a file of the other kind sent through the API gets this message, which says
+        # where it belongs, instead); existence is checked here too.
         if not model_files.list_files():
             return (f"no model files found in the 'psvae' model folder(s): {model_files.searched_folders()}. "
                     "Put the PS-VAE .safetensors files there and refresh the page.")
-        return model_files.kind_problem(vae_name, model_files.KIND_VAE) or True
+        problem = model_files.kind_problem(vae_name, model_files.KIND_VAE)
+        if problem:
+            return f"vae_name: {problem}"
+        if generator_name != model_files.NONE:
+            problem = model_files.kind_problem(generator_name, model_files.KIND_GENERATOR)
+            if problem:
+                return f"generator_name: {problem}"
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, vae_name, generator_name, dtype):
@@ -80,10 +91,6 @@ class PSVAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae_name, generator_name, dtype) -> io.NodeOutput:
-        if generator_name != model_files.NONE:  # cheap header check before any loading
-            problem = model_files.kind_problem(generator_name, model_files.KIND_GENERATOR)
-            if problem:
-                raise ValueError(f"PS-VAE Loader (generator_name): {problem}")
         path = model_files.resolve(vae_name, "VAE")
         try:
             vae = PSVAE.from_file(path)

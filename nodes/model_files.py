@@ -1,15 +1,22 @@
 """Where PS-VAE model files live inside ComfyUI, and cheap header-only checks on them.
 
 `models/psvae` is registered under the folder key "psvae" (docs/COMFYUI_PACK.md, Development): folders that
-`extra_model_paths.yaml` already added under that key are kept, the default folder goes first,
-and the extension set is fixed (a new key would otherwise list every file, READMEs included).
-Pickle-based extensions are listed on purpose: picking one gives an error that explains why it
-cannot be loaded, instead of a file that silently never shows up.
+`extra_model_paths.yaml` already added under that key are kept, the default folder goes first, the
+pack's bundled `models/` folder last (so a user's file of the same name wins: ComfyUI resolves a
+name in folder order), and the extension set is fixed (a new key would otherwise list every file,
+READMEs included).
+
+Each loader slot lists the files of its kind only (read from the safetensors header, cached per
+path, size and mtime). Files whose kind cannot be read (pickles, foreign or damaged files) are
+listed in both slots on purpose: picking one gives an error that explains why it cannot be
+loaded, instead of a file that silently never shows up.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+from functools import lru_cache
 
 import folder_paths
 
@@ -22,6 +29,9 @@ KIND_VAE = "vae"
 KIND_GENERATOR = "generator"
 
 
+BUNDLED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
 def default_folder() -> str:
     return os.path.join(folder_paths.models_dir, FOLDER)
 
@@ -32,6 +42,9 @@ def register_model_folder() -> None:
     default = default_folder()
     if default not in paths:
         paths.insert(0, default)
+    if BUNDLED_FOLDER in paths:  # last, whatever the yaml said: the user's files win
+        paths.remove(BUNDLED_FOLDER)
+    paths.append(BUNDLED_FOLDER)
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
     try:  # so users see where files go; harmless if it already exists or cannot be made
         os.makedirs(default, exist_ok=True)
@@ -43,8 +56,32 @@ def searched_folders() -> str:
     return ", ".join(folder_paths.get_folder_paths(FOLDER)) or default_folder()
 
 
-def list_files() -> list[str]:
-    return folder_paths.get_filename_list(FOLDER)
+def list_files(kind: str | None = None) -> list[str]:
+    """Every listed file, or those a `kind` slot offers: its kind, or a kind that cannot be read."""
+    files = folder_paths.get_filename_list(FOLDER)
+    if kind is None:
+        return files
+    return [name for name in files if file_kind(name) in (kind, None)]
+
+
+def file_kind(name: str) -> str | None:
+    """The PS-VAE kind ("vae", "generator", ...) in a listed file's header, or None when unreadable."""
+    path = folder_paths.get_full_path(FOLDER, name)
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return _header_kind(path, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=1024)
+def _header_kind(path: str, size: int, mtime_ns: int) -> str | None:
+    # size and mtime are part of the key: a file rewritten in place is read again.
+    try:
+        meta = checkpoint.read_metadata(path)
+    except (OSError, checkpoint.CheckpointError):
+        return None
+    return (meta.get("kind") or None) if meta.get("format") == checkpoint.FORMAT else None
 
 
 def resolve(name: str, what: str) -> str:
@@ -75,3 +112,21 @@ def kind_problem(name: str, expected_kind: str) -> str | None:
         hint = f" It belongs in the loader's {other} slot." if other else ""
         return f"{name} is a PS-VAE {kind or 'unknown-kind'} file, but this slot needs a {expected_kind} file.{hint}"
     return None
+
+
+# The scenes edit workflow's source picture ships with the pack; LoadImage reads ComfyUI's input
+# folder, so it is copied there (once, never over a user's file of the same name).
+EXAMPLE_INPUTS = os.path.join(os.path.dirname(BUNDLED_FOLDER), "workflows", "input")
+
+
+def install_example_inputs() -> None:
+    try:
+        names = sorted(os.listdir(EXAMPLE_INPUTS))
+        target = folder_paths.get_input_directory()
+        os.makedirs(target, exist_ok=True)
+        for name in names:
+            dest = os.path.join(target, name)
+            if not os.path.exists(dest):
+                shutil.copyfile(os.path.join(EXAMPLE_INPUTS, name), dest)
+    except OSError as err:  # a read-only input folder only costs the example its picture
+        logging.warning("PS-VAE: could not copy the example input images to ComfyUI's input folder: %s", err)
