@@ -144,13 +144,20 @@ async function templates(page, job) {
     document.querySelectorAll('.p-dialog [data-testid^="template-workflow-"]')).map((e) => e.getAttribute('data-testid')));
   const cards = await readCards();
   await sleep(1000);
-  // Thumbnails are fetched, then shown from blob: URLs: record both sides.
-  const thumbs = await page.evaluate(() => Array.from(
-    document.querySelectorAll('.p-dialog [data-testid^="template-workflow-"]')).map((card) => {
-    const img = card.querySelector('img');
-    return { card: card.getAttribute('data-testid'), width: img ? img.naturalWidth : 0,
-      height: img ? img.naturalHeight : 0, ok: !!img && img.complete && img.naturalWidth > 0 };
-  }));
+  // Thumbnails are fetched, then shown from blob: URLs: record both sides. They load lazily, so each
+  // card is scrolled into view first and given a few seconds to show its image.
+  const thumbs = await page.evaluate(async () => {
+    const out = [];
+    for (const card of document.querySelectorAll('.p-dialog [data-testid^="template-workflow-"]')) {
+      card.scrollIntoView({ block: 'center' });
+      const shown = () => { const img = card.querySelector('img'); return !!img && img.complete && img.naturalWidth > 0; };
+      for (let i = 0; i < 50 && !shown(); i++) await new Promise((r) => setTimeout(r, 100));
+      const img = card.querySelector('img');
+      out.push({ card: card.getAttribute('data-testid'), width: img ? img.naturalWidth : 0,
+        height: img ? img.naturalHeight : 0, ok: shown() });
+    }
+    return out;
+  });
   if (job.screenshot) await page.screenshot({ path: job.screenshot });
   const loaded = {};
   for (const name of Object.keys(job.expect || {})) {
