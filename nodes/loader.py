@@ -38,11 +38,12 @@ class PSVAELoader(io.ComfyNode):
                 "generator's latent grid equal to the VAE's, and (when the generator file records the VAE it was "
                 "trained with) the same latent statistics or VAE file. " + _WHERE),
             inputs=[
-                # Short labels: at the default node width ComfyUI cuts a long label and the file name both.
+                # Short labels ("vae", "gen"; the frontend takes them from locales/en/nodeDefs.json): at the
+                # default node width it cuts a longer label ("generator" -> "gen…") to fit the file name.
                 io.Combo.Input("vae_name", display_name="vae", options=vaes, tooltip=(
                     "The PS-VAE autoencoder file (kind 'vae'): encodes images to latents and decodes them. "
                     + _WHERE)),
-                io.Combo.Input("generator_name", display_name="generator", options=[model_files.NONE] + generators,
+                io.Combo.Input("generator_name", display_name="gen", options=[model_files.NONE] + generators,
                                default=model_files.NONE,
                                tooltip=("The PS-VAE generator file (kind 'generator') used by the T2I and Edit "
                                         "samplers, or 'none' to load only the autoencoder. It must belong to the "

@@ -14,6 +14,8 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "workflows").glob("*.json"))}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+# The bundled scenes files, as the loader's widgets show them.
+LOADER_FILES = {"vae_name": "scenes_psvae.safetensors", "generator_name": "scenes_edit.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,7 @@ def frontend(comfy_server, tmp_path_factory):
     work = tmp_path_factory.mktemp("frontend")
     result = run_frontend(comfy_server, "check", {
         "workflows": WORKFLOWS, "timeout_ms": 120000, "pack": PACK_NAME, "expect": expect,
+        "loader_files": LOADER_FILES,
         "screenshot": str(work / "templates.png")}, work)
     print("frontend timings (s): open", result.get("__open_seconds"), result.get("__seconds"),
           {name: res.get("seconds") for name, res in result["queue"].items()})
@@ -58,3 +61,10 @@ def test_template_browser_shows_each_workflow_once_and_loads_it(frontend):
         assert shown["ok"] and (shown["width"], shown["height"]) == (720, 450), shown  # ours, not a placeholder
         expected = sorted(n["type"] for n in WORKFLOWS[name]["nodes"])
         assert tpl["loaded"][name] == expected, (name, tpl["loaded"][name])
+
+
+def test_loader_labels_and_the_scenes_file_names_fit_a_new_loader(frontend):
+    shown = frontend["loader_widgets"]
+    assert {n: w["label"] for n, w in shown["widgets"].items()} == {"vae_name": "vae", "generator_name": "gen"}
+    for name, w in shown["widgets"].items():  # drawn whole, not cut to "vae_na…"
+        assert w["label"] in w["drawn"] and w["value"] in w["drawn"], (name, shown)

@@ -164,7 +164,7 @@ def test_each_loader_list_offers_only_files_of_its_kind(comfy_server, comfy_base
 def test_labels_are_short_enough_for_the_default_node_width(comfy_server):
     spec = comfy_server.object_info("PSVAELoader")["PSVAELoader"]["input"]["required"]
     assert spec["vae_name"][1]["display_name"] == "vae"
-    assert spec["generator_name"][1]["display_name"] == "generator"
+    assert spec["generator_name"][1]["display_name"] == "gen"
 
 
 def pass_rates() -> dict:

@@ -175,6 +175,29 @@ async function templates(page, job) {
   return { listed, cards, thumbs, fetched, loaded };
 }
 
+// A new PS-VAE Loader at its default size, each file widget set to a given file and drawn by the
+// frontend itself: the label and the texts it painted (a cut text ends in an ellipsis).
+async function loaderWidgets(page, job) {
+  return page.evaluate((files) => {
+    const node = window.LiteGraph.createNode('PSVAELoader');
+    window.app.graph.add(node);
+    const ctx = window.app.canvas.canvas.getContext('2d');
+    const out = { node_width: node.size[0], widgets: {} };
+    for (const w of node.widgets.filter((w) => w.name in files)) {
+      w.value = files[w.name];
+      const drawn = [];
+      const fillText = ctx.fillText;
+      ctx.fillText = function (text, ...rest) { drawn.push(String(text)); return fillText.call(this, text, ...rest); };
+      ctx.save();
+      ctx.font = `${window.LiteGraph.NODE_SUBTEXT_SIZE}px Arial`;
+      try { w.drawWidget(ctx, { width: node.size[0], showText: true }); } finally { ctx.restore(); ctx.fillText = fillText; }
+      out.widgets[w.name] = { label: w.label ?? w.name, value: files[w.name], drawn };
+    }
+    window.app.graph.remove(node);
+    return out;
+  }, job.loader_files || {});
+}
+
 (async () => {
   const [command, jobPath, resultPath] = process.argv.slice(2);
   const job = JSON.parse(fs.readFileSync(jobPath, 'utf8'));
@@ -183,7 +206,8 @@ async function templates(page, job) {
     const q = await queue(page, job);
     const t1 = Date.now();
     const t = await templates(page, job);
-    return { queue: q, templates: t, __seconds: { queue: (t1 - t0) / 1000, templates: (Date.now() - t1) / 1000 } };
+    const w = await loaderWidgets(page, job);
+    return { queue: q, templates: t, loader_widgets: w, __seconds: { queue: (t1 - t0) / 1000, templates: (Date.now() - t1) / 1000 } };
   };
   const handlers = { api2ui, normalize, queue, templates, check };
   if (!handlers[command]) throw new Error(`unknown command ${command}`);
