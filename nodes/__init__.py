@@ -13,7 +13,6 @@ from .sampler_nodes import PSVAEEditSampler, PSVAET2ISampler
 from .vae_nodes import PSVAEDecode, PSVAEEncode
 
 model_files.register_model_folder()
-model_files.install_example_inputs()
 
 NODES: list[type[io.ComfyNode]] = [PSVAELoader, PSVAEEncode, PSVAEDecode, PSVAET2ISampler, PSVAEEditSampler]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from functools import lru_cache
 
 import folder_paths
@@ -113,20 +112,3 @@ def kind_problem(name: str, expected_kind: str) -> str | None:
         return f"{name} is a PS-VAE {kind or 'unknown-kind'} file, but this slot needs a {expected_kind} file.{hint}"
     return None
 
-
-# The scenes edit workflow's source picture ships with the pack; LoadImage reads ComfyUI's input
-# folder, so it is copied there (once, never over a user's file of the same name).
-EXAMPLE_INPUTS = os.path.join(os.path.dirname(BUNDLED_FOLDER), "workflows", "input")
-
-
-def install_example_inputs() -> None:
-    try:
-        names = sorted(os.listdir(EXAMPLE_INPUTS))
-        target = folder_paths.get_input_directory()
-        os.makedirs(target, exist_ok=True)
-        for name in names:
-            dest = os.path.join(target, name)
-            if not os.path.exists(dest):
-                shutil.copyfile(os.path.join(EXAMPLE_INPUTS, name), dest)
-    except OSError as err:  # a read-only input folder only costs the example its picture
-        logging.warning("PS-VAE: could not copy the example input images to ComfyUI's input folder: %s", err)

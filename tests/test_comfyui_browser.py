@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from comfy_harness import PACK_NAME, REPO, browser_missing, run_frontend, ui_to_api
+from comfy_harness import PACK_NAME, REPO, TINY_GENERATOR_FILES, TINY_MODEL_FILES, browser_missing, run_frontend, ui_to_api
 
 pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "workflows").glob("*.json"))}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-# The bundled scenes files, as the loader's widgets show them.
-LOADER_FILES = {"vae_name": "scenes_psvae.safetensors", "generator_name": "scenes_edit.safetensors"}
+# Files of the test server's models/psvae, as the loader's widgets show them.
+LOADER_FILES = {"vae_name": next(iter(TINY_MODEL_FILES)), "generator_name": next(iter(TINY_GENERATOR_FILES))}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_template_browser_shows_each_workflow_once_and_loads_it(frontend):
         assert tpl["loaded"][name] == expected, (name, tpl["loaded"][name])
 
 
-def test_loader_labels_and_the_scenes_file_names_fit_a_new_loader(frontend):
+def test_loader_labels_and_file_names_fit_a_new_loader(frontend):
     shown = frontend["loader_widgets"]
     assert {n: w["label"] for n, w in shown["widgets"].items()} == {"vae_name": "vae", "generator_name": "gen"}
     for name, w in shown["widgets"].items():  # drawn whole, not cut to "vae_na…"

@@ -4,11 +4,6 @@
 
 With names, only those workflows are rewritten (the others stay byte for byte).
 
-The scenes workflows use the models bundled in models/ (docs/SCENES.md): their loader records each
-file's sha256 (the frontend's Missing Models dialog reads node.properties.models), and their
-thumbnail is the picture the workflow makes, run once here; so after new models are dropped in,
-`make workflows NAMES="scenes_text_to_image scenes_edit scenes_round_trip"` refreshes all three.
-
 Each workflow is written here as an API prompt plus a layout. A temporary ComfyUI (the test
 harness, with tiny checkpoints under the file names the workflows use) turns it into the UI format
 exactly as the frontend does (app.loadApiJson + app.graphToPrompt), the layout and a Note are
@@ -20,8 +15,6 @@ under Templates -> Extensions -> ps-vae (see tests/test_comfyui_workflows.py).
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import shutil
 import sys
@@ -38,7 +31,6 @@ from comfy_harness import (  # noqa: E402
     TINY_GENERATOR_FILES,
     TINY_MODEL_FILES,
     ComfyServer,
-    output_images,
     run_frontend,
     write_test_image,
     write_tiny_generator,
@@ -75,26 +67,6 @@ EDIT_NOTE = (
     + "The source image is centre-cropped to a square and encoded with the VAE (or connect a latent from PS-VAE "
     "Encode to source_latent instead; exactly one source). text_guidance (5.0) weighs the instruction, "
     "image_guidance (1.5) the source.\n\n" + MODELS_NOTE)
-SCENES_NOTE = (
-    "Uses the small scenes models that ship with the pack (its models folder; a file of the same name in "
-    "ComfyUI/models/psvae wins): a PS-VAE and generators trained on a synthetic world of coloured shapes, "
-    "so prompts and instructions name shapes, colours, counts and positions (docs/SCENES.md). 25 Euler "
-    "steps, shift 3, as the scorer's evaluation uses.")
-SCENES_T2I_NOTE = ("Scenes: text to image.\n\nPS-VAE Loader loads the scenes PS-VAE and its text-to-image "
-                   "generator; the sampler makes a latent from the prompt, PS-VAE Decode a 256x256 image.\n\n"
-                   + SCENES_NOTE)
-SCENES_EDIT_NOTE = ("Scenes: edit a picture by instruction.\n\nThe source is a render of the world's test split, "
-                    "shipped with the pack and copied into ComfyUI's input folder when ComfyUI starts "
-                    "(psvae_scenes_source.png); pick your own in Load Image.\n\n" + SCENES_NOTE)
-SCENES_ROUND_TRIP_NOTE = ("Scenes: round trip through the scenes PS-VAE (encode to a 16x16 latent, decode to "
-                          "256x256 px).\n\n" + SCENES_NOTE)
-SCENES_VAE = "scenes_psvae.safetensors"
-SCENES_T2I = "scenes_t2i.safetensors"
-SCENES_EDIT = "scenes_edit.safetensors"
-SCENES_SOURCE = "psvae_scenes_source.png"  # workflows/input/, copied to ComfyUI's input folder at start-up
-SCENES_PROMPT = "an image of a green heart and a blue triangle"  # trainer.scenes.evaluate.t2i_prompts("test", 1)
-SCENES_INSTRUCTION = "swap the black heart for a white triangle"  # edit_cases(1)[0], the source's edit
-MODELS_URL = "https://github.com/ps-vae/ps-vae/raw/main/models/"
 VAE_FILE = "psvae-dinov2b-96c.safetensors"
 GENERATOR_FILE = "psvae-generator-653m.safetensors"
 
@@ -167,85 +139,11 @@ def edit() -> tuple[dict, dict, str]:
     return api, layout, EDIT_NOTE
 
 
-def scenes_text_to_image() -> tuple[dict, dict, str]:
-    api = {
-        "1": loader(SCENES_VAE, SCENES_T2I),
-        "2": {"class_type": "PSVAET2ISampler", "inputs": {
-            "generator": ["1", 1], "vae": ["1", 0], "prompt": SCENES_PROMPT,
-            "seed": 0, "steps": 25, "cfg": 4.0, "shift": 3.0, "batch": 1,
-            "cfg_interval_start": 0.0, "cfg_interval_end": 1.0}},
-        "3": {"class_type": "PSVAEDecode", "inputs": {"latent": ["2", 0], "vae": ["1", 0]}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "psvae/scenes_t2i"}},
-    }
-    layout = {"1": (40, 60, 330, 130), "2": (420, 60, 360, 440), "3": (830, 60, 200, 60),
-              "4": (1080, 60, 320, 340), "note": (40, 250, 330, 320)}
-    return api, layout, SCENES_T2I_NOTE
-
-
-def scenes_edit() -> tuple[dict, dict, str]:
-    api = {
-        "1": loader(SCENES_VAE, SCENES_EDIT),
-        "2": {"class_type": "LoadImage", "inputs": {"image": SCENES_SOURCE}},
-        "3": {"class_type": "PSVAEEditSampler", "inputs": {
-            "generator": ["1", 1], "vae": ["1", 0], "instruction": SCENES_INSTRUCTION,
-            "seed": 0, "steps": 25, "text_guidance": 4.0, "image_guidance": 1.5, "shift": 3.0,
-            "source_image": ["2", 0]}},
-        "4": {"class_type": "PSVAEDecode", "inputs": {"latent": ["3", 0], "vae": ["1", 0]}},
-        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "psvae/scenes_edit"}},
-    }
-    layout = {"1": (40, 60, 330, 130), "2": (40, 250, 330, 380), "3": (420, 60, 360, 440),
-              "4": (830, 60, 200, 60), "5": (1080, 60, 320, 340), "note": (420, 560, 610, 260)}
-    return api, layout, SCENES_EDIT_NOTE
-
-
-def scenes_round_trip() -> tuple[dict, dict, str]:
-    api, layout, _ = round_trip()
-    api["1"] = loader(SCENES_VAE)
-    api["2"]["inputs"]["image"] = SCENES_SOURCE
-    api["5"]["inputs"]["filename_prefix"] = "psvae/scenes_round_trip"
-    return api, layout, SCENES_ROUND_TRIP_NOTE
-
-
 WORKFLOWS = {"vae_round_trip": round_trip, "vae_compare_svae_psvae_rae": compare,
-             "psvae_text_to_image": text_to_image, "psvae_edit": edit,
-             "scenes_text_to_image": scenes_text_to_image, "scenes_edit": scenes_edit,
-             "scenes_round_trip": scenes_round_trip}
-SCENES = {"scenes_text_to_image", "scenes_edit", "scenes_round_trip"}
-THUMB_SIZE = (720, 450)
+             "psvae_text_to_image": text_to_image, "psvae_edit": edit}
 
 
-def model_entries(api: dict) -> list[dict]:
-    """The bundled files a scenes workflow's loader needs, with their sha256 (ComfyUI's model-file schema)."""
-    inputs = next(v["inputs"] for v in api.values() if v["class_type"] == "PSVAELoader")
-    out = []
-    for name in (inputs["vae_name"], inputs["generator_name"]):
-        if name == "none":
-            continue
-        path = REPO / "models" / name
-        if not path.is_file():
-            raise SystemExit(f"models/{name} is missing: the scenes workflows are made from the bundled models")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        out.append({"name": name, "url": MODELS_URL + name, "hash": digest, "hash_type": "sha256",
-                    "directory": "psvae"})
-    return out
-
-
-def result_thumbnail(server: ComfyServer, prompt: dict, source: Path | None, path: Path) -> None:
-    """Run the workflow once and store its picture (beside its source, when it has one) as the thumbnail."""
-    entry = server.run(prompt, timeout=600)
-    (image,) = output_images(entry)
-    result = Image.open(io.BytesIO(server.view(image))).convert("RGB")
-    pictures = ([Image.open(source).convert("RGB")] if source else []) + [result]
-    sheet = Image.new("RGB", THUMB_SIZE, (24, 24, 24))
-    side = min(THUMB_SIZE[1] - 40, (THUMB_SIZE[0] - 40 * (len(pictures) + 1)) // len(pictures))
-    x = (THUMB_SIZE[0] - len(pictures) * side - 40 * (len(pictures) - 1)) // 2
-    for pic in pictures:
-        sheet.paste(pic.resize((side, side), Image.LANCZOS), (x, (THUMB_SIZE[1] - side) // 2))
-        x += side + 40
-    sheet.save(path, quality=90)
-
-
-def apply_layout(name: str, workflow: dict, api: dict, layout: dict, note: str) -> dict:
+def apply_layout(name: str, workflow: dict, layout: dict, note: str) -> dict:
     wf = json.loads(json.dumps(workflow))
     wf["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ps-vae/workflows/{name}"))
     for node in wf["nodes"]:
@@ -261,9 +159,6 @@ def apply_layout(name: str, workflow: dict, api: dict, layout: dict, note: str) 
                         "title": "Read me", "properties": {}, "widgets_values": [note],
                         "color": "#432", "bgcolor": "#653"})
     wf["last_node_id"] = max(wf.get("last_node_id", 0), note_id)
-    if name in SCENES:
-        loader_node = next(n for n in wf["nodes"] if n["type"] == "PSVAELoader")
-        loader_node.setdefault("properties", {})["models"] = model_entries(api)
     return wf
 
 
@@ -285,7 +180,7 @@ def main() -> None:
             raise SystemExit(f"unknown workflow(s) {unknown}; known: {sorted(WORKFLOWS)}")
         specs = {name: WORKFLOWS[name]() for name in wanted}
         ui = run_frontend(server, "api2ui", {"workflows": {n: s[0] for n, s in specs.items()}}, base / "browser")
-        laid_out = {n: apply_layout(n, ui[n]["workflow"], *specs[n]) for n in specs}
+        laid_out = {n: apply_layout(n, ui[n]["workflow"], specs[n][1], specs[n][2]) for n in specs}
         thumbs = base / "thumbs"
         thumbs.mkdir()
         final = run_frontend(server, "normalize", {"workflows": laid_out, "thumbnails": str(thumbs),
@@ -294,12 +189,8 @@ def main() -> None:
         for name in specs:
             wf = final[name]["workflow"]
             (OUT / f"{name}.json").write_text(json.dumps(wf, indent=2) + "\n")
-            if name in SCENES:
-                source = OUT / "input" / SCENES_SOURCE if "LoadImage" in json.dumps(specs[name][0]) else None
-                result_thumbnail(server, final[name]["output"], source, OUT / f"{name}.jpg")
-            else:
-                with Image.open(thumbs / f"{name}.jpg") as im:  # rendered large for legibility, stored small
-                    im.convert("RGB").resize(THUMB_SIZE, Image.LANCZOS).save(OUT / f"{name}.jpg", quality=85)
+            with Image.open(thumbs / f"{name}.jpg") as im:  # rendered large for legibility, stored small
+                im.convert("RGB").resize((720, 450), Image.LANCZOS).save(OUT / f"{name}.jpg", quality=85)
             print(f"wrote workflows/{name}.json ({len(wf['nodes'])} nodes) and .jpg")
     finally:
         server.stop()
