@@ -17,7 +17,7 @@ BROWSER_STAMP := $(BROWSER_DIR)/.installed
 COMFYCLI_DIR   := .cache/comfy-cli
 COMFYCLI_STAMP := $(COMFYCLI_DIR)/.installed
 
-.PHONY: demo demo-photos test venv clean comfyui browser comfy-cli validate-pack workflows tf5 test-tf5
+.PHONY: demo demo-scenes test venv clean comfyui browser comfy-cli validate-pack workflows tf5 test-tf5
 
 venv: $(STAMP)
 
@@ -29,13 +29,14 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constrai
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-# The shipped scenes models (MODELS: the bundled folder) turn prompts into images and carry out edits,
-# scored by code (docs/SCENES.md). `demo-photos` is the earlier demo: a tiny PS-VAE trained on photos.
+# The main job: a tiny PS-VAE trained on photos with the real trainer. `demo-scenes`: scenes models
+# (MODELS: a folder holding scenes_{psvae,t2i,edit}.safetensors) turn prompts into images and carry
+# out edits, scored by code (docs/SCENES.md); no trained scenes models ship yet.
 demo: $(STAMP)
-	$(PY) -m trainer.scenes.demo --models $(MODELS) --out $(OUT)
-
-demo-photos: $(STAMP)
 	$(PY) -m trainer.demo --out $(OUT)
+
+demo-scenes: $(STAMP)
+	$(PY) -m trainer.scenes.demo --models $(MODELS) --out $(OUT)
 
 # The newest transformers 5.x the registry serves, in its own venv (torch etc. as pinned): checkpoint
 # files and encoder parity must hold under it as under the pinned 4.x (docs/CHECKPOINTS.md).
