@@ -84,9 +84,16 @@ def _header_kind(path: str, size: int, mtime_ns: int) -> str | None:
 
 
 def resolve(name: str, what: str) -> str:
-    """Full path of a listed file, or a FileNotFoundError that says where we looked."""
+    """Full path of a listed file, or a FileNotFoundError that says where we looked.
+
+    ComfyUI's get_full_path skips a listed entry that is not a regular file (a FIFO, a symlink loop,
+    a dangling link): its path is returned anyway, so that the checkpoint reader says what it is
+    instead of "not found"."""
     path = folder_paths.get_full_path(FOLDER, name) if name else None
-    if path is None or not os.path.isfile(path):
+    if path is None and name in list_files():
+        entries = (os.path.join(folder, name) for folder in folder_paths.get_folder_paths(FOLDER))
+        path = next((p for p in entries if os.path.lexists(p)), None)
+    if path is None:
         raise FileNotFoundError(
             f"{what} file {name!r} was not found in the 'psvae' model folder(s): {searched_folders()}. "
             "Put the .safetensors file there (or add a 'psvae:' entry to extra_model_paths.yaml) and "
