@@ -100,7 +100,7 @@ def test_every_malformed_file_gives_its_checkpoint_error_and_the_server_stays_fl
         assert not wrong, f"{len(wrong)} of {len(queries)} cases:\n" + "\n".join(wrong)
         assert comfy_server.alive()
         growth = max(readings[WARM_UP:]) - baseline
-        print(f"\n{len(queries)} malformed files in the loader; server RSS {readings[0] >> 20} MiB at the first case, "
+        print(f"\n{len(queries)} loader prompts of malformed files; server RSS {readings[0] >> 20} MiB at the first case, "
               f"{baseline >> 20} MiB after {WARM_UP}, peak {max(readings) >> 20} MiB, last {readings[-1] >> 20} MiB; "
               f"growth after the warm-up {growth / (1 << 20):.1f} MiB")
         assert growth < MAX_GROWTH, f"the server grew by {growth >> 20} MiB over {len(queries) - WARM_UP} bad files"
