@@ -4,6 +4,7 @@ trains a few steps on the CPU (tiny overrides: 128-px images, a 32-wide encoder,
 generator) in the order the pipeline chains them (svae -> psvae / pvae, rae; t2i -> edit)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,120 @@ def test_scenes_generator_configs_train(vaes, scenes_data, tmp_path):
     differs = [k for k, v in final.state_dict().items() if not torch.equal(v, step1.state_dict()[k])]
     assert differs and "x_embedder.weight" in differs  # step 1's EMA is not the final one
     assert final.config.latent_channels == 96
+
+
+# --------------------------------------------------------------------------- the retraining driver
+
+def test_pipeline_plan_fits_the_gpu_calls(tmp_path):
+    """By the measured rates every part stays under 8.5 minutes and each session under 25 of its 30;
+    svae and rae read one feature-cache folder, and svae (which builds it) runs before rae."""
+    from trainer.scenes import pipeline
+
+    plan = pipeline.build_plan(tmp_path / "work", tmp_path / "out", smoke=False)
+    assert {p: pipeline.part_seconds(plan, p) < pipeline.PART_LIMIT for p in pipeline.PARTS} == \
+        {p: True for p in pipeline.PARTS}
+    for parts in pipeline.SESSIONS.values():
+        assert sum(pipeline.part_seconds(plan, p) for p in parts) < 25 * 60
+    assert [p for s in pipeline.SESSIONS.values() for p in s] == list(pipeline.PARTS)
+    order = [n for p in pipeline.PARTS.values() for wave in p for n in wave]
+    assert sorted(set(order)) == sorted(plan.jobs) and len(order) == len(plan.jobs) + 1  # data in a1 and b1
+    for name in plan.jobs:  # every job after what it needs (in session B: restored from ARTIFACTS)
+        assert all(order.index(d) < order.index(name) for d in pipeline.NEEDS.get(name, []))
+    caches = {n: [a for a in plan.jobs[n].commands()[0] if a.startswith("data.cache_dir=")] for n in ("svae", "rae")}
+    assert caches["svae"] == caches["rae"] == [f"data.cache_dir={tmp_path / 'work' / 'feature_cache'}"]
+    # the steps behind the estimate: a1 = the encoder beside the data, then svae with the cache
+    assert pipeline.part_seconds(plan, "a1") == pytest.approx(90 + 20 + 85 + 1200 * 64 / 475)
+    t2i = plan.jobs["t2i_psvae"].commands()[0]
+    assert "train.max_steps=3000" in t2i and "checkpoint.every=750" in t2i
+
+
+def _fake_plan(tmp_path, monkeypatch, commands: dict):
+    """A two-job part (first, then second) whose jobs are the given python snippets."""
+    import sys
+
+    from trainer.scenes import pipeline
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    plan = pipeline.Plan(work, out, smoke=True)
+    for name, code in commands.items():
+        product = work / f"{name}.bin"
+        plan.jobs[name] = pipeline.Job(name, product, lambda code=code: [[sys.executable, "-c", code]],
+                                       products=[(product, f"artifacts/{name}.bin")])
+    monkeypatch.setattr(pipeline, "PARTS", {"x1": [["first"], ["second"]]})
+    monkeypatch.setattr(pipeline, "NEEDS", {})
+    return pipeline, plan
+
+
+def test_pipeline_copies_each_job_out_when_it_ends(tmp_path, monkeypatch):
+    """A job's product and log reach OUT when it ends, so a later failure still returns them."""
+    import tarfile
+
+    write = "import pathlib; print('made it'); pathlib.Path(r'{}').write_bytes(b'weights')"
+    pipeline, plan = _fake_plan(tmp_path, monkeypatch, {
+        "first": write.format(tmp_path / "work" / "first.bin"),
+        "second": "import sys; print('broken'); sys.exit(3)"})
+    with pytest.raises(SystemExit, match="second failed"):
+        pipeline.run_part(plan, "x1")
+    assert (plan.out / "artifacts" / "first.bin").read_bytes() == b"weights"
+    assert not (plan.out / "artifacts" / "second.bin").exists()
+    with tarfile.open(plan.out / "results.tar.gz") as tar:
+        logs = {m: tar.extractfile(m).read().decode() for m in ("logs/first.log", "logs/second.log")}
+        times = json.loads(tar.extractfile("wall_times.json").read())
+    assert logs == {"logs/first.log": "made it\n", "logs/second.log": "broken\n"}
+    assert set(times["x1"]) == {"first", "wave first", "second", "total", "estimate"}
+    assert sorted(p.name for p in plan.out.rglob("*") if p.is_file()) == ["first.bin", "results.tar.gz"]
+
+
+def test_pipeline_packs_out_when_stopped_by_sigterm(tmp_path):
+    """SIGTERM (the call's time limit) ends the running job and still writes OUT/results.tar.gz
+    with the log so far."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tarfile
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(f"""
+import sys, pytest
+from trainer.scenes import pipeline
+mp = pytest.MonkeyPatch()
+plan = pipeline.Plan(pipeline.Path(r"{tmp_path / 'work'}"), pipeline.Path(r"{tmp_path / 'out'}"), smoke=True)
+code = "import time; print('step 1', flush=True); time.sleep(60)"
+plan.jobs["slow"] = pipeline.Job("slow", plan.work / "slow.bin", lambda: [[sys.executable, "-c", code]])
+mp.setattr(pipeline, "PARTS", {{"x1": [["slow"]]}})
+mp.setattr(pipeline, "build_plan", lambda *a: plan)
+pipeline.main(["x1", "--out", str(plan.out)])
+""")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / "work" / "logs" / "slow.log"
+    while proc.poll() is None and not (log.is_file() and log.read_text()):  # until the job's first line
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        assert tar.extractfile("logs/slow.log").read() == b"step 1\n"
+        times = json.loads(tar.extractfile("wall_times.json").read())["x1"]
+    assert times["slow"].startswith("stopped after")
+
+
+def test_pipeline_session_b_starts_from_the_artifacts(tmp_path):
+    """Session B's parts put session A's committed files where the jobs write them, so those jobs
+    count as done: the encoder folder, the four VAE exports and the VAE evaluation."""
+    from trainer.scenes import pipeline
+
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "encoder").mkdir(parents=True)
+    (artifacts / "encoder" / "encoder_report.json").write_text("{}")
+    (artifacts / "encoder" / "config.json").write_text('{"hidden_size": 192}')
+    for name in ("svae", "rae", "psvae", "pvae"):
+        (artifacts / f"{name}.safetensors").write_bytes(name.encode())
+    (artifacts / "vae_results.json").write_text("{}")
+    plan = pipeline.build_plan(tmp_path / "work", tmp_path / "out", smoke=True)
+    assert sorted(pipeline.restore(plan, artifacts)) == sorted(pipeline.RESTORED)
+    assert all(plan.jobs[n].done.exists() for n in pipeline.RESTORED)
+    assert (tmp_path / "work" / "runs" / "scenes_rae" / "export" / "vae.safetensors").read_bytes() == b"rae"
+    assert pipeline._latent_channels(plan.work, "rae") == ["model.overrides.latent_channels=192"]
+    assert pipeline.restore(plan, artifacts) == []  # present: nothing copied again

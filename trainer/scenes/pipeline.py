@@ -343,7 +343,7 @@ def run_part(plan: Plan, part: str, artifacts: Path = ARTIFACTS) -> dict:
         restored = restore(plan, artifacts)
         if restored:
             print(f"{part}: from {artifacts}: {', '.join(restored)}", flush=True)
-    print(f"{part}: estimate {part_seconds(plan, part):.0f} s", flush=True)
+    print(f"{part}: estimate on one H200 {part_seconds(plan, part):.0f} s", flush=True)
     start, times = time.time(), {}
     try:
         for wave in PARTS[part]:
@@ -352,7 +352,8 @@ def run_part(plan: Plan, part: str, artifacts: Path = ARTIFACTS) -> dict:
                     _run_wave(plan, ["data"], log_dir, times)
                 missing = [d for d in NEEDS.get(name, []) if not plan.jobs[d].done.exists()]
                 if missing:
-                    raise SystemExit(f"{part}: {name} needs {', '.join(missing)}: run the earlier parts first")
+                    where = f" (session B: session A's OUT/artifacts/ in {artifacts})" if part in SESSIONS["B"] else ""
+                    raise SystemExit(f"{part}: {name} needs {', '.join(missing)}: run the earlier parts first{where}")
             t = time.time()
             _run_wave(plan, wave, log_dir, times)
             times[f"wave {'+'.join(wave)}"] = round(time.time() - t, 1)
