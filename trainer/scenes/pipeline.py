@@ -257,21 +257,33 @@ def copy_products(plan: Plan, job: Job) -> None:
 
 
 PACKED_SUFFIXES = (".log", ".json", ".jsonl", ".md", ".png", ".txt")
+FILE_LIMIT = 16 << 20  # bytes: what one file brought back from the GPU machine may hold
 
 
-def pack(plan: Plan) -> Path:
-    """OUT/results.tar.gz: logs, wall times, each run's metrics and reports, the evaluation (small
-    files only; models travel as their own files). Written beside and renamed: never half a file."""
-    work, dest = plan.work, plan.out / "results.tar.gz"
-    members = sorted([*(work / "logs").glob("*.log"), work / "wall_times.json", work / "encoder" / "encoder_report.json",
-                      *(work / "runs").glob("*/*.json*"), *(work / "results").rglob("*")])
-    tmp = dest.with_suffix(".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for path in members:
-            if path.is_file() and path.suffix in PACKED_SUFFIXES and path.stat().st_size < 4 << 20:
+def pack(plan: Plan) -> list[Path]:
+    """OUT/results.tar.gz: logs, wall times, each run's metrics and reports, the evaluation; the
+    evaluation's sample grids (a few MB of PNG) apart in OUT/samples.tar, so neither nears the
+    16 MB a file may hold. Models travel as their own files. Written beside and renamed: never half a file."""
+    work, results = plan.work, plan.work / "results"
+    samples = sorted((results / "samples").rglob("*.png"))
+    files = sorted([*(work / "logs").glob("*.log"), work / "wall_times.json", work / "encoder" / "encoder_report.json",
+                    *(work / "runs").glob("*/*.json*"), *(p for p in results.rglob("*") if p not in samples)])
+    written = []
+    for name, members, mode in (("results.tar.gz", files, "w:gz"), ("samples.tar", samples, "w")):
+        members = [p for p in members if p.is_file() and p.suffix in PACKED_SUFFIXES]
+        if not members:
+            continue
+        dest = plan.out / name
+        tmp = dest.with_name(dest.name + ".tmp")
+        with tarfile.open(tmp, mode) as tar:
+            for path in members:
                 tar.add(path, arcname=str(path.relative_to(work)))
-    tmp.replace(dest)
-    return dest
+        tmp.replace(dest)
+        if dest.stat().st_size > FILE_LIMIT:
+            print(f"warning: {dest} is {dest.stat().st_size / 2**20:.1f} MB, over what one file may bring back",
+                  flush=True)
+        written.append(dest)
+    return written
 
 
 def _run_wave(plan: Plan, names: list[str], log_dir: Path, times: dict) -> None:
