@@ -49,10 +49,10 @@ def test_pyproject_and_requirements_follow_the_registry_rules():
 
 
 def test_the_pack_fingerprints_a_vae_file_as_the_trainer_does(tmp_path):
-    text_data = pytest.importorskip("trainer.data", reason="the trainer's latent cache is not importable")
+    trainer_data = pytest.importorskip("trainer.data", reason="the trainer's latent cache is not importable")
     path = write_tiny_vae(tmp_path / "v.safetensors", seed=4)
-    assert pack_fingerprint(path) == text_data.vae_fingerprint(path)
+    assert pack_fingerprint(path) == trainer_data.vae_fingerprint(path)
     other = write_tiny_vae(tmp_path / "w.safetensors", seed=5)
     assert pack_fingerprint(other) != pack_fingerprint(path)
     Path(path).touch()  # a new mtime (re-read), same content
-    assert pack_fingerprint(path) == text_data.vae_fingerprint(path)
+    assert pack_fingerprint(path) == trainer_data.vae_fingerprint(path)
