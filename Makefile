@@ -8,8 +8,10 @@ OUT    ?= outputs/demo
 MODELS ?= models
 PYTEST_ARGS ?=
 
-# Real ComfyUI 0.3.75 + headless Chromium for the `comfyui`-marked tests (tools/build_*.sh).
+# Real ComfyUI 0.3.75 in a venv of its own set up as a user's (ComfyUI's requirements as the registry
+# resolves them, then the pack's), + headless Chromium, for the `comfyui`-marked tests (tools/build_*.sh).
 COMFY_DIR     := .cache/comfyui
+COMFY_PY      := $(COMFY_DIR)/venv/bin/python
 COMFY_STAMP   := $(COMFY_DIR)/.installed
 BROWSER_DIR   := .cache/browser
 BROWSER_STAMP := $(BROWSER_DIR)/.installed
@@ -17,7 +19,7 @@ BROWSER_STAMP := $(BROWSER_DIR)/.installed
 COMFYCLI_DIR   := .cache/comfy-cli
 COMFYCLI_STAMP := $(COMFYCLI_DIR)/.installed
 
-.PHONY: demo demo-scenes test venv clean comfyui browser comfy-cli validate-pack workflows tf5 test-tf5
+.PHONY: demo demo-scenes test venv clean comfyui browser comfy-cli validate-pack workflows test-tf5
 
 venv: $(STAMP)
 
@@ -38,30 +40,16 @@ demo: $(STAMP)
 demo-scenes: $(STAMP)
 	$(PY) -m trainer.scenes.demo --models $(MODELS) --out $(OUT)
 
-# The newest transformers 5.x the registry serves, in its own venv (torch etc. as pinned): checkpoint
-# files and encoder parity must hold under it as under the pinned 4.x (docs/CHECKPOINTS.md).
-TF5_DIR   := .cache/tf5
-TF5_PY    := $(TF5_DIR)/bin/python
-TF5_STAMP := $(TF5_DIR)/.installed
+# Only the file-format and encoder tests, what depends on transformers' module layout, run again in
+# ComfyUI's venv: there transformers is the newest 5.x the registry serves (docs/CHECKPOINTS.md).
+test-tf5: $(COMFY_STAMP)
+	$(COMFY_PY) -m pytest tests/test_checkpoint.py tests/test_encoders.py $(PYTEST_ARGS)
 
-tf5: $(TF5_STAMP)
-
-$(TF5_STAMP): requirements.txt constraints.txt
-	test -x $(TF5_PY) || $(PYTHON) -m venv $(TF5_DIR)
-	grep -vE '^(transformers|huggingface_hub)==' constraints.txt > $(TF5_DIR)/constraints.txt
-	$(TF5_PY) -m pip install -q -c $(TF5_DIR)/constraints.txt torch torchvision
-	$(TF5_PY) -m pip install -q --upgrade -c $(TF5_DIR)/constraints.txt -r requirements.txt pytest requests "transformers>=5,<6"
-	touch $(TF5_STAMP)
-
-# Only the file-format and encoder tests: what depends on transformers' module layout.
-test-tf5: $(TF5_STAMP)
-	$(TF5_PY) -m pytest tests/test_checkpoint.py tests/test_encoders.py $(PYTEST_ARGS)
-
-# ComfyUI's requirements go into the project venv, so a rebuilt venv re-runs this (fast when cached).
+# Independent of .venv; a changed requirements.txt re-runs the pack's install step (fast when cached).
 comfyui: $(COMFY_STAMP)
 
-$(COMFY_STAMP): $(STAMP) tools/build_comfyui.sh constraints.txt
-	tools/build_comfyui.sh $(COMFY_DIR) $(PY)
+$(COMFY_STAMP): tools/build_comfyui.sh constraints.txt requirements.txt
+	tools/build_comfyui.sh $(COMFY_DIR) $(PYTHON)
 	touch $(COMFY_STAMP)
 
 browser: $(BROWSER_STAMP)
@@ -84,7 +72,7 @@ validate-pack: $(COMFYCLI_STAMP)
 workflows: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP)
 	$(PY) tools/make_workflows.py $(NAMES)
 
-test: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP) $(COMFYCLI_STAMP) $(TF5_STAMP)
+test: $(STAMP) $(COMFY_STAMP) $(BROWSER_STAMP) $(COMFYCLI_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-tf5
 

@@ -1,6 +1,8 @@
 """A real ComfyUI 0.3.75 server for the `comfyui`-marked tests (built by `make comfyui`).
 
-The server runs the unmodified ComfyUI from .cache/comfyui/ComfyUI with the project venv's python:
+The server runs the unmodified ComfyUI from .cache/comfyui/ComfyUI with the python of ComfyUI's own
+venv, .cache/comfyui/venv, set up as a user's is (tools/build_comfyui.sh; README.md, "What runs
+where"), not with this pytest process's pinned one:
 `main.py --cpu --listen 127.0.0.1 --port <free> --base-directory <tmp>`, with this checkout
 symlinked as <tmp>/custom_nodes/ps-vae (the folder name users clone into, so the template browser
 and node badges read "ps-vae"). Tests put models into <tmp>/models/psvae. The server is stopped by
@@ -16,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,6 +29,8 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY_DIR = Path(os.environ.get("PSVAE_COMFYUI_DIR", REPO / ".cache" / "comfyui" / "ComfyUI"))
+# ComfyUI's interpreter; no .resolve(): a venv's bin/python is a symlink to the base interpreter.
+COMFY_PYTHON = Path(os.environ.get("PSVAE_COMFYUI_PYTHON", REPO / ".cache" / "comfyui" / "venv" / "bin" / "python"))
 BROWSER_DIR = Path(os.environ.get("PSVAE_BROWSER_DIR", REPO / ".cache" / "browser"))
 PACK_NAME = "ps-vae"
 START_TIMEOUT_S = 120
@@ -66,7 +69,7 @@ class ComfyServer:
 
     def start(self) -> "ComfyServer":
         self.prepare()
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [str(COMFY_PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base_dir),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -391,6 +394,8 @@ def run_frontend(server: ComfyServer, command: str, job: dict, workdir: Path, ti
 def harness_missing() -> Optional[str]:
     if not (COMFY_DIR / "main.py").is_file():
         return f"no ComfyUI at {COMFY_DIR}; run `make comfyui`"
+    if not os.access(COMFY_PYTHON, os.X_OK):
+        return f"no ComfyUI venv python at {COMFY_PYTHON}; run `make comfyui`"
     return None
 
 

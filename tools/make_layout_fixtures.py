@@ -1,8 +1,9 @@
 """Write the tiny VAE files of tests/data/layouts under the installed transformers.
 
-Run once per transformers layout (the project venv's pinned 4.x and `make tf5`'s newest 5.x):
+Run once per transformers layout (the project venv's pinned 4.x and the newest 5.x in ComfyUI's
+venv, `make comfyui`):
     .venv/bin/python tools/make_layout_fixtures.py
-    .cache/tf5/bin/python tools/make_layout_fixtures.py
+    .cache/comfyui/venv/bin/python tools/make_layout_fixtures.py
 Per encoder family it writes `<family>-tf<major>.safetensors` (a VAE file as `PSVAE.save` writes it)
 and `<family>-tf<major>.expected.safetensors` (an input image and the latents and decoded image
 the file gives here). Under 5.x it also writes `<family>-tf5-legacy.safetensors`: the same weights
