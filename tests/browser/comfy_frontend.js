@@ -13,10 +13,13 @@
 //              app.loadGraphData + app.graphToPrompt, i.e. what "Save" in the UI would write.
 //   queue      {workflows: {name: uiWorkflow}, timeout_ms}
 //                                                    -> {name: {output, prompt_id, status, error_dialog}}
-//              loads each workflow, queues it from the UI (app.queuePrompt) and waits for its history.
-//   templates  {pack, expect: {name: [node types]}}   -> {listed: [...], cards: [...], loaded: {name: [types]}}
+//              loads each workflow, queues it from the UI (app.queuePrompt) and waits for its history;
+//              res.layout: {loaded, ran} node rectangles and visible area (layout()) before and after
+//              the run (previews grow nodes); job.screenshots: a folder for a <name>.png of each.
+//   templates  {pack, expect: {name: [node types]}}   -> {listed, cards, titles, thumbs, fetched, loaded}
 //              opens Templates -> Extensions -> <pack>, clicks every card, records the loaded graph.
-//   check      queue + templates in one browser session -> {queue: ..., templates: ...}
+//   check      queue + templates + loader widgets + missing models ({missing_models: {name: uiWorkflow}})
+//              in one browser session -> {queue: ..., templates: ..., loader_widgets: ..., missing_models: ...}
 'use strict';
 const fs = require('fs');
 const path = require('path');
@@ -88,6 +91,24 @@ async function normalize(page, job) {
   return out;
 }
 
+// Where the frontend drew each node (graph units, title bar included: [x, y, w, h]) and the part of
+// the graph the canvas shows ([x, y, w, h]), after a redraw at this window size and the graph's zoom.
+async function layout(page) {
+  return page.evaluate(() => {
+    const c = window.app.canvas;
+    c.draw(true, true);
+    const box = c.canvas.getBoundingClientRect();
+    return {
+      visible: Array.from(c.visible_area), scale: c.ds.scale, canvas: [box.x, box.y, box.width, box.height],
+      nodes: window.app.graph._nodes.map((n) => {
+        const el = n.widgets && n.widgets[0] && n.widgets[0].element;  // a Note's textarea
+        return { id: n.id, type: n.type, rect: Array.from(n.boundingRect),
+          text_overflows: el ? el.scrollHeight > el.clientHeight + 1 : null };
+      }),
+    };
+  });
+}
+
 async function waitHistory(promptId, timeoutMs) {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
@@ -107,6 +128,7 @@ async function queue(page, job) {
       await window.app.loadGraphData(JSON.parse(JSON.stringify(wf)), true, true, null);
     }, wf);
     const { output } = await page.evaluate(() => window.app.graphToPrompt());
+    const loadedLayout = await layout(page);
     const response = page.waitForResponse((r) => r.url().endsWith('/prompt') && r.request().method() === 'POST',
       { timeout: 30000 });
     await page.evaluate(() => window.app.queuePrompt(0, 1));
@@ -120,6 +142,8 @@ async function queue(page, job) {
       res.outputs = h ? h.outputs : null;
     }
     await sleep(300);
+    res.layout = { loaded: loadedLayout, ran: await layout(page) };
+    if (job.screenshots) await page.screenshot({ path: path.join(job.screenshots, `${name}.png`) });
     const dialog = page.locator('.p-dialog:visible');
     if (await dialog.count()) res.error_dialog = (await dialog.first().innerText()).slice(0, 2000);
     await closeDialogs(page);
@@ -143,6 +167,8 @@ async function templates(page, job) {
   const readCards = () => page.evaluate(() => Array.from(
     document.querySelectorAll('.p-dialog [data-testid^="template-workflow-"]')).map((e) => e.getAttribute('data-testid')));
   const cards = await readCards();
+  const titles = await page.evaluate(() => Array.from(
+    document.querySelectorAll('.p-dialog [data-testid^="template-workflow-"] h3')).map((e) => ({ text: e.textContent.trim(), cut: e.scrollWidth > e.clientWidth })));
   await sleep(1000);
   // Thumbnails are fetched, then shown from blob: URLs: record both sides. They load lazily, so each
   // card is scrolled into view first and given a few seconds to show its image.
@@ -172,7 +198,24 @@ async function templates(page, job) {
     await sleep(800);
     loaded[name] = await page.evaluate(() => window.app.graph._nodes.map((n) => n.type).sort());
   }
-  return { listed, cards, thumbs, fetched, loaded };
+  return { listed, cards, titles, thumbs, fetched, loaded };
+}
+
+// Loads each workflow and returns the text of the dialog the frontend opens (its Missing Models
+// dialog lists the `models` entries whose file is not in the model folder), or null.
+async function missingModels(page, job) {
+  const out = {};
+  for (const [name, wf] of Object.entries(job.missing_models || {})) {
+    await closeDialogs(page);
+    await page.evaluate(async (wf) => {
+      await window.app.loadGraphData(JSON.parse(JSON.stringify(wf)), true, true, null);
+    }, wf);
+    await sleep(1000);
+    const dialog = page.locator('.p-dialog:visible');
+    out[name] = (await dialog.count()) ? (await dialog.first().innerText()).slice(0, 2000) : null;
+  }
+  await closeDialogs(page);
+  return out;
 }
 
 // A new PS-VAE Loader at its default size, each file widget set to a given file and drawn by the
@@ -207,7 +250,8 @@ async function loaderWidgets(page, job) {
     const t1 = Date.now();
     const t = await templates(page, job);
     const w = await loaderWidgets(page, job);
-    return { queue: q, templates: t, loader_widgets: w, __seconds: { queue: (t1 - t0) / 1000, templates: (Date.now() - t1) / 1000 } };
+    const m = await missingModels(page, job);
+    return { queue: q, templates: t, loader_widgets: w, missing_models: m, __seconds: { queue: (t1 - t0) / 1000, templates: (Date.now() - t1) / 1000 } };
   };
   const handlers = { api2ui, normalize, queue, templates, check };
   if (!handlers[command]) throw new Error(`unknown command ${command}`);
