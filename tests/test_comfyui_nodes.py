@@ -190,3 +190,46 @@ def test_interrupt_stops_a_run_between_batches_and_the_next_prompt_runs(comfy_se
     assert not entry.get("outputs", {}).get("5"), "the interrupted run still saved images"
     after = comfy_server.run(round_trip_prompt(empty_image(64, 64, batch=2, color=0x10A050)))
     assert len(saved_arrays(comfy_server, after)) == 2
+
+
+# ------------------------------------------------- ComfyUI's Load Image (docs/COMFYUI_PACK.md)
+
+def test_load_image_drops_alpha_and_join_image_with_alpha_brings_it_back(comfy_server, comfy_base):
+    from PIL import Image
+
+    rgba = np.zeros((96, 128, 4), np.uint8)  # transparent pixels store black, as most editors write them
+    rgba[24:72, 32:96] = (20, 120, 220, 255)
+    Image.fromarray(rgba, "RGBA").save(comfy_base / "input" / "alpha.png")
+    over_white = np.where(rgba[..., 3:] == 255, rgba[..., :3], 255).astype(np.uint8)
+    Image.fromarray(over_white, "RGB").save(comfy_base / "input" / "alpha_over_white.png")
+
+    def decoded(prompt):
+        return saved_arrays(comfy_server, comfy_server.run(prompt))[0].astype(int)
+
+    load = lambda name: {"class_type": "LoadImage", "inputs": {"image": name}}  # noqa: E731
+    expected = decoded(round_trip_prompt(load("alpha_over_white.png")))
+    dropped = decoded(round_trip_prompt(load("alpha.png")))  # Load Image's IMAGE: RGB, the background black
+    joined = round_trip_prompt(load("alpha.png"))
+    joined["6"] = {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["2", 0], "alpha": ["2", 1]}}
+    joined["3"]["inputs"]["image"] = ["6", 0]  # RGBA again: the pack composites it over white
+    assert np.abs(decoded(joined) - expected).max() <= 2
+    assert np.abs(dropped - expected).mean() > 10
+
+
+def test_load_image_turns_a_16_bit_grey_png_white_and_an_8_bit_copy_loads(comfy_server, comfy_base):
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))
+    Image.fromarray(ramp).save(comfy_base / "input" / "grey16.png")
+    assert Image.open(comfy_base / "input" / "grey16.png").mode == "I;16"
+    # The conversion docs/COMFYUI_PACK.md gives.
+    a = np.asarray(Image.open(comfy_base / "input" / "grey16.png"))
+    Image.fromarray((a / 257).round().astype(np.uint8)).save(comfy_base / "input" / "grey8.png")
+
+    def loaded(name):
+        save = {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": f"t/{unique()}"}}
+        prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": name}}, "2": save}
+        return saved_arrays(comfy_server, comfy_server.run(prompt))[0][..., 0].astype(int)
+
+    assert (loaded("grey16.png") == 255).mean() > 0.9  # all but the darkest ~1/256 of the ramp
+    assert np.abs(loaded("grey8.png") - (ramp / 257).round()).max() == 0
