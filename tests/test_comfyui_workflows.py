@@ -204,6 +204,15 @@ def test_labels_are_short_enough_for_the_default_node_width(comfy_server):
     assert spec["generator_name"][1]["display_name"] == "gen"
 
 
+def test_models_entry_has_the_sha256_of_a_file_that_ships_with_the_pack(tmp_path, monkeypatch):
+    monkeypatch.setattr(make_workflows, "BUNDLED_MODELS", tmp_path)
+    (tmp_path / "scenes.safetensors").write_bytes(b"weights" * 1000)
+    assert make_workflows.model_entry("scenes.safetensors") == {
+        "name": "scenes.safetensors", "url": make_workflows.MODELS_URL, "directory": "psvae",
+        "hash": hashlib.sha256(b"weights" * 1000).hexdigest(), "hash_type": "sha256"}
+    assert "hash" not in make_workflows.model_entry("psvae-dinov2b-96c.safetensors")
+
+
 def test_a_result_image_becomes_the_square_thumbnail_else_the_graph_screenshot(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -116,6 +116,7 @@ ORIGINS = {
     "paper": ("These are yours: no weights are published. Train them with the pack's trainer (docs/TRAINER.md, "
               "docs/TRAINER_GENERATOR.md) and copy each export (runs/<run>/export/*.safetensors) there under "
               "its name."),
+    "bundled": "These ship with the pack (its models/ folder): nothing to copy.",
 }
 # The files the workflows name: what each is and its origin (ORIGINS key).
 MODEL_FILES = {
