@@ -79,11 +79,17 @@ def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> tor
     return x_t - _bcast(t, x_t) * v
 
 
-def sampling_schedule(steps: int = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT) -> torch.Tensor:
-    """steps + 1 times from 1 (noise) to 0 (data), shifted (RAE: t_grid = shift(1 - linspace(0, 1)))."""
+def sampling_schedule(steps: int = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT, denoise: float = 1.0) -> torch.Tensor:
+    """steps + 1 times from 1 (noise) to 0 (data), shifted (RAE: t_grid = shift(1 - linspace(0, 1))).
+
+    denoise < 1 (img2img) keeps the part of that path below the unshifted time `denoise`: the grid
+    starts at time_shift(denoise), where the full schedule is after a fraction 1 - denoise of its
+    length, and spreads all `steps` over the rest (much as ComfyUI's KSampler treats its denoise)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    return time_shift(torch.linspace(float(denoise), 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 def guide(preds: Sequence[torch.Tensor], guidance: float, image_guidance: Optional[float] = None) -> torch.Tensor:
@@ -116,7 +122,8 @@ def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int = DEFA
                  shift: float = DEFAULT_SHIFT, guidance: float = DEFAULT_GUIDANCE,
                  image_guidance: Optional[float] = None,
                  cfg_interval: Optional[tuple[float, float]] = None,
-                 callback: Optional[Callback] = None) -> torch.Tensor:
+                 callback: Optional[Callback] = None, init: Optional[torch.Tensor] = None,
+                 denoise: float = 1.0) -> torch.Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 with `steps` Euler steps on the shifted grid.
 
     velocity_fn(x, t, branches) returns one prediction per requested branch name: "cond" (all
@@ -127,10 +134,15 @@ def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, steps: int = DEFA
     cfg_interval: (t_lo, t_hi); guidance only for t in that closed interval, plain "cond" elsewhere.
     callback(step, total, x, x0_pred) after every step: progress bars, previews; an interrupt is an
         exception raised there (ComfyUI's way), which stops sampling.
+    init, denoise (img2img): start at t0 = `sampling_schedule(steps, shift, denoise)[0]` from
+        `interpolate(init, noise, t0)`, the clean latents `init` (like noise, or a batch of one)
+        noised to that time. denoise 1 starts from the noise itself, whatever `init` holds.
     Deterministic: no randomness here; draw `noise` with a seeded generator (`make_noise`).
     """
-    ts = sampling_schedule(steps, shift)
-    x = noise
+    ts = sampling_schedule(steps, shift, denoise)
+    if init is None and denoise != 1.0:
+        raise ValueError("denoise < 1 needs the init latents to start from")
+    x = noise if init is None or denoise == 1.0 else interpolate(init.to(noise), noise, float(ts[0]))
     for i in range(steps):
         t, t_next = float(ts[i]), float(ts[i + 1])
         inside = cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1]

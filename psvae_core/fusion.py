@@ -298,17 +298,31 @@ class FusionDiffuser(nn.Module):
         pred = forward(flow.interpolate(x0, noise, t), t, text, source, source_keep)
         return flow.flow_loss(pred, x0, noise)
 
-    def velocity_fn(self, prefix: PrefixCache) -> flow.VelocityFn:
+    def encode_negative(self, negative, source: Optional[torch.Tensor] = None) -> dict[str, PrefixCache]:
+        """The guidance branches a negative prompt replaces, for `velocity_fn`: it stands where the
+        empty text stood. T2I: "uncond" is the negative's prefix. Editing (dual guidance):
+        "image" is the source with the negative instruction, "uncond" the negative without the
+        source (encoded as if there were none, like a dropped source in training).
+        negative: what `encode_prefix` takes as text, except a PrefixCache."""
+        if isinstance(negative, PrefixCache):
+            raise TypeError("pass the negative prompt as text or token ids, not as an encoded PrefixCache")
+        if source is None:
+            return {flow.UNCOND: self.encode_prefix(negative)}
+        hidden = torch.zeros(source.shape[0], dtype=torch.bool)
+        return {flow.IMAGE: self.encode_prefix(negative, source),
+                flow.UNCOND: self.encode_prefix(negative, source, source_keep=hidden)}
+
+    def velocity_fn(self, prefix: PrefixCache, negative: Optional[dict[str, PrefixCache]] = None) -> flow.VelocityFn:
         """The `flow.euler_sample` velocity function: every branch a step asks for ("cond": text and
         source, "image": source only, "uncond": neither) is a view of the one cached prefix (keys
-        hidden), and all go through one batched forward."""
+        hidden), unless `negative` (`encode_negative`) gives that branch its own prefix; all go
+        through one batched forward."""
+        views = {flow.COND: prefix, flow.IMAGE: prefix.drop(torch.ones(prefix.batch_size, dtype=torch.bool)),
+                 flow.UNCOND: prefix.null(), **(negative or {})}
 
         def fn(x, t, branches):
             B, n = x.shape[0], len(branches)
-            p = prefix.expand(B)
-            views = {flow.COND: lambda: p, flow.IMAGE: lambda: p.drop(torch.ones(B, dtype=torch.bool)),
-                     flow.UNCOND: p.null}
-            cache = PrefixCache.cat([views[b]() for b in branches])
+            cache = PrefixCache.cat([views[b].expand(B) for b in branches])
             v = self(x.repeat(n, 1, 1, 1), t.repeat(n), cache)
             return v.chunk(n)
 

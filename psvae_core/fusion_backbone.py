@@ -102,11 +102,26 @@ class PrefixCache:
         """No text and no source: every prefix key hidden (the unconditional guidance branch)."""
         return replace(self, mask=torch.zeros_like(self.mask))
 
+    def pad(self, length: int) -> "PrefixCache":
+        """The same prefix with hidden zero keys appended up to `length` entries, so that prefixes of
+        other text lengths (a negative prompt) batch with it; hidden keys change nothing."""
+        extra = length - self.mask.shape[1]
+        if extra == 0:
+            return self
+        grow = lambda x: F.pad(x, (0, 0, 0, extra))  # noqa: E731  (the entry axis is second to last)
+        return replace(self, keys=tuple(map(grow, self.keys)), values=tuple(map(grow, self.values)),
+                       mask=F.pad(self.mask, (0, extra), value=False), hidden=grow(self.hidden))
+
     @staticmethod
     def cat(caches: Sequence["PrefixCache"]) -> "PrefixCache":
-        """Stack views of one prefix (the guidance branches) along the batch."""
+        """Stack prefixes of one source layout (the guidance branches) along the batch, the shorter
+        ones padded with hidden keys."""
         if len(caches) == 1:
             return caches[0]
+        if len({c.source_tokens for c in caches}) != 1:
+            raise ValueError("prefixes with and without a source cannot share a batch")
+        length = max(c.mask.shape[1] for c in caches)
+        caches = [c.pad(length) for c in caches]
         stack = lambda xs: torch.cat(list(xs))  # noqa: E731
         layers = range(len(caches[0].keys))
         return replace(caches[0], keys=tuple(stack(c.keys[i] for c in caches) for i in layers),

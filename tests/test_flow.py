@@ -80,6 +80,38 @@ def test_euler_integrates_the_straight_path_exactly(steps, shift):
     torch.testing.assert_close(out, noise - const)
 
 
+def test_denoise_starts_the_schedule_at_the_matching_shifted_time():
+    assert torch.equal(flow.sampling_schedule(7, 3.0, denoise=1.0), flow.sampling_schedule(7, 3.0))
+    ts = flow.sampling_schedule(4, 3.0, denoise=0.5)
+    torch.testing.assert_close(ts, flow.time_shift(torch.linspace(0.5, 0, 5, dtype=torch.float64), 3.0))
+    assert ts[0].item() == pytest.approx(0.75) and ts[-1] == 0  # the full 8-step grid's last 4 steps
+    torch.testing.assert_close(ts, flow.sampling_schedule(8, 3.0)[4:])
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="denoise must be in"):
+            flow.sampling_schedule(4, 3.0, denoise=bad)
+
+
+@pytest.mark.parametrize("steps, shift, denoise", [(1, 1.0, 0.3), (7, 3.0, 0.6), (20, 3.0, 0.05)])
+def test_img2img_starts_from_the_init_noised_to_that_time(steps, shift, denoise):
+    init, noise = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    starts = []
+    zero = lambda x, t, branches: starts.append((x, t)) or [torch.zeros_like(x)] * len(branches)  # noqa: E731
+    out = flow.euler_sample(zero, noise, steps=steps, shift=shift, guidance=1.0, init=init, denoise=denoise)
+    t0 = flow.time_shift(torch.tensor(denoise, dtype=torch.float64), shift)
+    assert starts[0][1][0].item() == pytest.approx(t0.item())
+    torch.testing.assert_close(out, flow.interpolate(init, noise, t0))  # no velocity: it stays there
+    # The straight path's own velocity (noise - init) carries it back to the init exactly.
+    back = flow.euler_sample(_plain(lambda x, t: noise - init), noise, steps=steps, shift=shift, guidance=1.0,
+                             init=init, denoise=denoise)
+    torch.testing.assert_close(back, init, atol=1e-12, rtol=0)
+    # denoise 1 starts from the noise, whatever the init holds.
+    full = flow.euler_sample(_plain(lambda x, t: x), noise, steps=steps, shift=shift, guidance=1.0)
+    same = flow.euler_sample(_plain(lambda x, t: x), noise, steps=steps, shift=shift, guidance=1.0, init=init)
+    assert torch.equal(full, same)
+    with pytest.raises(ValueError, match="needs the init latents"):
+        flow.euler_sample(zero, noise, steps=steps, denoise=denoise)
+
+
 def test_guidance_formulas():
     cond, image, uncond = torch.tensor(3.0), torch.tensor(1.0), torch.tensor(0.0)
     assert flow.guide([cond, uncond], 1.0) == cond

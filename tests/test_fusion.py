@@ -313,6 +313,85 @@ def test_sampling_with_the_cached_prefix_equals_recomputing_it():
     assert t2i.shape == (2, 8, 4, 4) and torch.isfinite(t2i).all()
 
 
+# ------------------------------------------------------------------------------ negative prompt, img2img
+def _branchwise(model, conditions):
+    """A velocity function that runs the model once per branch on the given (text, source, keep)."""
+    def fn(x, t, branches):
+        out = []
+        for b in branches:
+            text, source, keep = conditions[b]
+            keep = None if keep is None else torch.full((x.shape[0],), keep)
+            out.append(model(x, t, text, source=source, source_keep=keep))
+        return out
+    return fn
+
+
+@torch.no_grad()
+def test_a_negative_prompt_is_guided_against_instead_of_the_empty_text():
+    model = awake(tiny())
+    model.tokenizer = colour_tokenizer()
+    kwargs = dict(seed=3, steps=4, guidance=4.0)
+    plain = generation.generate(model, ["a red square"], **kwargs)
+    for blank in ("", " \n", [""]):  # an empty negative is the empty text, to the bit
+        assert torch.equal(generation.generate(model, ["a red square"], negative=blank, **kwargs), plain)
+    neg = generation.generate(model, ["a red square"], negative="blue ring", **kwargs)
+    assert (neg - plain).abs().max() > 1e-3
+    # The unconditional branch is the negative's own prediction (a shorter text: padded keys change nothing).
+    text, negative = model.tokenize(["a red square"]), model.tokenize(["blue ring"])
+    reference = flow.euler_sample(_branchwise(model, {flow.COND: (text, None, None), flow.UNCOND: (negative, None, None)}),
+                                  generation.make_noise(plain.shape[1:], [3]), steps=4, guidance=4.0)
+    torch.testing.assert_close(neg, reference, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_negative_instruction_replaces_the_empty_text_in_both_dual_guidance_branches():
+    model = awake(tiny())
+    model.tokenizer = colour_tokenizer()
+    src = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(steps=3, guidance=4.0, image_guidance=1.5)
+    plain = generation.generate(model, ["a blue ring"], src, seed=5, **kwargs)
+    assert torch.equal(generation.generate(model, ["a blue ring"], src, seed=5, negative="", **kwargs), plain)
+    neg = generation.generate(model, ["a blue ring"], src, seed=5, negative="green stripe", **kwargs)
+    assert (neg - plain).abs().max() > 1e-3
+    text, negative = model.tokenize(["a blue ring"]), model.tokenize(["green stripe"])
+    conditions = {flow.COND: (text, src, True), flow.IMAGE: (negative, src, True), flow.UNCOND: (negative, src, False)}
+    reference = flow.euler_sample(_branchwise(model, conditions), generation.make_noise((8, 4, 4), [5, 6]), **kwargs)
+    torch.testing.assert_close(neg, reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the source"):
+        generation.generate(model, model.encode_prefix(text, src), seed=5, negative="green stripe", **kwargs)
+
+
+@torch.no_grad()
+def test_img2img_at_denoise_one_is_plain_generation_and_small_denoise_stays_near_the_init():
+    model = awake(tiny())
+    ids = torch.randint(3, 20, (1, 4), generator=torch.Generator().manual_seed(2))
+    init = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(seed=3, steps=4, guidance=4.0)
+    t2i = generation.generate(model, ids, batch_size=2, **kwargs)
+    assert torch.equal(generation.generate(model, ids, init=init, denoise=1.0, **kwargs), t2i)  # batch from init
+    far = (t2i - init).abs().mean()
+    near = [(generation.generate(model, ids, init=init, denoise=d, **kwargs) - init).abs().mean()
+            for d in (0.05, 0.5)]
+    assert near[0] < 0.2 * far and near[0] < near[1], (near, far)
+    # Row i is noised with seed + i, as in plain generation: row 1 alone at seed 4 is the same.
+    pair = generation.generate(model, ids, init=init, denoise=0.5, **kwargs)
+    one = generation.generate(model, ids, init=init[1:], denoise=0.5, **{**kwargs, "seed": 4})
+    torch.testing.assert_close(pair[1:], one, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        generation.generate(model, ids, init=init, batch_size=3, **kwargs)
+
+
+@torch.no_grad()
+def test_edit_from_an_init_latent_of_the_target():
+    model = awake(tiny())
+    ids, src = torch.randint(3, 20, (1, 4)), torch.randn(1, 8, 4, 4)
+    kwargs = dict(seed=1, steps=4, guidance=4.0, image_guidance=1.5)
+    edit = generation.generate(model, ids, src, **kwargs)
+    assert torch.equal(generation.generate(model, ids, src, init=src, denoise=1.0, **kwargs), edit)
+    near = (generation.generate(model, ids, src, init=src, denoise=0.05, **kwargs) - src).abs().mean()
+    assert near < 0.2 * (edit - src).abs().mean()
+
+
 # ------------------------------------------------------------------------------ checkpoint, tokenizer
 def test_tokenizer_state_rebuilds_the_tokenizer():
     tok = colour_tokenizer()
