@@ -27,6 +27,7 @@ import comfy.model_management as mm
 
 from ..psvae_core import checkpoint
 from ..psvae_core.fusion import FusionDiffuser
+from ..psvae_core.images import size_text
 from ..psvae_core.provenance import recorded_vae, vae_mismatch
 from .handles import ModelHandle, PSVAEHandle, choose_dtype
 
@@ -83,8 +84,8 @@ def pair_problems(gen: GeneratorHandle, vae: PSVAEHandle) -> list[str]:
     grid = vae.fixed_grid
     if grid is not None and gen.latent_size != grid:
         problems.append(
-            f"the generator {gen.name} makes {gen.latent_size[0]}x{gen.latent_size[1]} latents, but the VAE "
-            f"{vae.name} resizes every image to {vae.input_size} px, a {grid[0]}x{grid[1]} latent grid")
+            f"the generator {gen.name} makes {size_text(*gen.latent_size)} latents, but the VAE "
+            f"{vae.name} resizes every image to {vae.input_size} px, a {size_text(*grid)} latent grid")
     if problems:
         return problems
     verdict = vae_mismatch(gen.recorded_vae, vae.fingerprint, *vae.latent_stats, generator=gen.name, vae=vae.name)

@@ -51,7 +51,8 @@ def check_latent(handle: PSVAEHandle, latent, who: str = "PS-VAE Decode", what: 
         raise ValueError(f"{who}: the {what} is empty (shape {tuple(samples.shape)})")
     f = handle.upsample_factor
     if h * f > MAX_SIDE or w * f > MAX_SIDE:
-        raise ValueError(f"{who}: a {h}x{w} latent decodes to {h * f}x{w * f} px, above the {MAX_SIDE} px "
+        size, px = core_images.size_text(h, w), core_images.size_text(h * f, w * f)
+        raise ValueError(f"{who}: a {size} latent decodes to {px} px (width x height), above the {MAX_SIDE} px "
                          "limit per side; use a smaller latent")
     if not torch.isfinite(samples).all():
         raise ValueError(f"{who}: the {what} contains NaN or Inf values; the node that made it failed "

@@ -16,7 +16,7 @@ from ..psvae_core import checkpoint
 from ..psvae_core.autoencoder import PSVAE
 from . import handles, model_files
 from .generator import load_generator
-from .types import PSVAEGenerator, PSVAEVae
+from .types import PSVAEGenerator, PSVAEVae, node_schema
 
 _WHERE = ("Files are listed from ComfyUI/models/psvae, any 'psvae:' folder in extra_model_paths.yaml, then the "
           "pack's bundled models folder (a file of the same name in your folders wins).")
@@ -27,16 +27,13 @@ class PSVAELoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         # Re-read on every /object_info, so new files show after a refresh; each slot offers its kind only.
         vaes, generators = (model_files.list_files(k) for k in (model_files.KIND_VAE, model_files.KIND_GENERATOR))
-        return io.Schema(
-            node_id="PSVAELoader",
-            display_name="PS-VAE Loader",
-            category="PS-VAE",
-            description=(
-                "Loads a PS-VAE autoencoder file and, optionally, a PS-VAE generator file (single-file "
-                ".safetensors exports of the PS-VAE trainer; never pickles, never the network). When both "
-                "are chosen it checks, before anything runs, that they belong together: the same latent channels, the "
-                "generator's latent grid equal to the VAE's, and (when the generator file records the VAE it was "
-                "trained with) the same latent statistics or VAE file. " + _WHERE),
+        return node_schema(
+            "PSVAELoader", "PS-VAE Loader",
+            ("Loads a PS-VAE autoencoder file and, optionally, a PS-VAE generator file (single-file "
+             ".safetensors exports of the PS-VAE trainer; never pickles, never the network). When both "
+             "are chosen it checks, before anything runs, that they belong together: the same latent channels, the "
+             "generator's latent grid equal to the VAE's, and (when the generator file records the VAE it was "
+             "trained with) the same latent statistics or VAE file. " + _WHERE),
             inputs=[
                 # Short labels ("vae", "gen"; the frontend takes them from locales/en/nodeDefs.json): at the
                 # default node width it cuts a longer label ("generator" -> "gen…") to fit the file name.

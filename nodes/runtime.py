@@ -121,7 +121,8 @@ def encode_images(handle: PSVAEHandle, image: torch.Tensor, resize: str = "cente
     b, _, h, w = x.shape
     gh, gw = handle.latent_grid(h, w)
     if gh * handle.upsample_factor > MAX_SIDE or gw * handle.upsample_factor > MAX_SIDE:
-        raise ValueError(f"PS-VAE Encode: a {h}x{w} image gives a {gh}x{gw} latent grid, which would decode to "
+        raise ValueError(f"PS-VAE Encode: a {core_images.size_text(h, w)} image (width x height) gives a "
+                         f"{core_images.size_text(gh, gw)} latent grid, which would decode to "
                          f"more than {MAX_SIDE} px per side; scale the image down first")
     per_item = handle.encode_memory(h, w)
     device = handle.load(per_item)

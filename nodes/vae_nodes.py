@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import latents, runtime
-from .types import vae_input
+from .types import node_schema, vae_input
 
 RESIZE_RULE = (
     "Any image size is accepted. 'center crop' (default) first crops the middle of the image to the "
@@ -15,27 +15,25 @@ RESIZE_RULE = (
     "aspect ratio and round each side to a multiple of their patch size.")
 
 
+_ENCODE_ABOUT = ("Encodes images into PS-VAE latents (the posterior mean), in batches sized to the free memory, "
+                 "with a progress bar. " + RESIZE_RULE)
+_DECODE_ABOUT = ("Decodes PS-VAE latents into images (16x the latent size: 16x16 -> 256x256 px), in batches sized to "
+                 "the free memory with a progress bar per batch. On out-of-memory it retries with smaller batches, "
+                 "then with overlapping tiles.")
+
+
 class PSVAEEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="PSVAEEncode",
-            display_name="PS-VAE Encode",
-            category="PS-VAE",
-            description=("Encodes images into PS-VAE latents (the posterior mean), in batches sized to the free "
-                         "memory, with a progress bar. " + RESIZE_RULE),
-            inputs=[
-                io.Image.Input("image", tooltip="The images to encode (any size; RGB, greyscale or RGBA over white)."),
-                vae_input(),
-                io.Combo.Input("resize", options=runtime.RESIZE_CHOICES, default="center crop",
-                               tooltip=RESIZE_RULE),
-            ],
-            outputs=[
-                io.Latent.Output("latent", display_name="latent", tooltip=(
-                    "Raw PS-VAE latents [batch, channels, h, w] (16x16 for 224-px encoders). Decode them with "
-                    "PS-VAE Decode using the same VAE; core VAE nodes cannot read them.")),
-            ],
-        )
+        return node_schema("PSVAEEncode", "PS-VAE Encode", _ENCODE_ABOUT, inputs=[
+            io.Image.Input("image", tooltip="The images to encode (any size; RGB, greyscale or RGBA over white)."),
+            vae_input(),
+            io.Combo.Input("resize", options=runtime.RESIZE_CHOICES, default="center crop", tooltip=RESIZE_RULE),
+        ], outputs=[
+            io.Latent.Output("latent", display_name="latent", tooltip=(
+                "Raw PS-VAE latents [batch, channels, h, w] (16x16 for 224-px encoders). Decode them with "
+                "PS-VAE Decode using the same VAE; core VAE nodes cannot read them.")),
+        ])
 
     @classmethod
     def execute(cls, image, vae, resize) -> io.NodeOutput:
@@ -45,23 +43,14 @@ class PSVAEEncode(io.ComfyNode):
 class PSVAEDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="PSVAEDecode",
-            display_name="PS-VAE Decode",
-            category="PS-VAE",
-            description=("Decodes PS-VAE latents into images (16x the latent size: 16x16 -> 256x256 px), in "
-                         "batches sized to the free memory with a progress bar per batch. On out-of-memory it "
-                         "retries with smaller batches, then with overlapping tiles."),
-            inputs=[
-                io.Latent.Input("latent", tooltip=(
-                    "Latents from PS-VAE Encode or a PS-VAE sampler, made with this same VAE (checked: the "
-                    "channel count, and the VAE file the pack's nodes record in their latents).")),
-                vae_input(),
-            ],
-            outputs=[
-                io.Image.Output("image", display_name="image", tooltip="The decoded images, RGB, values 0..1."),
-            ],
-        )
+        return node_schema("PSVAEDecode", "PS-VAE Decode", _DECODE_ABOUT, inputs=[
+            io.Latent.Input("latent", tooltip=(
+                "Latents from PS-VAE Encode or a PS-VAE sampler, made with this same VAE (checked: the "
+                "channel count, and the VAE file the pack's nodes record in their latents).")),
+            vae_input(),
+        ], outputs=[
+            io.Image.Output("image", display_name="image", tooltip="The decoded images, RGB, values 0..1."),
+        ])
 
     @classmethod
     def execute(cls, latent, vae) -> io.NodeOutput:

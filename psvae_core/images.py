@@ -11,7 +11,7 @@ Rules (documented in README "Image input"):
   default); 2 channels (grey + alpha) likewise.
 - NaN or Inf anywhere is an error, never propagated.
 - Sides must lie in [MIN_SIDE, MAX_SIDE]; size changes (to the encoder's grid) are the encoder's
-  documented resize, never done silently here.
+  documented resize, never done silently here. Messages write sizes width x height (`size_text`).
 """
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ MIN_SIDE = 8
 MAX_SIDE = 8192
 RANGE_TOLERANCE = 1e-3
 _INTEGER_SCALES = {torch.uint8: 255.0, **({torch.uint16: 65535.0} if hasattr(torch, "uint16") else {})}
+
+
+def size_text(height: int, width: int) -> str:
+    """A size for messages: width x height, as image tools and ComfyUI's widgets write it (tensors
+    store height first)."""
+    return f"{int(width)}x{int(height)}"
 
 
 class ImageInputError(ValueError):
@@ -144,8 +150,8 @@ def to_model_images(images: Any, *, background: float = 1.0) -> torch.Tensor:
                               "A ComfyUI IMAGE is [B,H,W,C]: move the channel axis first.")
     h, w = x.shape[-2:]
     if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
-        raise ImageInputError(f"image size {h}x{w} is outside the supported {MIN_SIDE}..{MAX_SIDE} px per side; "
-                              "resize it first")
+        raise ImageInputError(f"image size {size_text(h, w)} (width x height) is outside the supported "
+                              f"{MIN_SIDE}..{MAX_SIDE} px per side; resize it first")
     return x.contiguous()
 
 

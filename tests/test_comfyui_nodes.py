@@ -20,9 +20,11 @@ EXPECTED = {
     "PSVAEEncode": (["image", "vae", "resize"], ["LATENT"]),
     "PSVAEDecode": (["latent", "vae"], ["IMAGE"]),
     "PSVAET2ISampler": (["generator", "vae", "prompt", "seed", "steps", "cfg", "shift", "batch",
-                         "cfg_interval_start", "cfg_interval_end"], ["LATENT"]),
+                         "cfg_interval_start", "cfg_interval_end", "negative_prompt", "init_latent", "denoise"],
+                        ["LATENT"]),
     "PSVAEEditSampler": (["generator", "vae", "instruction", "seed", "steps", "text_guidance", "image_guidance",
-                          "shift", "source_image", "source_latent"], ["LATENT"]),
+                          "shift", "source_image", "source_latent", "negative_instruction", "init_latent", "denoise"],
+                         ["LATENT"]),
 }
 
 
@@ -148,7 +150,8 @@ def test_latent_from_another_vae_is_refused_with_the_channel_counts(comfy_server
 
 
 def test_absurd_sizes_give_node_errors_and_the_server_keeps_running(comfy_server):
-    assert_node_error(comfy_server, round_trip_prompt(empty_image(8200, 8)), "outside the supported")
+    assert_node_error(comfy_server, round_trip_prompt(empty_image(8200, 8)), "outside the supported",
+                      "8200x8 (width x height)")
     assert_node_error(comfy_server, round_trip_prompt(empty_image(4, 4)), "outside the supported")
     huge = round_trip_prompt(empty_image(64, 64))
     huge["7"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 8.0}}

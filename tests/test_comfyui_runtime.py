@@ -311,6 +311,45 @@ def _sampler_checks() -> None:  # pragma: no cover - executed in the child proce
     assert gen.memory_required(4, 20, 512, 3) > gen.memory_required(1, 20, 256, 2) > 0
     print("generator dtypes ok")
 
+    # 7. negative prompt and img2img through sampling.sample (the nodes' one entry), against the library.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # fill the zero-initialised head, which would otherwise hide every condition
+        for p in gen.model.head.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+    def node(text="a red fox", what="prompt", s=sampling.Settings(7, 3, 3.0, 6.5), **kw):
+        return sampling.sample("T2I", gen, vae, text, what, s, **kw)["samples"]
+
+    plain = node(batch=2)
+    assert torch.equal(node(batch=2, negative=" \n"), plain), "a blank negative prompt changed the result"
+    neg = node(batch=2, negative="a blue house")
+    ids, mask = sampling.tokenize(gen, "a red fox", "prompt", "T2I")
+    library = generation.generate(gen.model, (ids, mask), seed=7, batch_size=2, steps=3, shift=3.0, guidance=6.5,
+                                  negative=sampling.tokenize(gen, "a blue house", "prompt", "T2I"))
+    assert torch.allclose(neg, vae.denormalize(library), atol=1e-6) and (neg - plain).abs().max() > 1e-3
+    init = {"samples": plain[:1].clone()}
+    one = sampling.Settings(7, 3, 3.0, 6.5, denoise=1.0)
+    assert torch.equal(node(s=one, batch=2, init_latent=init), plain), "denoise 1 is not plain sampling"
+    near = node(s=sampling.Settings(7, 3, 3.0, 6.5, denoise=0.05), batch=2, init_latent=init)
+    assert (near - init["samples"]).abs().mean() < 0.25 * (plain[1:] - init["samples"]).abs().mean()
+    pair = {"samples": plain.clone()}
+    assert node(s=one, init_latent=pair).shape[0] == 2  # batch 1 + two init latents: one image per latent
+    for kw, needle in ((dict(s=sampling.Settings(7, 3, 3.0, 6.5, denoise=0.5)), "needs an init_latent"),
+                       (dict(s=one, batch=3, init_latent=pair), "set batch to 1"),
+                       (dict(s=one, init_latent={"samples": plain[:, :, :8]}), "a 16x8 latent"),
+                       (dict(text=" ", what="instruction"), "write what to change in the source image")):
+        try:
+            node(**kw)
+        except ValueError as err:
+            assert needle in str(err), err
+        else:
+            raise AssertionError(f"{kw} was accepted")
+    edit_neg = sampling.sample("Edit", gen, vae, "make it red", "instruction", sampling.Settings(1, 3, 3.0, 5.0, 1.5),
+                               negative="make it blue", sources=(None, {"samples": plain[:1]}))["samples"]
+    assert edit_neg.shape == (1, 16, 16, 16) and torch.isfinite(edit_neg).all()
+    print("negative prompt + img2img ok")
+
 
 if __name__ == "__main__" and "--inside-comfyui" in sys.argv:
     _inside_comfyui()

@@ -126,6 +126,44 @@ def test_t2i_cfg_interval_and_bf16_run(comfy_server):
     assert_node_error(comfy_server, backwards, "cfg_interval_start <= cfg_interval_end")
 
 
+def images_of(server, entry: dict, node: str) -> list:
+    """The images that SaveImage node `node` wrote, as uint8 arrays."""
+    return [np.asarray(Image.open(io.BytesIO(server.view(img))).convert("RGB"))
+            for img in entry["outputs"][node]["images"]]
+
+
+def encode_example(prompt: dict, node: str = "4") -> dict:
+    """Adds LoadImage "3" -> PS-VAE Encode `node`, and its own decode -> SaveImage "7" (the round trip)."""
+    prompt["3"] = example_image()
+    prompt[node] = {"class_type": "PSVAEEncode", "inputs": {"image": ["3", 0], "vae": ["1", 0],
+                                                            "resize": "center crop"}}
+    prompt["6"] = {"class_type": "PSVAEDecode", "inputs": {"latent": [node, 0], "vae": ["1", 0]}}
+    prompt["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"s/{unique()}"}}
+    return prompt
+
+
+def far(a, b) -> float:
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
+def test_t2i_negative_prompt_and_img2img(comfy_server):
+    (plain,) = saved_arrays(comfy_server, comfy_server.run(t2i_prompt(seed=21)))
+    (blank,) = saved_arrays(comfy_server, comfy_server.run(t2i_prompt(seed=21, negative_prompt="  ")))
+    assert np.abs(blank.astype(int) - plain.astype(int)).max() <= 2, "an empty negative prompt changed the image"
+    (neg,) = saved_arrays(comfy_server, comfy_server.run(t2i_prompt(seed=21, negative_prompt="a blue house")))
+    assert np.abs(neg.astype(int) - plain.astype(int)).max() > 10, "the negative prompt is ignored"
+    # img2img from an encoded image: denoise 1 is plain T2I; a small denoise stays near the image.
+    entry = comfy_server.run(encode_example(t2i_prompt(seed=21, init_latent=["4", 0], denoise=1.0)))
+    (full,), (round_trip,) = images_of(comfy_server, entry, "9"), images_of(comfy_server, entry, "7")
+    assert np.abs(full.astype(int) - plain.astype(int)).max() <= 2, "denoise 1 is not plain T2I"
+    entry = comfy_server.run(encode_example(t2i_prompt(seed=21, init_latent=["4", 0], denoise=0.05)))
+    (near,) = images_of(comfy_server, entry, "9")
+    # (The tiny VAE's decoder spreads any latent change over the picture, so pixels only rank; the
+    # latent-space bound is in test_comfyui_runtime.py and test_fusion.py.)
+    assert far(near, round_trip) < far(plain, round_trip), (far(near, round_trip), far(plain, round_trip))
+    assert_node_error(comfy_server, t2i_prompt(denoise=0.5), "needs an init_latent")
+
+
 def test_interrupt_during_sampling_stops_it_and_the_next_prompt_runs(comfy_server):
     prompt = t2i_prompt(steps=1000, seed=77)
     with comfy_server.events() as events:
@@ -166,6 +204,21 @@ def test_edit_from_an_image_or_its_latent_gives_the_same_edit(comfy_server):
                              "2": edit(seed=5, source_image=["3", 0], instruction="make it night")})
     (c,) = saved_arrays(comfy_server, comfy_server.run(other))
     assert np.abs(a.astype(int) - c.astype(int)).max() > 10, "the instruction is ignored"
+
+
+def test_edit_negative_instruction_and_init_latent(comfy_server):
+    def base(**extra) -> dict:
+        return encode_example(decode_and_save({"1": loader(), "2": edit(seed=5, source_latent=["4", 0], **extra)}))
+
+    entry = comfy_server.run(base())
+    (plain,), (source,) = images_of(comfy_server, entry, "9"), images_of(comfy_server, entry, "7")
+    (blank,) = images_of(comfy_server, comfy_server.run(base(negative_instruction="")), "9")
+    assert np.abs(blank.astype(int) - plain.astype(int)).max() <= 2
+    (neg,) = images_of(comfy_server, comfy_server.run(base(negative_instruction="make it night")), "9")
+    assert np.abs(neg.astype(int) - plain.astype(int)).max() > 10, "the negative instruction is ignored"
+    # Starting the target from the source itself at a small denoise changes little.
+    (near,) = images_of(comfy_server, comfy_server.run(base(init_latent=["4", 0], denoise=0.05)), "9")
+    assert far(near, source) < far(plain, source), (far(near, source), far(plain, source))
 
 
 def test_edit_needs_exactly_one_source(comfy_server):
@@ -241,6 +294,7 @@ def test_empty_prompt_or_instruction_is_a_node_error(comfy_server, text):
     r = comfy_server.queue(decode_and_save({"1": loader(), "3": example_image(),
                                             "2": edit(instruction=text, source_image=["3", 0])}))
     assert r.status_code == 400 and "instruction is empty" in r.text, r.text
+    assert "write what to change in the source image" in r.text and "should show" not in r.text, r.text
 
 
 def test_absurd_steps_and_batch_are_refused_by_the_widget_bounds(comfy_server):

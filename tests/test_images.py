@@ -60,6 +60,8 @@ def test_bad_shapes_sizes_and_types():
         to_model_images(torch.rand(1, 16, 16, 3))  # ComfyUI layout passed without moving channels
     with pytest.raises(ImageInputError, match="outside the supported"):
         to_model_images(torch.rand(1, 3, 4, 64))
+    with pytest.raises(ImageInputError, match=r"image size 8200x16 \(width x height\)"):  # H x W tensors
+        to_model_images(torch.rand(1, 3, 16, 8200))
     with pytest.raises(ImageInputError, match="dtype"):
         to_model_images(torch.zeros(1, 3, 16, 16, dtype=torch.int32))
     with pytest.raises(ImageInputError, match="unsupported image type"):
