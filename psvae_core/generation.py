@@ -84,8 +84,8 @@ def generate(model, text, source: Optional[torch.Tensor] = None, *, seed: Seeds 
     device = model.x_embedder.weight.device
     noise = make_noise((model.config.latent_channels, h, w), row_seeds(seed, batch_size), device)
     if init is not None and (init.shape[0] not in (1, batch_size) or init.shape[1:] != noise.shape[1:]):
-        raise ValueError(f"init latents {tuple(init.shape)} do not fit a batch of {batch_size} {tuple(noise.shape[1:])} "
-                         "latents (a batch of one is broadcast)")
+        raise ValueError(f"init latents {tuple(init.shape)} do not fit a batch of {batch_size} "
+                         f"{tuple(noise.shape[1:])} latents (a batch of one is broadcast)")
     negative = [negative] if isinstance(negative, str) else negative
     if _blank(negative):
         negative = None  # the empty text: the plain guidance, untouched

@@ -338,8 +338,9 @@ def test_a_negative_prompt_is_guided_against_instead_of_the_empty_text():
     assert (neg - plain).abs().max() > 1e-3
     # The unconditional branch is the negative's own prediction (a shorter text: padded keys change nothing).
     text, negative = model.tokenize(["a red square"]), model.tokenize(["blue ring"])
-    reference = flow.euler_sample(_branchwise(model, {flow.COND: (text, None, None), flow.UNCOND: (negative, None, None)}),
-                                  generation.make_noise(plain.shape[1:], [3]), steps=4, guidance=4.0)
+    conditions = {flow.COND: (text, None, None), flow.UNCOND: (negative, None, None)}
+    reference = flow.euler_sample(_branchwise(model, conditions), generation.make_noise(plain.shape[1:], [3]),
+                                  steps=4, guidance=4.0)
     torch.testing.assert_close(neg, reference, atol=1e-5, rtol=1e-5)
 
 
