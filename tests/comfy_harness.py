@@ -297,8 +297,8 @@ def assert_node_error(server: ComfyServer, prompt: dict, *needles: str) -> str:
 
 # --------------------------------------------------------------------------- UI -> API conversion
 
-def _widget_names(info: dict) -> list[tuple[str, bool]]:
-    """(name, has_control_after_generate) of a node's widget inputs, in definition order."""
+def _widget_names(info: dict) -> list[tuple[str, bool, Any]]:
+    """(name, has_control_after_generate, default) of a node's widget inputs, in definition order."""
     out = []
     order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
     for section in ("required", "optional"):
@@ -310,17 +310,17 @@ def _widget_names(info: dict) -> list[tuple[str, bool]]:
                 if opts.get("forceInput"):
                     continue
                 out.append((name, bool(opts.get("control_after_generate"))
-                            or (name in ("seed", "noise_seed") and kind == "INT")))
+                            or (name in ("seed", "noise_seed") and kind == "INT"), opts.get("default")))
                 if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
-                    out.append((f"{name}__upload", False))  # the upload button's own (ignored) value
+                    out.append((f"{name}__upload", False, None))  # the upload button's own (ignored) value
     return out
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a UI-format workflow (frontend `version 0.4`) to an API prompt, the way the frontend
     does: widget values are positional over the node's widget inputs (a seed-like widget carries one
-    extra "control after generate" value), links become [source id, slot]. Muted/bypassed nodes and
-    UI-only nodes are left out."""
+    extra "control after generate" value), a widget appended after the workflow was saved gets its
+    default, links become [source id, slot]. Muted/bypassed nodes and UI-only nodes are left out."""
     links = {l[0]: l for l in workflow.get("links", [])}
     prompt = {}
     for node in workflow["nodes"]:
@@ -334,11 +334,13 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         if isinstance(node.get("widgets_values"), dict):
             raise ValueError(f"node {node['id']} ({kind}) stores widgets as a dict; not supported here")
         pos = 0
-        for name, control in _widget_names(object_info[kind]):
-            if pos >= len(values):
-                break
-            if not name.endswith("__upload"):
+        for name, control, default in _widget_names(object_info[kind]):
+            if name.endswith("__upload"):
+                pass
+            elif pos < len(values):
                 inputs[name] = values[pos]
+            elif default is not None:  # newer than the saved workflow: the frontend fills in the default
+                inputs[name] = default
             pos += 1 + (1 if control else 0)
         for inp in node.get("inputs", []):
             link = inp.get("link")
