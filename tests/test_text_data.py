@@ -334,12 +334,12 @@ def test_tar_shards_through_dataloader_workers_and_ranks(photos, tmp_path):
 
 # ================================================================================== latent cache
 class CountingEncode:
-    def __init__(self):
-        self.images = 0
+    def __init__(self, vae):
+        self.vae, self.images = vae, 0
 
-    def __call__(self, vae, images):
+    def __call__(self, images):
         self.images += images.shape[0]
-        return td.encode_latents(vae, images)
+        return td.encode_latents(self.vae, images)
 
 
 @pytest.fixture(scope="module")
@@ -349,27 +349,27 @@ def tiny_vae():
 
 
 def test_latent_cache_hits_on_the_second_pass_and_serves_latents(photos, tmp_path, tiny_vae, monkeypatch):
-    monkeypatch.setattr(td.LatentCache, "_MERGE_EVERY", 2)  # exercise the merge of recent writes
+    monkeypatch.setattr(td.TensorCache, "_MERGE_EVERY", 2)  # exercise the merge of recent writes
     root = tmp_path / "data"
     for name in NAMES[:4]:
         copy_to(photos[name], root / f"{name}.png")
         put(root / f"{name}.txt", caption(name))
     tiny_vae.save(tmp_path / "vae.safetensors")
     ds = td.CaptionFolder(root)
-    cache = td.LatentCache(tmp_path / "cache", tmp_path / "vae.safetensors", shard_size=3)
-    encode = CountingEncode()
-    assert td.fill_cache(cache, tiny_vae, ds, batch_size=2, encode=encode) == {"encoded": 4, "cached": 0, "total": 4}
+    cache = td.TensorCache.for_latents(tmp_path / "cache", tmp_path / "vae.safetensors", shard_size=3)
+    encode = CountingEncode(tiny_vae)
+    assert td.fill_cache(cache, ds, encode, batch_size=2) == {"encoded": 4, "cached": 0, "total": 4}
     assert encode.images == 4
-    again = td.LatentCache(tmp_path / "cache", tmp_path / "vae.safetensors")  # a new process, same files
+    again = td.TensorCache.for_latents(tmp_path / "cache", tmp_path / "vae.safetensors")  # a new process, same files
     assert again.folder == cache.folder and len(again) == 4
-    assert td.fill_cache(again, tiny_vae, ds, batch_size=2, encode=encode)["encoded"] == 0
+    assert td.fill_cache(again, ds, encode, batch_size=2)["encoded"] == 0
     assert encode.images == 4
     assert len(list(cache.folder.glob("shard-*.safetensors"))) == 2
     assert all(ds.key(i) in cache for i in range(4)) and "not-a-key" not in cache
     with pytest.raises(KeyError, match="fill_cache"):
         cache.get("not-a-key")
 
-    served = td.CachedLatents(ds, again)
+    served = td.CachedDataset(ds, again)
     item = served[1]
     assert item["key"] == ds.key(1) and item["text"] == ds.text(1)
     expected = td.encode_latents(tiny_vae, ds[1]["image"][None])[0]
@@ -385,24 +385,25 @@ def test_latent_cache_is_invalidated_by_another_vae(photos, tmp_path, tiny_vae):
     vae_file = tmp_path / "vae.safetensors"
     tiny_vae.save(vae_file, provenance={"run": 1})
     ds = td.CaptionFolder(root)
-    encode = CountingEncode()
-    first = td.LatentCache(tmp_path / "cache", vae_file)
-    td.fill_cache(first, tiny_vae, ds, encode=encode)
+    encode = CountingEncode(tiny_vae)
+    first = td.TensorCache.for_latents(tmp_path / "cache", vae_file)
+    td.fill_cache(first, ds, encode)
     tiny_vae.save(vae_file, provenance={"run": 2})  # same weights re-saved: same cache
-    assert td.LatentCache(tmp_path / "cache", vae_file).folder == first.folder
+    assert td.TensorCache.for_latents(tmp_path / "cache", vae_file).folder == first.folder
 
     changed = PSVAE(PRESETS["tiny"]).eval()
     changed.load_state_dict(tiny_vae.state_dict())
     with torch.no_grad():
         next(changed.semantic_encoder.parameters()).add_(0.01)
     changed.save(vae_file)
-    second = td.LatentCache(tmp_path / "cache", vae_file)
+    second = td.TensorCache.for_latents(tmp_path / "cache", vae_file)
     assert second.folder != first.folder and len(second) == 0
-    assert td.fill_cache(second, changed, ds, encode=encode)["encoded"] == 2 and encode.images == 4
+    encode.vae = changed
+    assert td.fill_cache(second, ds, encode)["encoded"] == 2 and encode.images == 4
     assert second.stale_folders() == [first.folder]
-    assert td.LatentCache(tmp_path / "cache", vae_file, size=128).folder != second.folder  # preprocessing too
+    assert td.TensorCache.for_latents(tmp_path / "cache", vae_file, size=128).folder != second.folder  # preprocessing
     with pytest.raises(ValueError, match="256 px"):
-        td.fill_cache(td.LatentCache(tmp_path / "cache", vae_file, size=128), changed, ds)
+        td.fill_cache(td.TensorCache.for_latents(tmp_path / "cache", vae_file, size=128), ds, encode)
 
 
 def test_latent_cache_for_edit_pairs_and_tar_shards(photos, tmp_path, tiny_vae):
@@ -411,23 +412,22 @@ def test_latent_cache_for_edit_pairs_and_tar_shards(photos, tmp_path, tiny_vae):
     copy_to(photos["coffee"], root / "target" / "a.png")
     put(root / "instruction" / "a.txt", "coffee")
     tiny_vae.save(tmp_path / "vae.safetensors")
-    cache = td.LatentCache(tmp_path / "cache", tmp_path / "vae.safetensors", dtype=torch.float32)
+    cache = td.TensorCache.for_latents(tmp_path / "cache", tmp_path / "vae.safetensors", dtype=torch.float32)
     ds = td.EditFolder(root)
-    assert td.fill_cache(cache, tiny_vae, ds)["encoded"] == 1
-    item = td.CachedLatents(ds, cache)[0]
+    assert td.fill_cache(cache, ds, CountingEncode(tiny_vae))["encoded"] == 1
+    item = td.CachedDataset(ds, cache)[0]
     assert set(item) == {"key", "text", "latent", "source_latent"}
     assert torch.allclose(item["source_latent"], td.encode_latents(tiny_vae, ds[0]["source"][None])[0], atol=1e-5)
     assert not torch.allclose(item["source_latent"], item["latent"])
 
     good = write_shards(tmp_path / "shards", photos, shards=2, per_shard=2)
     stream = td.TarShardStream(str(tmp_path / "shards" / "*.tar"))
-    encode = CountingEncode()
-    table, stats = td.fill_cache_from_tar(stream, cache, lambda images: encode(tiny_vae, images), batch_size=3)
+    encode = CountingEncode(tiny_vae)
+    table, stats = td.fill_cache_from_tar(stream, cache, encode, batch_size=3)
     assert stats["encoded"] == 4 and sorted(table.key(i) for i in range(len(table))) == sorted(good)
-    table, stats = td.fill_cache_from_tar(stream, cache, lambda images: encode(tiny_vae, images), batch_size=3)
+    table, stats = td.fill_cache_from_tar(stream, cache, encode, batch_size=3)
     assert stats == {"encoded": 0, "cached": 4, "table": stats["table"]} and encode.images == 4  # no shard read
-    cache.refresh()
-    served = td.CachedLatents(table, cache)
+    served = td.CachedDataset(table, cache)
     assert sorted(served[i]["key"] for i in range(len(served))) == sorted(good)
     assert served[0]["latent"].shape == (16, 16, 16) and served[0]["text"] == table.text(served.indices[0])
 

@@ -1,6 +1,8 @@
 """RAE stage, feature cache, gradient accumulation, NaN guard, bf16 and gradient checkpointing."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from psvae_core.autoencoder import PSVAE
@@ -33,13 +35,21 @@ def test_rae_stage_trains_a_decoder_on_noisy_features_and_exports(data, tmp_path
     assert "model/l1" in rows[-1] and "model/semantic" not in rows[-1]
 
 
-def test_feature_cache_is_built_once_and_reused(data, tmp_path, capsys):
+def test_feature_cache_is_built_once_and_shared_by_svae_and_rae(data, tmp_path, capsys):
     cache = tmp_path / "cache"
     common = ["train.max_steps=4", "data.cache_features=true", f"data.cache_dir={cache}", "checkpoint.every=0"]
+
+    def counts():  # (encoded, already cached) of the run's feature cache
+        found = re.findall(r"cache \S+: (\d+) encoded, (\d+) already cached", capsys.readouterr().out)
+        assert len(found) == 1
+        return tuple(map(int, found[0]))
+
     assert _run("svae", data, tmp_path, "c1", *common) == 0
-    assert _run("svae", data, tmp_path, "c2", *common) == 0
-    assert "feature cache: reusing" in capsys.readouterr().out
-    assert len(list(cache.glob("features_*.npy"))) == 1
+    images = counts()[0]
+    assert images > 0
+    assert _run("rae", data, tmp_path, "r", *common) == 0  # the same frozen encoder and images: the same cache
+    assert counts() == (0, images)
+    assert len(list(cache.glob("*/cache.json"))) == 1
     assert _run("svae", data, tmp_path, "plain", "train.max_steps=4", "checkpoint.every=0") == 0
     cached, plain = metrics(tmp_path / "c1"), metrics(tmp_path / "plain")
     assert abs(cached[-1]["model/semantic"] - plain[-1]["model/semantic"]) < 1e-2  # float16 cache

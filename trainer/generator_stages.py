@@ -380,37 +380,19 @@ class _GeneratorStage(Stage):
         cls = {"folder": td.CaptionFolder, "jsonl": td.CaptionManifest}[kind]
         return cls(source, check_images=d.check_images, **common)
 
-    def _barrier(self):
-        if self.ctx.world_size > 1:
-            torch.distributed.barrier()
-
-    def _cache(self) -> td.LatentCache:
-        d = self.cfg.data
-        return td.LatentCache(d.latent_cache, self.vae_path, size=d.image_size,
-                              dtype=DTYPES[d.latent_cache_dtype])
-
     def _cached(self, dataset, what: str):
         """`dataset` served from the latent cache, filling what is missing first (split by rank)."""
-        ctx, t = self.ctx, self.cfg.train
-        cache = self._cache()
+        ctx, d, t = self.ctx, self.cfg.data, self.cfg.train
+        cache = td.TensorCache.for_latents(d.latent_cache, self.vae_path, d.image_size, DTYPES[d.latent_cache_dtype])
+        encode = lambda images: self._encode_raw(self.vae, images)  # noqa: E731
+        common = dict(batch_size=t.batch_size, num_workers=t.num_workers, rank=ctx.rank, world_size=ctx.world_size,
+                      barrier=ctx.barrier, log=ctx.log)
         if isinstance(dataset, td.TarShardStream):
-            table, stats = td.fill_cache_from_tar(
-                dataset, cache, lambda images: self._encode_raw(self.vae, images), batch_size=t.batch_size,
-                num_workers=t.num_workers, rank=ctx.rank, world_size=ctx.world_size, barrier=self._barrier,
-                log=ctx.log)
-            self._barrier()
-            cache.refresh()
-            self.reports[f"{what}_cache"] = {"folder": str(cache.folder), **stats}
-            return td.CachedLatents(table, cache)
-        stats = td.fill_cache(cache, self.vae, dataset, batch_size=t.batch_size, num_workers=t.num_workers,
-                              encode=self._encode_raw, rank=ctx.rank, world_size=ctx.world_size)
-        self._barrier()
-        cache.refresh()
-        self.reports[f"{what}_cache"] = {"folder": str(cache.folder), "encoded": stats["encoded"],
-                                         "cached": stats["cached"]}
-        ctx.log(f"latent cache {cache.folder}: {stats['encoded']} encoded, {stats['cached']} already cached "
-                f"(rank {ctx.rank})")
-        return td.CachedLatents(dataset, cache)
+            dataset, stats = td.fill_cache_from_tar(dataset, cache, encode, **common)
+        else:
+            stats = td.fill_cache(cache, dataset, encode, **common)
+        self.reports[f"{what}_cache"] = {"folder": str(cache.folder), **stats}
+        return td.CachedDataset(dataset, cache)
 
     def datasets(self):
         d, ctx = self.cfg.data, self.ctx

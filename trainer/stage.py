@@ -88,6 +88,11 @@ class Context:
     reduce_mean: Any  # tensor -> its mean over processes (identity in one process)
     log: Any  # str -> None, printed on rank 0
 
+    def barrier(self) -> None:
+        """Wait for every process (nothing in one)."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
 
 class Stage:
     name: ClassVar[str] = ""

@@ -28,7 +28,8 @@ from psvae_core.config import PRESETS, PSVAEConfig
 from psvae_core.preview import preview_moments, solve_preview
 
 from .config import BaseConfig, ConfigError, OptimSection, as_dict
-from .data import CachedFeatures, build_cache, build_image_dataset, cache_key, shard_indices, split_holdout
+from .data import (FEATURES, CachedDataset, TensorCache, build_image_dataset, fill_cache, module_fingerprint,
+                   shard_indices, split_holdout)
 from .rng import derive_seed, step_noise
 from .stage import Stage, StepResult, Trainable, register
 
@@ -235,13 +236,16 @@ class _VAEStage(Stage):
         return train, val
 
     def _with_cache(self, train):
+        """`train` with its frozen-encoder features from the tensor cache (trainer/data/cache.py), filled
+        first where it lacks them: the same encoder and images give the same cache, whichever stage."""
         d, ctx = self.cfg.data, self.ctx
         encoder = self.vae.encoder.to(ctx.device)
-        key = cache_key(encoder, encoder.config.to_dict(), train.names, d.image_size)
-        folder = Path(d.cache_dir) if d.cache_dir else ctx.run_dir / "feature_cache"
-        barrier = (lambda: torch.distributed.barrier()) if ctx.world_size > 1 else (lambda: None)
-        path = build_cache(train, self._frozen_features, folder, key, ctx, self.cfg.train.batch_size, barrier)
-        return CachedFeatures(train, path)
+        cache = TensorCache(d.cache_dir or ctx.run_dir / "feature_cache",
+                            module_fingerprint(encoder, encoder.config.to_dict()), FEATURES, d.image_size)
+        fill_cache(cache, train, lambda images: self._frozen_features(images.to(ctx.device).float() / 255),
+                   batch_size=self.cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                   barrier=ctx.barrier, log=ctx.log)
+        return CachedDataset(train, cache, "features", with_item=True)
 
     def data_description(self) -> dict:
         out = {"source": self.cfg.data.source, "images": self.reports.get("train", {}).get("used"),

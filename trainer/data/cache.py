@@ -1,9 +1,12 @@
-"""The keyed latent cache of the generator stages, and the caption table of tar shards beside it.
+"""The trainer's one tensor cache: frozen-encoder features (svae / rae, `data.cache_dir`) and PS-VAE
+latents (the generator stages, `data.latent_cache`) alike, and the caption table of tar shards.
 
-`LatentCache` keeps PS-VAE latents (posterior mean, raw, i.e. not normalised) in safetensors shards
-under a folder named by a fingerprint of the VAE file's tensors + config and of the preprocessing,
-so another VAE (or another crop size) never reads stale latents. `fill_cache` encodes what is
-missing; `CachedLatents` serves samples with latents instead of pixels.
+A `TensorCache` keeps one tensor per sample key in safetensors shards under a folder named by a hash
+of what determines the tensors: the model's weights fingerprint, what is stored (features or the
+posterior mean), the crop size and resize rule, and the storage dtype. The samples (the image list)
+are the keys. So another model, crop or dtype never reads stale tensors, and two runs with the same
+model and images (svae and rae on one frozen encoder) share one cache. `fill_cache` encodes what is
+missing; `CachedDataset` serves samples with their tensors.
 
 Tar shards are streamed once by `fill_cache_from_tar`: it encodes what the cache lacks and writes
 every (key, caption) into a `TarCaptionTable` (two `StringTable`s) beside the latents, so training
@@ -20,7 +23,7 @@ import shutil
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +37,9 @@ from .report import BadSample, DataError, DataReport
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-_FINGERPRINTS: dict[tuple, str] = {}
+CACHE_FORMAT = 2
+LATENT = "posterior-mean-raw"  # what the generator stages cache: PSVAE.encode(x).mode(), not normalised
+FEATURES = "encoder-features"  # what svae / rae cache: the frozen representation encoder's output
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -46,35 +50,40 @@ def _key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-class LatentCache:
-    """PS-VAE latents (posterior mean, raw) per sample key, in safetensors shards.
+def module_fingerprint(module: torch.nn.Module, config: dict) -> str:
+    """sha256 over a live module's config and every tensor of its state (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-    Layout: `<root>/<cache id>/cache.json` (what the id stands for) + `shard-*.safetensors`, each with
-    one tensor "latents" [N,C,h,w] and the N keys (JSON) in its metadata. The cache id hashes the VAE
-    fingerprint (`vae_fingerprint`) with the preprocessing (crop size, resize rule, latent kind,
-    storage dtype, `settings`), so another VAE or crop gets another folder; nothing stale is read.
-    Old folders are left in place (`stale_folders()` lists them).
+
+class TensorCache:
+    """One tensor per sample key, in safetensors shards.
+
+    Layout: `<root>/<cache id>/cache.json` (the identity the id hashes) + `shard-*.safetensors`, each
+    with one tensor "tensors" [N,...] and the N keys (JSON) in its metadata. The identity is `model`
+    (a weights fingerprint), `stores` (LATENT or FEATURES), `size`, the resize rule and the storage
+    dtype. Folders of other identities are left in place (`stale_folders()` lists them).
 
     Writes: `add` buffers, full shards are written atomically (temporary name, then rename) under a
-    unique name, so ranks may fill disjoint parts of one cache at once; `refresh()` sees the others'.
+    unique name, so ranks (or two runs) may fill one cache at once; `refresh()` sees the others'.
     float16 storage halves the disk (CC12M at 96x16x16: ~0.5 TB); values outside its range raise.
-    The in-memory index is 16 bytes a latent (sorted 64-bit key hashes + shard/row), ~175 MB for
+    The in-memory index is 16 bytes a tensor (sorted 64-bit key hashes + shard/row), ~175 MB for
     CC12M's 10.9M, and is shared copy-on-write by forked DataLoader workers.
     """
 
     _MERGE_EVERY = 1 << 18  # recent writes kept in a dict until merged into the sorted index
 
-    def __init__(self, root: PathLike, vae_file: PathLike, size: int = IMAGE_SIZE, dtype: torch.dtype = torch.float16,
-                 settings: Optional[dict] = None, shard_size: int = 4096):
+    def __init__(self, root: PathLike, model: str, stores: str, size: int = IMAGE_SIZE,
+                 dtype: torch.dtype = torch.float16, shard_size: int = 4096):
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"cache dtype must be float16, bfloat16 or float32, not {dtype}")
         self.root, self.size, self.dtype, self.shard_size = Path(root), size, dtype, shard_size
-        self.vae_file = Path(vae_file)
-        self.vae_fingerprint = vae_fingerprint(vae_file)
-        self.settings = {"format": CACHE_FORMAT, "size": size, "resize": RESIZE_RULE,
-                         "latent": "posterior-mean-raw", "dtype": _dtype_name(dtype), **(settings or {})}
-        ident = json.dumps({"vae": self.vae_fingerprint, "settings": self.settings}, sort_keys=True)
-        self.cache_id = hashlib.sha256(ident.encode()).hexdigest()[:24]
+        self.identity = {"format": CACHE_FORMAT, "model": model, "stores": stores, "size": size,
+                         "resize": RESIZE_RULE, "dtype": _dtype_name(dtype)}
+        self.cache_id = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]
         self.folder = self.root / self.cache_id
         self._shards: list[str] = []
         self._hashes = np.zeros(0, dtype=np.uint64)
@@ -84,8 +93,14 @@ class LatentCache:
         self._handles: dict[tuple[int, str], Any] = {}
         self.refresh()
 
+    @classmethod
+    def for_latents(cls, root: PathLike, vae_file: PathLike, size: int = IMAGE_SIZE,
+                    dtype: torch.dtype = torch.float16, **kwargs) -> "TensorCache":
+        """The latents of the VAE file `vae_file` (its fingerprint: re-saving the same weights keeps it)."""
+        return cls(root, vae_fingerprint(vae_file), LATENT, size, dtype, **kwargs)
+
     def __repr__(self):
-        return f"LatentCache({self.folder}, {len(self)} latents)"
+        return f"TensorCache({self.folder}, {len(self)} {self.identity['stores']})"
 
     # -- index
     def refresh(self) -> None:
@@ -124,14 +139,12 @@ class LatentCache:
 
     def _check_folder(self) -> None:
         info = self.folder / "cache.json"
-        if info.is_file():
-            stored = json.loads(info.read_text())
-            if stored.get("vae_fingerprint") != self.vae_fingerprint or stored.get("settings") != self.settings:
-                raise DataError(f"{self.folder} holds latents of another VAE or preprocessing than its name says; "
-                                "delete the folder")
+        if info.is_file() and json.loads(info.read_text()) != self.identity:
+            raise DataError(f"{self.folder} holds tensors of another model or preprocessing than its name says; "
+                            "delete the folder")
 
     def stale_folders(self) -> list[Path]:
-        """Cache folders under the root made with another VAE or settings (safe to delete)."""
+        """Cache folders under the root made with another identity (safe to delete)."""
         return sorted(p for p in self.root.glob("*")
                       if p.is_dir() and (p / "cache.json").is_file() and p != self.folder)
 
@@ -140,9 +153,6 @@ class LatentCache:
 
     def __contains__(self, key: str) -> bool:
         return key in self._pending or self._locate(key) is not None
-
-    def missing(self, keys: Iterable[str]) -> list[str]:
-        return [k for k in keys if k not in self]
 
     # -- read
     def _handle(self, shard: str):
@@ -154,23 +164,23 @@ class LatentCache:
         return self._handles[slot]
 
     def get(self, key: str) -> torch.Tensor:
-        """The latent [C,h,w] as float32."""
+        """The tensor of `key` as float32."""
         if key in self._pending:
             return self._pending[key].float()
         found = self._locate(key)
         if found is None:
-            raise KeyError(f"{key!r} is not in the latent cache {self.folder}; run fill_cache first")
+            raise KeyError(f"{key!r} is not in the cache {self.folder}; run fill_cache first")
         shard, row = found
-        return self._handle(self._shards[shard]).get_slice("latents")[row:row + 1][0].float()
+        return self._handle(self._shards[shard]).get_slice("tensors")[row:row + 1][0].float()
 
     # -- write
-    def add(self, keys: Sequence[str], latents: torch.Tensor) -> None:
-        if len(keys) != latents.shape[0]:
-            raise ValueError(f"{len(keys)} keys for {latents.shape[0]} latents")
-        stored = latents.detach().to("cpu", self.dtype)
+    def add(self, keys: Sequence[str], tensors: torch.Tensor) -> None:
+        if len(keys) != tensors.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {tensors.shape[0]} tensors")
+        stored = tensors.detach().to("cpu", self.dtype)
         if not torch.isfinite(stored).all():
             bad = [k for k, row in zip(keys, stored) if not torch.isfinite(row).all()]
-            raise DataError(f"non-finite latents (NaN/Inf, or beyond {_dtype_name(self.dtype)}'s range) for "
+            raise DataError(f"non-finite values (NaN/Inf, or beyond {_dtype_name(self.dtype)}'s range) for "
                             f"{bad[:3]}; check those images, or cache in float32")
         for key, row in zip(keys, stored):
             if key not in self:
@@ -179,7 +189,7 @@ class LatentCache:
             self._write(self.shard_size)
 
     def flush(self) -> None:
-        """Write every buffered latent (shards of at most `shard_size`)."""
+        """Write every buffered tensor (shards of at most `shard_size`)."""
         while self._pending:
             self._write(self.shard_size)
 
@@ -191,12 +201,11 @@ class LatentCache:
         info = self.folder / "cache.json"
         if not info.is_file():
             tmp = info.with_name(f".cache.json.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_text(json.dumps({"vae_fingerprint": self.vae_fingerprint, "vae_file": str(self.vae_file),
-                                       "settings": self.settings}, indent=2, sort_keys=True))
+            tmp.write_text(json.dumps(self.identity, indent=2, sort_keys=True))
             os.replace(tmp, info)
         name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
         tmp = self.folder / f".{name}.tmp"
-        save_file({"latents": torch.stack([self._pending[k] for k in keys]).contiguous()}, str(tmp),
+        save_file({"tensors": torch.stack([self._pending[k] for k in keys]).contiguous()}, str(tmp),
                   metadata={"keys": json.dumps(keys), "cache_id": self.cache_id})
         os.replace(tmp, self.folder / name)
         number = len(self._shards)
@@ -224,39 +233,31 @@ def _cache_key(key: str, name: str) -> str:
     return key if name == "image" else f"{key}#{name}"
 
 
-def fill_cache(cache: LatentCache, vae, dataset, batch_size: int = 32, num_workers: int = 0,
-               encode: Callable = encode_latents, rank: int = 0, world_size: int = 1,
-               log_every: int = 0) -> dict:
-    """Encode every image of the map-style `dataset` not yet in `cache` (this rank's indices i with
-    i % world_size == rank; tar shards go through `fill_cache_from_tar`). Returns counts.
-
-    `encode(vae, images) -> latents` does the work (default: posterior mean). Fields cached: the
-    dataset's `fields` ("image", plus "source" for edit sets); keys are `key` and `key#source`.
-    """
+def fill_cache(cache: TensorCache, dataset, encode: Callable[[torch.Tensor], torch.Tensor], *,
+               batch_size: int = 32, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+               barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = logger.info) -> dict:
+    """Encode (`encode(images as the dataset gives them) -> tensors`) every field of the map-style
+    `dataset` (`key(i)`, `fields`, `size`) that `cache` lacks: this rank's indices i with
+    i % world_size == rank. Fields are "image", plus "source" for edit sets; keys are `key` and
+    `key#source`. All ranks must call it (it ends with a barrier, then sees every rank's shards).
+    Tar shards go through `fill_cache_from_tar`. Returns {"encoded", "cached", "total"}."""
     size = getattr(dataset, "size", cache.size)
     if size != cache.size:
         raise ValueError(f"the dataset crops to {size} px but the cache was made for {cache.size} px")
-    fields = tuple(getattr(dataset, "fields", ("image",)))
-    was_training = vae.training
-    vae.eval()
-    stats = Counter()
-    try:
-        todo = [i for i in range(rank, len(dataset), world_size)
-                if any(_cache_key(dataset.key(i), f) not in cache for f in fields)]
-        stats["cached"] = len(range(rank, len(dataset), world_size)) - len(todo)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size,
-                                             num_workers=num_workers, collate_fn=_collate)
-        for n, batch in enumerate(loader, 1):
-            for name in fields:
-                keys = [_cache_key(k, name) for k in batch["key"]]
-                cache.add(keys, encode(vae, batch[name]).cpu())
-            stats["encoded"] += len(batch["key"])
-            if log_every and n % log_every == 0:
-                logger.info("latent cache: %d encoded, %d already cached", stats["encoded"], stats["cached"])
-        cache.flush()
-    finally:
-        vae.train(was_training)
-    return {"encoded": stats["encoded"], "cached": stats["cached"], "total": len(cache)}
+    fields = tuple(dataset.fields)
+    mine = range(rank, len(dataset), world_size)
+    todo = [i for i in mine if any(_cache_key(dataset.key(i), f) not in cache for f in fields)]
+    chunks = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=_collate)
+    for chunk, batch in zip(chunks, loader):
+        for name in fields:
+            cache.add([_cache_key(dataset.key(i), name) for i in chunk], encode(batch[name]).cpu())
+    cache.flush()
+    barrier()
+    cache.refresh()
+    stats = {"encoded": len(todo), "cached": len(mine) - len(todo), "total": len(cache)}
+    log(f"cache {cache.folder}: {stats['encoded']} encoded, {stats['cached']} already cached (rank {rank})")
+    return stats
 
 
 def _collate(items: list[dict]) -> dict:
@@ -267,17 +268,20 @@ def _collate(items: list[dict]) -> dict:
     return out
 
 
-class CachedLatents(Dataset):
-    """A map-style set served from a LatentCache: `{"key", "text", "latent"[, "source_latent"]}`,
-    raw latents [C,h,w] float32 (normalise with the VAE's stats in the stage); no image is decoded.
+class CachedDataset(Dataset):
+    """A map-style set with its tensors from a TensorCache: item i holds, for each of the dataset's
+    fields, the cached tensor as float32 under `name` ("image") or `<field>_<name>` ("source"), beside
+    `dataset[i]` (`with_item`: the VAE stages keep the pixels) or just {"key", "text"} (no image is
+    decoded: the generator stages train on latents alone).
 
-    Samples without a cached latent (their image failed to load while filling) are left out and
+    Samples without a cached tensor (their image failed to load while filling) are left out and
     counted as "not_cached" in `report()`; none cached at all is an error (fill_cache not run)."""
 
-    def __init__(self, dataset, cache: LatentCache):
-        self.dataset, self.cache = dataset, cache
+    def __init__(self, dataset, cache: TensorCache, name: str = "latent", with_item: bool = False):
+        self.dataset, self.cache, self.name, self.with_item = dataset, cache, name, with_item
         self.fields = tuple(dataset.fields)
-        self._report = DataReport(f"{dataset.source} via {cache.folder}", "latent-cache", found=len(dataset))
+        self._report = DataReport(f"{getattr(dataset, 'source', 'images')} via {cache.folder}", "cache",
+                                  found=len(dataset))
         self.indices = []
         for i in range(len(dataset)):
             key = dataset.key(i)
@@ -287,7 +291,7 @@ class CachedLatents(Dataset):
                 self._report.skip("not_cached", key)
         self._report.used = len(self.indices)
         if not self.indices:
-            raise self._report.empty_error("Run fill_cache(cache, vae, dataset) first.")
+            raise self._report.empty_error("Run fill_cache(cache, dataset, encode) first.")
         if self._report.skipped:
             logger.warning("%s", self._report.summary())
 
@@ -300,9 +304,9 @@ class CachedLatents(Dataset):
     def __getitem__(self, index: int) -> dict:
         i = self.indices[index]
         key = self.dataset.key(i)
-        item = {"key": key, "text": self.dataset.text(i)}
-        for name in self.fields:
-            item["latent" if name == "image" else f"{name}_latent"] = self.cache.get(_cache_key(key, name))
+        item = dict(self.dataset[i]) if self.with_item else {"key": key, "text": self.dataset.text(i)}
+        for f in self.fields:
+            item[self.name if f == "image" else f"{f}_{self.name}"] = self.cache.get(_cache_key(key, f))
         return item
 
 
@@ -374,7 +378,7 @@ class StringWriter:
 
 class TarCaptionTable:
     """The (key, caption) list of a set of tar shards, stored beside their cached latents, shaped like
-    a map-style caption set (`key(i)`, `text(i)`, `fields`, `source`), so `CachedLatents` serves it."""
+    a map-style caption set (`key(i)`, `text(i)`, `fields`, `source`), so `CachedDataset` serves it."""
 
     fields = ("image",)
 
@@ -394,14 +398,15 @@ class TarCaptionTable:
 
 
 @torch.no_grad()
-def fill_cache_from_tar(stream: TarShardStream, cache: LatentCache, encode: Callable[[torch.Tensor], torch.Tensor],
+def fill_cache_from_tar(stream: TarShardStream, cache: TensorCache, encode: Callable[[torch.Tensor], torch.Tensor],
                         *, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                         barrier: Callable[[], None] = lambda: None,
                         log: Callable[[str], None] = logger.info) -> tuple[TarCaptionTable, dict]:
     """Stream the shards once: encode (`encode(images 0..1) -> raw latents`) what the cache lacks and
     record every (key, caption) in a table beside the latents. Each rank reads its own shards; rank 0
     merges the per-rank parts. Later runs (and resumes) reuse the table without reading a shard.
-    Returns the table and {"encoded", "cached", "table"}; all ranks must call it (it has barriers)."""
+    Returns the table and {"encoded", "cached", "table"}; all ranks must call it (it has barriers,
+    and ends seeing every rank's latents)."""
     ident = {"shards": [[s, os.path.getsize(s)] for s in stream.shards], "text_fields": list(stream.text_fields),
              "min_side": stream.min_side}
     table_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -456,4 +461,5 @@ def fill_cache_from_tar(stream: TarShardStream, cache: LatentCache, encode: Call
         tmp.write_text(json.dumps({"count": count, **ident}) + "\n")
         os.replace(tmp, done)  # written last: marks the table complete
     barrier()
+    cache.refresh()  # every rank's latents
     return TarCaptionTable(prefix, source), {"encoded": stats["encoded"], "cached": stats["cached"], "table": str(prefix)}

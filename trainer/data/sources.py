@@ -132,13 +132,18 @@ def _as_is(item):
 
 class ImageDataset(Dataset):
     """`size` x `size` uint8 RGB crops `[3,S,S]` of one source, plus their index; `names[i]` says
-    where item i comes from (its path, or "<folder>[row]")."""
+    where item i comes from (its path, or "<folder>[row]") and is its key in a cache."""
+
+    fields = ("image",)
 
     def __init__(self, load: Callable, items: list, size: int, names: list[str]):
         self._load, self.items, self.size, self.names = load, items, size, names
 
     def __len__(self):
         return len(self.items)
+
+    def key(self, i: int) -> str:
+        return self.names[i]
 
     def subset(self, indices: Sequence[int]) -> "ImageDataset":
         return ImageDataset(self._load, [self.items[i] for i in indices], self.size, [self.names[i] for i in indices])
