@@ -12,7 +12,7 @@ from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS
 from psvae_core.fusion import FusionDiffuser
 from trainer import benchmarks as bm
-from trainer.samples import write_sample_photos
+from test_trainer_helpers import write_sample_photos
 
 from tiny_models import one_thread, word_tokenizer  # noqa: F401  (one_thread: an autouse fixture)
 

@@ -24,7 +24,8 @@ from psvae_core.config import PRESETS
 from psvae_core.images import resize_center_crop
 from psvae_core.metrics import InceptionFeatures, feature_stats, fid_from_features
 from trainer import evaluate
-from trainer.samples import sample_photos, write_sample_photos
+from test_trainer_helpers import write_sample_photos
+from trainer.samples import sample_photos
 
 REPO = Path(__file__).resolve().parents[1]
 CORE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "camera")
@@ -89,12 +90,12 @@ def _ssim_ref(x, y):
 
 @pytest.fixture(scope="module")
 def noise_runs(photo_batch, inception):
-    """evaluate_reconstruction on the 6 photos, in batches of 4 (+2), for sigma 0, 0.05, 0.15."""
+    """evaluate_reconstruction on the 6 photos, in batches of 3, for sigma 0, 0.05, 0.15."""
     runs = {}
     for sigma in (0.0, 0.05, 0.15):
         vae = NoisyIdentity(sigma)
         result = evaluate.evaluate_reconstruction(vae, [photo_batch[:3], photo_batch[3:]], resolution=128,
-                                                  inception=inception, batch_size=4, device="cpu")
+                                                  inception=inception, device="cpu")
         runs[sigma] = (vae, result)
     return runs
 
@@ -172,8 +173,8 @@ def test_core_input_checks_and_train_mode_restored(photo_batch):
             assert not self.training
             return x
     vae = ModuleVAE().train()
-    # dict batches and uint8 work too
-    batches = [{"images": (photo_batch[:2] * 255).round().to(torch.uint8), "labels": [0, 1]}]
+    # uint8 works too
+    batches = [(photo_batch[:2] * 255).round().to(torch.uint8)]
     result = evaluate.evaluate_reconstruction(vae, batches, resolution=128)
     assert vae.training and result["n_images"] == 2
 
@@ -363,7 +364,7 @@ def test_cli_module_entry_point_reports_error_without_traceback(tmp_path):
 def test_cuda_matches_cpu(photo_batch, noise_runs):
     inception = InceptionFeatures()
     result = evaluate.evaluate_reconstruction(NoisyIdentity(0.05), [photo_batch[:3], photo_batch[3:]], resolution=128,
-                                              inception=inception, batch_size=4, device="cuda")
+                                              inception=inception, device="cuda")
     cpu = noise_runs[0.05][1]
     np.testing.assert_allclose(result["per_image"]["psnr"], cpu["per_image"]["psnr"], atol=1e-3)
     np.testing.assert_allclose(result["per_image"]["ssim"], cpu["per_image"]["ssim"], atol=1e-4)

@@ -44,7 +44,7 @@ def assets(tmp_path_factory):
     """photos/ (12 photos + captions), edits/ (source, flipped target, "flip" instruction), vae."""
     from PIL import Image, ImageOps
 
-    from trainer.samples import write_sample_photos
+    from test_trainer_helpers import write_sample_photos
     from trainer.data import load_image
 
     root = tmp_path_factory.mktemp("generator")

@@ -19,9 +19,20 @@ TINY_PSVAE = ROOT / "trainer" / "configs" / "psvae_tiny.yaml"
 GAN_ON = ["gan.weight=0.5", "gan.start_step=2", "gan.disc_start_step=1", "gan.ndf=16", "gan.n_layers=2"]
 
 
-def photos(folder: Path, size: int = 128) -> Path:
-    from trainer.samples import write_sample_photos
+def write_sample_photos(folder, size: int = 256, names=None) -> list[Path]:
+    """The bundled photos (trainer.samples) as `folder/<name>.png`."""
+    from trainer.samples import SAMPLE_PHOTOS, sample_photos
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in sample_photos(size, names or SAMPLE_PHOTOS).items():
+        paths.append(folder / f"{name}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def photos(folder: Path, size: int = 128) -> Path:
     write_sample_photos(folder, size)
     return folder
 

@@ -234,10 +234,6 @@ def _finish(sampler: BenchmarkSampler, jobs: list, write, log, prompts: int, res
     return {"prompts": prompts, "generated": made, "kept": resume.kept}
 
 
-def _quiet(_msg: str) -> None:
-    pass
-
-
 # =================================================================================== GenEval
 
 def read_geneval_prompts(path) -> list[tuple[str, dict]]:

@@ -68,46 +68,15 @@ def _summary(values: list[float]) -> dict[str, Any]:
             "min": float(v.min()), "max": float(v.max()), "n_non_finite": int(v.size - finite.size)}
 
 
-def _batch_tensor(item: Any) -> torch.Tensor:
-    """One item of the input iterable -> [B,3,H,W] tensor (accepts (images, labels) tuples and
-    dicts with an "images"/"image"/"pixel_values" entry, as data loaders yield)."""
-    if isinstance(item, dict):
-        for key in ("images", "image", "pixel_values"):
-            if key in item:
-                item = item[key]
-                break
-        else:
-            raise ValueError(f"evaluate_reconstruction: a dict batch needs an 'images' entry, got keys {sorted(item)}")
-    elif isinstance(item, (tuple, list)):
-        item = item[0]
+def _batch_tensor(item: torch.Tensor) -> torch.Tensor:
+    """One batch of the input -> [B,3,H,W] float 0..1 (uint8 is scaled)."""
     if not isinstance(item, torch.Tensor):
         raise ValueError(f"evaluate_reconstruction: expected image tensors, got {type(item).__name__}")
     if item.dim() == 3:
         item = item[None]
     if item.dim() != 4 or item.shape[1] != 3:
         raise ValueError(f"evaluate_reconstruction: expected [B,3,H,W] batches, got {tuple(item.shape)}")
-    if item.dtype == torch.uint8:
-        return item.float() / 255.0
-    return item.float()
-
-
-def _rebatch(batches: Iterable, batch_size: Optional[int]):
-    if batch_size is None:
-        for item in batches:
-            yield _batch_tensor(item)
-        return
-    pending, count = [], 0
-    for item in batches:
-        x = _batch_tensor(item)
-        pending.append(x)
-        count += x.shape[0]
-        while count >= batch_size:
-            joined = torch.cat(pending)
-            yield joined[:batch_size]
-            rest = joined[batch_size:]
-            pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-    if count:
-        yield torch.cat(pending)
+    return item.float() / 255.0 if item.dtype == torch.uint8 else item.float()
 
 
 def _default_device(vae) -> torch.device:
@@ -120,16 +89,14 @@ def _default_device(vae) -> torch.device:
 @torch.no_grad()
 def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_RESOLUTION,
                             lpips: Optional[nn.Module] = None, inception: Optional[nn.Module] = None,
-                            device=None, batch_size: Optional[int] = None,
-                            callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
+                            device=None, callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
                             ) -> dict[str, Any]:
     """Reconstruction metrics of `vae` over `images`; per image PSNR, SSIM, LPIPS and rFID over the set.
 
     vae: anything with `reconstruct(x) -> [B,3,h,w]` in 0..1 (a `PSVAE`: posterior mode, clamped).
         An nn.Module is put in eval mode for the call and restored afterwards.
     images: an iterable of target batches `[B,3,H,W]` (or `[3,H,W]`) float in 0..1 or uint8, already
-        at `resolution` x `resolution` (e.g. `ImageFolderReader`, or a DataLoader yielding tensors,
-        `(images, labels)` tuples or dicts with an "images" entry).
+        at `resolution` x `resolution` (e.g. `ImageFolderReader`).
     resolution: the evaluation size; inputs of another size are an error. A reconstruction of
         another size (e.g. a native-grid encoder) is resized to it (bicubic, antialiased, clamped)
         and `reconstruction_resized` says so.
@@ -137,7 +104,6 @@ def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_
     inception: a `psvae_core.metrics.InceptionFeatures`; None skips rFID. Originals and
         reconstructions are rounded to uint8 first (`to_uint8`, like saved PNGs).
     device: where the images go; default the vae's device. lpips and inception are moved there.
-    batch_size: re-batch the input to this many images per step; None keeps the given batches.
     callback: called as `callback(start_index, originals, reconstructions)` (CPU float 0..1) after
         each batch, e.g. to save images or report progress.
 
@@ -161,7 +127,7 @@ def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_
     real, fake = metrics.FeatureMoments(), metrics.FeatureMoments()
     recon_size, resized = None, False
     try:
-        for batch in _rebatch(images, batch_size):
+        for batch in map(_batch_tensor, images):
             if tuple(batch.shape[-2:]) != (resolution, resolution):
                 raise ValueError(f"evaluate_reconstruction: batches must be {resolution}x{resolution} "
                                  f"(the evaluation resolution), got {tuple(batch.shape[-2:])}; resize and crop "

@@ -1,8 +1,6 @@
 """The bundled real photos (scikit-image's sample data), used by the demo and the tests."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
@@ -27,13 +25,3 @@ def sample_photos(size: int = 256, names=SAMPLE_PHOTOS) -> dict[str, Image.Image
     """name -> `size`x`size` RGB PIL image (shorter side resized, centre crop)."""
     return {name: resize_center_crop(Image.fromarray(_load(name)), size) for name in names}
 
-
-def write_sample_photos(folder, size: int = 256, names=SAMPLE_PHOTOS) -> list[Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, image in sample_photos(size, names).items():
-        path = folder / f"{name}.png"
-        image.save(path)
-        paths.append(path)
-    return paths

@@ -65,7 +65,7 @@ class TensorCache:
     Layout: `<root>/<cache id>/cache.json` (the identity the id hashes) + `shard-*.safetensors`, each
     with one tensor "tensors" [N,...] and the N keys (JSON) in its metadata. The identity is `model`
     (a weights fingerprint), `stores` (LATENT or FEATURES), `size`, the resize rule and the storage
-    dtype. Folders of other identities are left in place (`stale_folders()` lists them).
+    dtype. Folders of other identities are left in place (delete them by hand).
 
     Writes: `add` buffers, full shards are written atomically (temporary name, then rename) under a
     unique name, so ranks (or two runs) may fill one cache at once; `refresh()` sees the others'.
@@ -142,11 +142,6 @@ class TensorCache:
         if info.is_file() and json.loads(info.read_text()) != self.identity:
             raise DataError(f"{self.folder} holds tensors of another model or preprocessing than its name says; "
                             "delete the folder")
-
-    def stale_folders(self) -> list[Path]:
-        """Cache folders under the root made with another identity (safe to delete)."""
-        return sorted(p for p in self.root.glob("*")
-                      if p.is_dir() and (p / "cache.json").is_file() and p != self.folder)
 
     def __len__(self) -> int:
         return len(self._hashes) + len(self._recent) + len(self._pending)
