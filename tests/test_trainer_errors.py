@@ -87,10 +87,15 @@ def test_a_choice_key_lists_its_values_and_explains_a_bare_no(capsys, photo_dir)
      "'float16']"),
     ("edit", "data.format=tar", "'data.format' is 'tar'; use one of ['auto', 'folder', 'jsonl']"),
     ("t2i", "model.preset=huge", "'model.preset' is 'huge'; use one of ['paper-653m', 'paper-1708m', 'smollm2-135m', "
-     "'tiny']")])
+     "'tiny']"),
+    ("svae", "model.preset=huge", "'model.preset' is 'huge'; use one of ['paper-dinov2-b-96c', "),
+    ("t2i", "loss.text_dropout=1.5", "'loss.text_dropout' must be in [0, 1], got 1.5"),
+    ("t2i", "loss.shift=0", "'loss.shift' must be > 0, got 0"),
+    ("t2i", "data.val_count=-1", "'data.val_count' must be >= 0, got -1"),
+    ("edit", "loss.image_dropout=-0.1", "'loss.image_dropout' must be in [0, 1], got -0.1")])
 def test_stage_choice_keys_are_checked_by_the_schema(stage, override, message):
-    """Every stage's choice keys are Literal fields: refused when the config is read, before any file
-    is opened, with the same message shape as the shared keys."""
+    """Every stage's choice keys are Literal fields and its ranges are in its schema's RANGES: refused
+    when the config is read, before any file is opened, with the same message shape as the shared keys."""
     from trainer.config import ConfigError, load_config
     from trainer.generator_stages import EditConfig, T2IConfig
     from trainer.vae_stages import VAEConfig

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Literal, Optional
+from typing import Any, ClassVar, List, Literal, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
@@ -116,8 +116,10 @@ class ExportSection:
 
 @dataclass
 class BaseConfig:
-    """Sections every stage shares; a stage's schema subclasses this."""
+    """Sections every stage shares; a stage's schema subclasses this (and may name its own keys to
+    check in RANGES: {"positive": keys, "non_negative": keys, "fractions": keys}, see check_ranges)."""
 
+    RANGES: ClassVar[dict] = {}
     config_version: int = CONFIG_VERSION
     stage: str = MISSING  # set from the command line (`python -m trainer <stage>`)
     run: RunSection = field(default_factory=RunSection)
@@ -213,20 +215,27 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def check_ranges(cfg, positive=(), non_negative=(), fractions=()) -> None:
+    """Keys that must be > 0, >= 0, or a finite number in [0, 1]; a null value is not checked."""
+    for keys, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                           (fractions, lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]")):
+        for key in keys:
+            _check(cfg, key, lambda v: v is None or ok(v), rule)
+
+
 def check_base(cfg) -> None:
     """Value checks the types cannot express."""
-    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "log.every", "ema.every"):
-        _check(cfg, key, lambda v: v > 0, "> 0")
-    for key in ("train.num_workers", "checkpoint.every", "checkpoint.keep_last", "log.images_every",
-                "validation.every", "validation.max_images", "optim.warmup_steps",
-                "nan.max_consecutive", "export.stats_images"):
-        _check(cfg, key, lambda v: v >= 0, ">= 0")
+    check_ranges(cfg, positive=("train.max_steps", "train.batch_size", "train.grad_accum", "log.every", "ema.every"),
+                 non_negative=("train.num_workers", "checkpoint.every", "checkpoint.keep_last", "log.images_every",
+                               "validation.every", "validation.max_images", "optim.warmup_steps",
+                               "nan.max_consecutive", "export.stats_images"),
+                 fractions=("optim.min_lr_ratio",))
+    check_ranges(cfg, **OmegaConf.get_type(cfg).RANGES)
     # NaN passes every comparison and inf trains until the export: refuse both up front.
     _check(cfg, "optim.lr", lambda v: _finite(v) and v > 0, "a finite number > 0 (e.g. 1e-4)")
     _check(cfg, "optim.eps", lambda v: _finite(v) and v > 0, "a finite number > 0 (e.g. 1e-8)")
     for key in ("optim.weight_decay", "optim.grad_clip"):
         _check(cfg, key, lambda v: _finite(v) and v >= 0, "a finite number >= 0")
-    _check(cfg, "optim.min_lr_ratio", lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]")
     _check(cfg, "optim.betas", lambda v: len(v) == 2 and all(_finite(b) and 0 <= b < 1 for b in v),
            "two numbers in [0, 1) (e.g. [0.9, 0.95])")
     _check(cfg, "ema.decay", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1) (e.g. 0.999)")

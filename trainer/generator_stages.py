@@ -26,7 +26,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 import torch
 from omegaconf import MISSING, OmegaConf
@@ -119,6 +119,9 @@ class PreviewSection:
 
 @dataclass
 class T2IConfig(BaseConfig):
+    RANGES: ClassVar[dict] = {"positive": ("data.image_size", "data.max_text_tokens", "preview.steps",
+                                           "loss.logit_std", "loss.shift"),
+                              "non_negative": ("data.val_count",), "fractions": ("loss.text_dropout",)}
     ema: EMASection = field(default_factory=lambda: EMASection(decay=0.9999))  # docs/PAPER.md §5.3: EMA 0.9999
     model: GenModelSection = field(default_factory=GenModelSection)
     data: GenDataSection = field(default_factory=GenDataSection)
@@ -128,6 +131,7 @@ class T2IConfig(BaseConfig):
 
 @dataclass
 class EditConfig(T2IConfig):
+    RANGES: ClassVar[dict] = {**T2IConfig.RANGES, "fractions": ("loss.text_dropout", "loss.image_dropout")}
     data: EditDataSection = field(default_factory=EditDataSection)
     loss: EditLossSection = field(default_factory=EditLossSection)
 
@@ -214,18 +218,7 @@ class _GeneratorStage(Stage):
 
     # --- construction ---------------------------------------------------------------------
     def _check_config(self):
-        cfg, d, L = self.cfg, self.cfg.data, self.cfg.loss
-        for key in ("data.image_size", "data.max_text_tokens", "preview.steps", "loss.logit_std"):
-            if OmegaConf.select(cfg, key) <= 0:
-                raise ConfigError(f"'{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
-        if d.val_count < 0:
-            raise ConfigError(f"'data.val_count' must be >= 0, got {d.val_count}")
-        drops = ["loss.text_dropout"] + (["loss.image_dropout"] if self.task == "edit" else [])
-        for key in drops:
-            if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
-                raise ConfigError(f"'{key}' must be in [0, 1], got {OmegaConf.select(cfg, key)}")
-        if L.shift is not None and L.shift <= 0:
-            raise ConfigError(f"'loss.shift' must be > 0 (or null for sqrt(C/16)), got {L.shift}")
+        cfg = self.cfg
         m = cfg.model
         if m.init_from and m.lm_path:
             raise ConfigError("set model.init_from (continue a generator export) or model.lm_path (start from an "

@@ -54,7 +54,7 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    preset: str = "paper-dinov2-b-96c"  # a psvae_core.config.PRESETS name
+    preset: Literal[tuple(PRESETS)] = "paper-dinov2-b-96c"  # a psvae_core.config.PRESETS name
     overrides: Dict[str, Any] = field(default_factory=dict)  # PSVAEConfig fields merged into the preset
     encoder_weights: Optional[str] = None  # local folder (or hub id) of the pretrained encoder; null = random init
     init_from: Optional[str] = None  # a stage-1 export (.safetensors); required by psvae
@@ -186,8 +186,6 @@ class _VAEStage(Stage):
         if self.needs_init and not cfg.model.init_from:
             raise ConfigError(f"stage '{self.name}' starts from a stage-1 export: set model.init_from to the "
                               f"svae run's export/vae.safetensors")
-        if cfg.model.preset not in PRESETS:
-            raise ConfigError(f"'model.preset' is {cfg.model.preset!r}; use one of {sorted(PRESETS)}")
 
     def _model_config(self) -> PSVAEConfig:
         return model_config(self.cfg.model, self.mode)
