@@ -105,3 +105,24 @@ def test_val_count_holds_out_the_same_rule_in_both_kinds_of_stage(tmp_path):
     everything = CaptionFolder(tmp_path, size=32, seed=5)
     assert [val.dataset.key(i) for i in val.indices] == [everything.key(i) for i in held]
     assert len(train) == len(photos) - 3
+
+
+def test_hf_sources_of_both_stage_kinds_share_one_reader(tmp_path):
+    """A `datasets` folder is opened by one reader (trainer.data.sources.open_hf) for the VAE and the
+    generator stages: without the package both say how to get it; a cell is read by one rule."""
+    from trainer.data import MissingDependencyError
+    from trainer.data.captions import HFCaptionDataset
+    from trainer.data.report import BadSample
+    from trainer.data.sources import hf_image
+
+    (tmp_path / "dataset_info.json").write_text("{}")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        for open_it in (lambda: build_image_dataset(str(tmp_path), SIZE), lambda: HFCaptionDataset(tmp_path)):
+            with pytest.raises(MissingDependencyError, match="pip install datasets"):
+                open_it()
+    assert hf_image({"bytes": b"png", "path": None}, "w") == b"png"
+    assert hf_image({"bytes": None, "path": "a.png"}, "w") == "a.png"
+    with pytest.raises(BadSample, match="missing_image: row 3"):
+        hf_image(None, "row 3")

@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from .images import IMAGE_SIZE, IMAGE_SUFFIXES, check_image_file, image_files, is_image_name, load_image
-from .report import BadSample, DataError, DataReport, EmptyDatasetError, MissingDependencyError
-from .sources import HF_MARKERS, select_split
+from .report import BadSample, DataError, DataReport, EmptyDatasetError
+from .sources import HF_MARKERS, hf_image, open_hf
 
 logger = logging.getLogger(__name__)
 
@@ -270,16 +269,6 @@ class CaptionManifest(_MapDataset):
         self._finish(entries, f'Each line of {manifest} needs {{"{image_key}": path, "{text_key}": caption}}.')
 
 
-def _require_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise MissingDependencyError(
-            "reading Hugging Face `datasets` folders or parquet files needs the `datasets` package (with "
-            "pyarrow): `pip install datasets`; or convert the data to a jsonl manifest or tar shards") from None
-    return datasets
-
-
 class HFCaptionDataset(_MapDataset):
     """A `datasets.save_to_disk` folder or parquet file(s) (path, glob or list) with an image column
     (an Image feature, encoded bytes, {"bytes", "path"} or a path string) and a text column.
@@ -293,24 +282,9 @@ class HFCaptionDataset(_MapDataset):
     def __init__(self, path: Union[PathLike, Sequence[PathLike]], image_column: str = "image",
                  text_column: str = "text", split: Optional[str] = None,
                  **kwargs):
-        datasets = _require_datasets()
         kwargs.setdefault("check_images", False)  # images live inside the files; checked when loaded
-        paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else None
         super().__init__(str(path), **kwargs)
-        if paths is None and Path(path).is_dir():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            files = [str(p) for p in paths] if paths is not None else sorted(_glob.glob(str(path)))
-            if not files:
-                raise DataError(f"no parquet file matches {path}")
-            ds = datasets.load_dataset("parquet", data_files=files, split="train")
-        ds = select_split(ds, split, path, error=DataError)
-        for column, what in ((image_column, "image_column"), (text_column, "text_column")):
-            if column not in ds.column_names:
-                raise DataError(f"{path}: no column {column!r}; columns are {ds.column_names} (set {what})")
-        feature = ds.features.get(image_column)
-        if isinstance(feature, datasets.Image) and feature.decode:
-            ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes; decoded by load_image
+        ds = open_hf(path, split, "split", {image_column: "image_column", text_column: "text_column"})
         self._ds, self._image_column, self._text_column = ds, image_column, text_column
         self._texts = ds.select_columns([text_column])
         self._report.found = len(ds)
@@ -323,13 +297,8 @@ class HFCaptionDataset(_MapDataset):
         return value.strip()
 
     def _load_image(self, ref, entry: Entry) -> torch.Tensor:
-        value = self._ds[ref][self._image_column]
         where = f"{self.source}#{entry.key}"
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        if not isinstance(value, (bytes, bytearray, str, Image.Image)):
-            raise BadSample("missing_image", where)
-        return load_image(value, self.size, self.min_side, where=where)
+        return load_image(hf_image(self._ds[ref][self._image_column], where), self.size, self.min_side, where=where)
 
 
 class EditFolder(_MapDataset):

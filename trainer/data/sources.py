@@ -7,6 +7,7 @@ run folder), never silently dropped. Images are read by the package's one rule (
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .images import IMAGE_SUFFIXES, check_image_file, files_under, is_image_name, read_crop
-from .report import BadSample, DataError, DataReport
+from .report import BadSample, DataError, DataReport, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -99,31 +100,61 @@ def select_split(ds, split: Optional[str], where, hint: str = "", error: type[Ex
     return ds[split]
 
 
+def require_datasets():
+    """The `datasets` module, or MissingDependencyError saying how to get it."""
+    try:
+        import datasets
+    except ImportError:
+        raise MissingDependencyError(
+            "reading Hugging Face `datasets` folders or parquet files needs the `datasets` package (with "
+            "pyarrow): `pip install datasets`; or convert the data to an image folder, a jsonl manifest or tar "
+            "shards") from None
+    return datasets
+
+
+def open_hf(path, split: Optional[str], split_setting: str, columns: dict[str, str]):
+    """The rows of a `datasets.save_to_disk` folder or of parquet file(s) (a path, glob or list): the
+    split `split` (named by the setting `split_setting`); each of `columns` (column -> the setting that
+    names it) must exist. Image columns stay undecoded (bytes): `hf_image` + the image rule read them."""
+    datasets = require_datasets()
+    if not isinstance(path, (list, tuple)) and Path(path).is_dir():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        files = [str(p) for p in path] if isinstance(path, (list, tuple)) else sorted(glob.glob(str(path)))
+        if not files:
+            raise DataError(f"no parquet file matches {path}")
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    ds = select_split(ds, split, path, f" (set {split_setting})")
+    for column, setting in columns.items():
+        if column not in ds.column_names:
+            raise DataError(f"{path}: no column {column!r}; columns are {ds.column_names} (set {setting})")
+        feature = ds.features.get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def hf_image(value, where: str):
+    """An image cell (encoded bytes, {"bytes", "path"}, a path or a PIL image) as read_crop takes it."""
+    if isinstance(value, dict):  # an undecoded Image feature
+        value = value.get("bytes") or value.get("path")
+    if not isinstance(value, (bytes, bytearray, str, Image.Image)):
+        raise BadSample("missing_image", where)
+    return value
+
+
 class _HFItems:
     """Rows of a `datasets.load_from_disk` folder, read lazily (each worker opens its own)."""
 
     def __init__(self, folder: Path, column: str, split: Optional[str]):
-        try:
-            import datasets
-        except ImportError:
-            raise DataError(f"{folder} is a Hugging Face `datasets` folder, but the `datasets` package is not "
-                            f"installed; `pip install datasets` or export the images to a folder") from None
-        ds = select_split(datasets.load_from_disk(str(folder)), split, folder, " (set data.hf_split)")
-        if column not in ds.column_names:
-            raise DataError(f"{folder}: no column {column!r}; columns are {ds.column_names} (set data.hf_column)")
-        self.ds, self.column = ds, column
+        self.ds = open_hf(folder, split, "data.hf_split", {column: "data.hf_column"})
+        self.folder, self.column = folder, column
 
     def __len__(self):
         return len(self.ds)
 
     def load(self, i: int):
-        """Row i's image as read_crop takes it: a PIL image, encoded bytes or a path."""
-        value = self.ds[i][self.column]
-        if isinstance(value, dict):  # undecoded Image feature: {"bytes": ..., "path": ...}
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, (Image.Image, bytes, str)):
-            return value
-        raise DataError(f"column {self.column!r} holds {type(value).__name__}, not images")
+        return hf_image(self.ds[i][self.column], f"{self.folder}[{i}]")
 
 
 def _as_is(item):
