@@ -298,16 +298,16 @@ def test_t2i_fsdp_matches_one_process_and_checkpoints_move_both_ways(assets, tmp
 # ------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("name", ["t2i_paper", "t2i_paper_1708m", "edit_paper", "t2i_tiny", "edit_tiny"])
 def test_shipped_generator_configs_validate(name):
-    from psvae_core.fusion import FusionConfig, FusionDiffuser
+    from psvae_core.fusion import FusionDiffuser
     from trainer.config import load_config
-    from trainer.generator_stages import EditConfig, T2IConfig, fusion_fields
+    from trainer.generator_stages import EditConfig, T2IConfig, fusion_config
 
     path = T2I_TINY.with_name(f"{name}.yaml")
     stage = name.split("_")[0]
     cfg = load_config(EditConfig if stage == "edit" else T2IConfig, stage, str(path),
                       ["model.vae=/v.safetensors", "data.source=/d"])
     assert cfg.stage == stage and cfg.ema.enabled
-    config = FusionConfig.from_dict(fusion_fields(cfg.model))  # preset + overrides
+    config = fusion_config(cfg.model)  # preset + overrides
     if "paper" in name:
         assert cfg.ema.decay == 0.9999 and cfg.optim.lr == 1e-4 and cfg.precision.mixed == "bf16"
         assert 720 <= cfg.train.batch_size * 8 * cfg.train.grad_accum <= 740  # on 8 GPUs ([paper] ~730)

@@ -258,3 +258,14 @@ def config_hash(cfg) -> str:
 
 def as_dict(section) -> dict[str, Any]:
     return OmegaConf.to_container(section, resolve=True)
+
+
+def preset_config(config_class, preset, overrides, **fields):
+    """`config_class.from_dict` of the preset (a config) with `overrides` (model.overrides) merged in,
+    and `fields` set; a field the class refuses is a ConfigError naming model.overrides."""
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(preset.to_dict()),
+                                                    OmegaConf.create(as_dict(overrides))))
+    try:
+        return config_class.from_dict({**merged, **fields})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.overrides: {err}") from None

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 from torch.utils.data import Subset
 
 from psvae_core import flow, generation
@@ -42,7 +42,7 @@ from psvae_core.fusion_heads import DDTBlock
 from psvae_core.provenance import file_sha256, recorded_vae, vae_mismatch, vae_provenance
 
 from . import data as td
-from .config import BaseConfig, ConfigError, DType, EMASection, as_dict
+from .config import BaseConfig, ConfigError, DType, EMASection, preset_config
 from .data import DataError, split_holdout
 from .rng import derive_seed, micro_rows, step_noise
 from .stage import Stage, StepResult, Trainable, register
@@ -168,15 +168,9 @@ def cfg_dropout_masks(seed: int, step: int, step_batch: int, p_text: float,
     return td.dropout_masks(step_batch, p_text, p_image, generator=g)
 
 
-def fusion_fields(model: GenModelSection) -> dict:
-    """The preset's FusionConfig fields with `model.overrides` merged in (validated)."""
-    base = GENERATOR_PRESETS[model.preset].to_dict()
-    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(as_dict(model.overrides))))
-    try:
-        FusionConfig.from_dict(merged)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model.overrides: {err}") from None
-    return merged
+def fusion_config(model: GenModelSection) -> FusionConfig:
+    """The preset with `model.overrides` merged in (FusionConfig refuses unknown fields)."""
+    return preset_config(FusionConfig, GENERATOR_PRESETS[model.preset], model.overrides)
 
 
 # --------------------------------------------------------------------------- stages
@@ -276,7 +270,7 @@ class _GeneratorStage(Stage):
             self._check_init_vae(path)
             init = {"kind": "file", "source": str(path), "sha256": file_sha256(path)}
         elif m.lm_path:
-            fields = {k: v for k, v in fusion_fields(m).items() if k not in ("lm", "lm_source")}
+            fields = {k: v for k, v in fusion_config(m).to_dict().items() if k not in ("lm", "lm_source")}
             try:
                 model = FusionDiffuser.from_pretrained_lm(m.lm_path, gguf_file=m.gguf_file,
                                                           load_tokenizer=m.tokenizer is None, **fields)
@@ -285,7 +279,7 @@ class _GeneratorStage(Stage):
                                   f"({str(err).splitlines()[0]})") from None
             init = {"kind": "lm", "source": model.config.lm_source}
         else:
-            model = FusionDiffuser(FusionConfig.from_dict(fusion_fields(m)))
+            model = FusionDiffuser(fusion_config(m))
             init = {"kind": "preset", "source": m.preset}
             if self.task == "edit":
                 self.ctx.log("note: model.init_from is not set, so editing starts from a fresh generator; the paper "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 from torch import nn
 
 from psvae_core import losses
@@ -27,7 +27,7 @@ from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS, PSVAEConfig
 from psvae_core.preview import preview_moments, solve_preview
 
-from .config import BaseConfig, ConfigError, OptimSection, as_dict
+from .config import BaseConfig, ConfigError, OptimSection, preset_config
 from .data import (FEATURES, CachedDataset, TensorCache, build_image_dataset, fill_cache, module_fingerprint,
                    shard_indices, split_holdout)
 from .rng import derive_seed, step_noise
@@ -108,13 +108,7 @@ class VAEConfig(BaseConfig):
 
 def model_config(model: ModelSection, mode: str) -> PSVAEConfig:
     """The preset with `model.overrides` merged in (PSVAEConfig refuses unknown fields)."""
-    base = OmegaConf.create(PRESETS[model.preset].to_dict())
-    merged = OmegaConf.to_container(OmegaConf.merge(base, OmegaConf.create(as_dict(model.overrides))))
-    merged["mode"] = mode
-    try:
-        return PSVAEConfig.from_dict(merged)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model.overrides: {err}") from None
+    return preset_config(PSVAEConfig, PRESETS[model.preset], model.overrides, mode=mode)
 
 
 # --------------------------------------------------------------------------- the trained module
