@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -38,7 +37,7 @@ from psvae_core.checkpoint import read_header
 from psvae_core.dtypes import DTYPES
 from psvae_core.fusion import FusionDiffuser
 
-from .data import DataError, jsonl_lines, load_image
+from .data import DataError, jsonl_lines, load_image, to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +140,6 @@ class Job:
     source: Optional[Path] = None
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-
-
 def save_png(image: Image.Image, path: Path, info: dict) -> None:
     """Atomic PNG write (hidden temporary name, then rename) with `info` in a text chunk."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +200,7 @@ def _run_jobs(sampler: BenchmarkSampler, jobs: list[Job], write: Callable[[Job, 
         else:
             images = sampler.text_to_image(texts, seeds)
         for job, image in zip(batch, images):
-            write(job, _to_pil(image))
+            write(job, to_pil(image))
         done = i + len(batch)
         rate = done / max(time.time() - start, 1e-9)
         log(f"  {done}/{len(jobs)} images ({rate:.2f}/s, ~{(len(jobs) - done) / max(rate, 1e-9):.0f}s left)")

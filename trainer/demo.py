@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
 from psvae_core import metrics
 from psvae_core.autoencoder import PSVAE
 
 from .config import load_config
-from .data import read_crop
+from .data import read_crop, to_pil
 from .evaluate import evaluate_reconstruction
 from .loop import train
 from .rng import seed_everything
@@ -41,17 +40,11 @@ HELD_OUT = ("chelsea", "coffee", "motorcycle_right")  # the cat, the cup and one
 SIZE = 256
 
 
-def _evaluate(vae: PSVAE, images: torch.Tensor) -> dict:
-    result = evaluate_reconstruction(vae, [images], resolution=SIZE)
-    return {"psnr": round(result["psnr"]["mean"], 3), "ssim": round(result["ssim"]["mean"], 4),
-            "per_image": result["per_image"]}
-
-
 def _stage_report(vae: PSVAE, train_x: torch.Tensor, held_x: torch.Tensor) -> dict:
     out = {}
     for split, x in (("train", train_x), ("held_out", held_x)):
-        r = _evaluate(vae, x)
-        out[split] = {"psnr": r["psnr"], "ssim": r["ssim"]}
+        r = evaluate_reconstruction(vae, [x], resolution=SIZE)
+        out[split] = {"psnr": round(r["psnr"]["mean"], 3), "ssim": round(r["ssim"]["mean"], 4)}
     return out
 
 
@@ -113,9 +106,9 @@ def main(argv=None) -> dict:
 
     (out / "reconstructions").mkdir(exist_ok=True)
     for name, image in zip(names, final):
-        to_pil_image(image).save(out / "reconstructions" / f"{name}.png")
+        to_pil(image).save(out / "reconstructions" / f"{name}.png")
     grid = make_grid(torch.cat([x, *recon_rows]), nrow=len(names), padding=2)
-    to_pil_image(grid).save(out / "comparison.png")
+    to_pil(grid).save(out / "comparison.png")
     shutil.copyfile(summary2["export"], out / "vae.safetensors")
 
     psnr, ssim = metrics.psnr(final, x), metrics.ssim(final, x)

@@ -38,6 +38,7 @@ from psvae_core.losses import LPIPS_WEIGHTS_ENV
 from psvae_core.provenance import file_sha256
 
 from . import data
+from .data import to_pil, to_uint8
 
 DEFAULT_RESOLUTION = 256
 DEFAULT_LPIPS_NET = "alex"
@@ -55,11 +56,6 @@ class EvaluationError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Core: metrics over an iterable of image batches
 # ---------------------------------------------------------------------------------------------
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """0..1 float -> uint8 by round(255*x) after clamping: what saving a PNG does."""
-    return (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-
 
 def _summary(values: list[float]) -> dict[str, Any]:
     v = np.asarray(values, dtype=np.float64)
@@ -441,12 +437,10 @@ def _load_inception(path: Optional[str]):
 
 
 def _saver(reader: ImageFolderReader, recon_dir: Optional[str], orig_dir: Optional[str]):
-    from PIL import Image
-
     def save(folder: str, rel: str, image: torch.Tensor):
         target = Path(folder) / Path(rel).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy()).save(target)
+        to_pil(image).save(target)
 
     def callback(start: int, originals: torch.Tensor, reconstructions: torch.Tensor):
         for k in range(originals.shape[0]):

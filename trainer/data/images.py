@@ -7,7 +7,8 @@ Every stage, the evaluation and the demo read images here:
 - the shorter side is resized to `size` (bicubic) and the centre `size` x `size` crop is kept
   (`psvae_core.images.resize_center_crop`); models resize to their own input size themselves.
 
-`read_crop` returns uint8 `[3,S,S]` (what DataLoader workers ship), `load_image` float32 0..1.
+`read_crop` returns uint8 `[3,S,S]` (what DataLoader workers ship), `load_image` float32 0..1;
+`to_pil` is the way back, for every image the trainer saves.
 """
 from __future__ import annotations
 
@@ -121,6 +122,16 @@ def load_image(source: ImageSource, size: int = IMAGE_SIZE, min_side: int = 0,
                where: Optional[str] = None) -> torch.Tensor:
     """`read_crop` as float32 in 0..1."""
     return read_crop(source, size, min_side, where).float().div_(255)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """0..1 float -> uint8 by round(255*x) after clamping: what saving a PNG does."""
+    return (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """An image [3,H,W] in 0..1 -> RGB PIL (rounded as `to_uint8`): how every trainer output is saved."""
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy())
 
 
 def check_image_file(path: Path, min_side: int = 0, decode: bool = False) -> Optional[str]:
