@@ -214,11 +214,14 @@ def _shard_filter(shard: tuple[int, int]) -> Callable[[int], bool]:
     return lambda i: i % world == rank
 
 
-def _start(sampler: BenchmarkSampler, bench: str, shard: tuple[int, int], overwrite: bool,
-           **extra) -> tuple[Callable[[int], bool], dict, "_Resume"]:
-    """This shard's filter, the run settings (+ `extra`) and the resume check of a benchmark run."""
+def _start(sampler: BenchmarkSampler, bench: str, rows: list, prompts, limit: Optional[int],
+           shard: tuple[int, int], overwrite: bool, **extra) -> tuple[list, Callable[[int], bool], dict, "_Resume"]:
+    """The first `limit` of the `rows` read from `prompts` (none is an error), this shard's filter, the
+    run settings (+ `extra`) and the resume check of a benchmark run."""
+    if not rows:
+        raise BenchmarkError(f"{prompts} holds no prompt")
     settings = {**sampler.run_settings(bench), **extra}
-    return _shard_filter(shard), settings, _Resume(settings, overwrite)
+    return rows[:limit], _shard_filter(shard), settings, _Resume(settings, overwrite)
 
 
 def _finish(sampler: BenchmarkSampler, jobs: list, write, log, prompts: int, resume: "_Resume",
@@ -238,8 +241,6 @@ def read_geneval_prompts(path) -> list[tuple[str, dict]]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise BenchmarkError(f'{path}:{n}: a GenEval line needs a "prompt" string')
         out.append((line.strip(), row))
-    if not out:
-        raise BenchmarkError(f"{path} holds no prompt")
     return out
 
 
@@ -247,8 +248,8 @@ def run_geneval(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit
                 shard: tuple[int, int] = (0, 1), overwrite: bool = False, log=print) -> dict:
     """`<out>/<index:05d>/metadata.jsonl` (the prompt's line) + `samples/<k:04d>.png`, k < samples."""
     out = Path(out)
-    rows = read_geneval_prompts(prompts)[:limit]
-    mine, settings, resume = _start(sampler, "geneval", shard, overwrite)
+    rows, mine, settings, resume = _start(sampler, "geneval", read_geneval_prompts(prompts), prompts, limit, shard,
+                                          overwrite)
     jobs = []
     for index, (line, row) in enumerate(rows):
         if not mine(index):
@@ -302,8 +303,8 @@ def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Op
     if not 1 <= samples <= 4:
         raise ValueError("DPG-Bench grids hold 1 to 4 samples")
     out = Path(out)
-    rows = read_dpg_prompts(prompts)[:limit]
-    mine, settings, resume = _start(sampler, "dpg", shard, overwrite, samples=samples)
+    rows, mine, settings, resume = _start(sampler, "dpg", read_dpg_prompts(prompts), prompts, limit, shard, overwrite,
+                                          samples=samples)
     jobs = []
     for index, (pid, prompt) in enumerate(rows):
         if mine(index) and not resume.done(out / f"{pid}.png"):
@@ -354,8 +355,6 @@ def read_gedit_items(path) -> list[dict]:
         if not row["source"].is_file():
             raise BenchmarkError(f"{path}:{n}: source image {row['source']} does not exist")
         items.append(row)
-    if not items:
-        raise BenchmarkError(f"{path} holds no edit")
     return items
 
 
@@ -363,8 +362,8 @@ def run_gedit(sampler: BenchmarkSampler, prompts, out, samples: int = 1, limit: 
               shard: tuple[int, int] = (0, 1), overwrite: bool = False, log=print) -> dict:
     """`<out>/<task_type>/<language>/<key>.png`, one edit per item (the source is centre-cropped to 256)."""
     out = Path(out)
-    items = read_gedit_items(prompts)[:limit]
-    mine, settings, resume = _start(sampler, "gedit", shard, overwrite)
+    items, mine, settings, resume = _start(sampler, "gedit", read_gedit_items(prompts), prompts, limit, shard,
+                                           overwrite)
     jobs = []
     for index, row in enumerate(items):
         target = out / row["task_type"] / row["language"] / f"{row['key']}.png"
