@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -10,8 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-
-logger = logging.getLogger("trainer")
 
 
 def _plain(value):
