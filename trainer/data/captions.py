@@ -44,7 +44,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from .images import IMAGE_SIZE, IMAGE_SUFFIXES, check_image_file, image_files, is_image_name, load_image
 from .report import BadSample, DataError, DataReport, EmptyDatasetError
-from .sources import HF_MARKERS, hf_image, open_hf
+from .sources import HF_MARKERS, hf_image, jsonl_lines, open_hf
 
 logger = logging.getLogger(__name__)
 
@@ -67,23 +67,19 @@ def _read_text(path: Path) -> Optional[str]:
 
 
 def _read_jsonl(path: Path, report: DataReport) -> list[tuple[int, dict]]:
+    """(line number, row) per JSON object line; other lines are counted as bad_manifest_line."""
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist")
+
+    def bad(n: int):
+        report.found += 1
+        report.skip("bad_manifest_line", f"{path}:{n}")
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"manifest {path} does not exist") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            report.found += 1
-            report.skip("bad_manifest_line", f"{path}:{n}")
-            continue
-        rows.append((n, row))
+    for n, _line, row in jsonl_lines(path, bad=bad):
+        if isinstance(row, dict):
+            rows.append((n, row))
+        else:
+            bad(n)
     return rows
 
 

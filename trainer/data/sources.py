@@ -55,16 +55,20 @@ def _folder_paths(root: Path, report: DataReport) -> list[Path]:
     return paths
 
 
-def jsonl_lines(path, error: type[Exception] = DataError) -> Iterator[tuple[int, str, Any]]:
+def jsonl_lines(path, error: type[Exception] = DataError,
+                bad: Optional[Callable[[int], None]] = None) -> Iterator[tuple[int, str, Any]]:
     """(line number, line, parsed JSON) per non-empty line of a jsonl file; a line that is not JSON
-    raises `error` naming the file and line."""
+    raises `error` naming the file and line, or is passed to `bad(line number)` and left out."""
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise error(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if bad is None:
+                raise error(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            bad(n)
+            continue
         yield n, line, row
 
 
