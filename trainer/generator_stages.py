@@ -360,7 +360,7 @@ class _GeneratorStage(Stage):
             return cls(source, check_images=d.check_images, **common)
         kind = d.format if d.format != "auto" else td.t2i_format(source)
         if kind == "tar":
-            return td.TarShardStream(source, text_fields=tuple(d.text_fields), shuffle_shards=False, **common)
+            return td.TarShardStream(source, d.image_size, tuple(d.text_fields), min_side=d.min_side)
         if kind == "hf":
             return td.HFCaptionDataset(source, image_column=d.hf_image_column, text_column=d.hf_text_column,
                                        split=d.hf_split, **common)

@@ -31,7 +31,6 @@ import glob as _glob
 import json
 import logging
 import os
-import random
 import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -478,10 +477,10 @@ class TarShardStream(IterableDataset):
     """webdataset-style tar shards: members `{key}.jpg|jpeg|png|webp` + `{key}.txt` or `{key}.json`
     (caption from the first of `text_fields` present), consecutive per key. Sized for CC12M (10.9M).
 
-    Splitting: one seeded shard order per epoch (the same on every process); with at least as many
-    shards as (ranks x DataLoader workers), reader g of G takes shards g, g+G, ...; with fewer, every
-    reader streams every shard and keeps samples g, g+G, ... So each sample is read by exactly one
-    reader either way. Rank/world come from torch.distributed, else $RANK/$WORLD_SIZE.
+    Splitting: the shards in their listed order; with at least as many shards as (ranks x DataLoader
+    workers), reader g of G takes shards g, g+G, ...; with fewer, every reader streams every shard
+    and keeps samples g, g+G, ... So each sample is read by exactly one reader either way.
+    Rank/world come from torch.distributed, else $RANK/$WORLD_SIZE.
 
     One iteration is one pass (the generator stages stream it once into the latent cache).
     load_images=False yields no pixels (keys and captions only).
@@ -490,25 +489,18 @@ class TarShardStream(IterableDataset):
 
     kind = "tar-shards"
 
-    def __init__(self, shards, size: int = IMAGE_SIZE, text_fields: Sequence[str] = TEXT_FIELDS, seed: int = 0,
-                 shuffle_shards: bool = True, epoch: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, min_side: int = 0, load_images: bool = True):
+    def __init__(self, shards, size: int = IMAGE_SIZE, text_fields: Sequence[str] = TEXT_FIELDS,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, min_side: int = 0,
+                 load_images: bool = True):
         super().__init__()
         self.shards = expand_shards(shards)
         self.source = str(shards)
-        self.size, self.text_fields, self.seed = size, tuple(text_fields), seed
-        self.shuffle_shards, self.epoch = shuffle_shards, epoch
+        self.size, self.text_fields = size, tuple(text_fields)
         self.rank, self.world_size, self.min_side, self.load_images = rank, world_size, min_side, load_images
         self._report = DataReport(self.source, self.kind)
 
     def report(self) -> dict:
         return self._report.to_dict()
-
-    def shard_order(self, epoch: int) -> list[str]:
-        order = list(self.shards)
-        if self.shuffle_shards:
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return order
 
     def _reader(self) -> tuple[int, int]:
         rank, world = _dist_rank_world()
@@ -521,13 +513,12 @@ class TarShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         return self.iter_partition(*self._reader())
 
-    def iter_partition(self, reader: int, readers: int, epoch: Optional[int] = None) -> Iterator[dict]:
+    def iter_partition(self, reader: int, readers: int) -> Iterator[dict]:
         """The samples of reader `reader` of `readers` (= rank * num_workers + worker) in one pass."""
         if not 0 <= reader < readers:
             raise ValueError(f"reader {reader} is not in 0..{readers - 1}")
-        order = self.shard_order(self.epoch if epoch is None else epoch)
-        by_shard = len(order) >= readers
-        mine = order[reader::readers] if by_shard else order
+        by_shard = len(self.shards) >= readers
+        mine = self.shards[reader::readers] if by_shard else self.shards
         had_any = False
         for item in self._samples(mine, None if by_shard else (reader, readers)):
             had_any = True
