@@ -52,6 +52,8 @@ INSTRUCTION_FIELDS = ("instruction", "text", "prompt", "edit")
 NAME_FIELDS = ("name", "key", "id")
 # What a scan-time check (images.check_image_file) means, in this report's words.
 SCAN_REASONS = {"missing": "missing_image", "too_small": "too_small"}
+CHECK_THREADS = 8  # image headers checked at once when a map-style set is built
+MAX_RETRIES = 16  # samples in a row that may fail to load before the set is called broken
 
 PathLike = Union[str, os.PathLike]
 
@@ -138,10 +140,9 @@ class _MapDataset(Dataset):
     fields: tuple = ("image",)
 
     def __init__(self, source: str, size: int = IMAGE_SIZE, seed: int = 0, shuffle: bool = True,
-                 check_images: bool = True, min_side: int = 0, check_threads: int = 8, max_retries: int = 16):
+                 check_images: bool = True, min_side: int = 0):
         self.source, self.size, self.seed, self.shuffle = source, size, seed, shuffle
         self.check_images, self.min_side = check_images, min_side
-        self.check_threads, self.max_retries = check_threads, max_retries
         self._report = DataReport(source, self.kind)
         self.entries: list[Entry] = []
         self.order: list[int] = []
@@ -165,7 +166,7 @@ class _MapDataset(Dataset):
 
     def _checked(self, entries: list[Entry]) -> list[Entry]:
         refs = [(i, f, ref) for i, e in enumerate(entries) for f, ref in e.images.items() if isinstance(ref, Path)]
-        with ThreadPoolExecutor(max(1, self.check_threads)) as pool:
+        with ThreadPoolExecutor(CHECK_THREADS) as pool:
             results = list(pool.map(lambda r: check_image_file(r[2], self.min_side), refs))
         bad: dict[int, tuple[str, Path]] = {}
         for (i, _, ref), reason in zip(refs, results):
@@ -207,7 +208,7 @@ class _MapDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(MAX_RETRIES + 1):
             i = (index + attempt) % len(self)
             try:
                 return self.load(i)
@@ -216,7 +217,7 @@ class _MapDataset(Dataset):
                 # DataLoader worker this count stays in the worker, so it is logged too.
                 self._report.skip(bad.reason, bad.where)
                 logger.warning("skipping %s (%s); using the next sample instead", bad.where, bad.reason)
-        raise DataError(f"{self.max_retries + 1} samples in a row from index {index} failed to load; "
+        raise DataError(f"{MAX_RETRIES + 1} samples in a row from index {index} failed to load; "
                         f"{self._report.summary()}")
 
     def report(self) -> dict:
@@ -231,7 +232,7 @@ class CaptionFolder(_MapDataset):
 
     kind = "caption-folder"
 
-    def __init__(self, root: PathLike, caption_ext: str = ".txt", **kwargs):
+    def __init__(self, root: PathLike, **kwargs):
         root = Path(root)
         super().__init__(str(root), **kwargs)
         if not root.is_dir():
@@ -239,14 +240,14 @@ class CaptionFolder(_MapDataset):
         entries = []
         for path in image_files(root):
             self._report.found += 1
-            text = _read_text(path.with_suffix(caption_ext))
+            text = _read_text(path.with_suffix(".txt"))
             if text is None:
                 self._report.skip("missing_caption", path)
             elif not text:
                 self._report.skip("empty_caption", path)
             else:
                 entries.append(Entry(path.relative_to(root).as_posix(), text, {"image": path}))
-        self._finish(entries, f"Put images ({', '.join(sorted(IMAGE_SUFFIXES))}) with same-name {caption_ext} captions "
+        self._finish(entries, f"Put images ({', '.join(sorted(IMAGE_SUFFIXES))}) with same-name .txt captions "
                               f"under {root}.")
 
 
@@ -256,12 +257,12 @@ class CaptionManifest(_MapDataset):
 
     kind = "caption-manifest"
 
-    def __init__(self, manifest: PathLike, image_key: str = "image", text_key: str = "text", **kwargs):
+    def __init__(self, manifest: PathLike, **kwargs):
         manifest = Path(manifest)
         super().__init__(str(manifest), **kwargs)
-        entries = _manifest_entries(manifest, self._report, {"image": (image_key, "missing_image")},
-                                    (text_key, "missing_caption"))
-        self._finish(entries, f'Each line of {manifest} needs {{"{image_key}": path, "{text_key}": caption}}.')
+        entries = _manifest_entries(manifest, self._report, {"image": ("image", "missing_image")},
+                                    ("text", "missing_caption"))
+        self._finish(entries, f'Each line of {manifest} needs {{"image": path, "text": caption}}.')
 
 
 class HFCaptionDataset(_MapDataset):
@@ -307,11 +308,10 @@ class EditFolder(_MapDataset):
     kind = "edit-folder"
     fields = ("source", "image")
 
-    def __init__(self, root: PathLike, source_dir: str = "source", target_dir: str = "target",
-                 instruction_dir: str = "instruction", instructions: Optional[PathLike] = None, **kwargs):
+    def __init__(self, root: PathLike, instructions: Optional[PathLike] = None, **kwargs):
         root = Path(root)
         super().__init__(str(root), **kwargs)
-        src_root, tgt_root, ins_root = root / source_dir, root / target_dir, root / instruction_dir
+        src_root, tgt_root, ins_root = root / "source", root / "target", root / "instruction"
         for folder in (src_root, tgt_root):
             if not folder.is_dir():
                 raise DataError(f"edit folder {root} needs {folder.name}/ (and {tgt_root.name}/); {folder} is missing")
@@ -368,14 +368,13 @@ class EditManifest(_MapDataset):
     kind = "edit-manifest"
     fields = ("source", "image")
 
-    def __init__(self, manifest: PathLike, source_key: str = "source", target_key: str = "target",
-                 instruction_key: str = "instruction", **kwargs):
+    def __init__(self, manifest: PathLike, **kwargs):
         manifest = Path(manifest)
         super().__init__(str(manifest), **kwargs)
-        entries = _manifest_entries(manifest, self._report, {"source": (source_key, "missing_source"),
-                                                             "image": (target_key, "missing_target")},
-                                    (instruction_key, "missing_instruction"))
-        self._finish(entries, f'Each line of {manifest} needs {{"{source_key}", "{target_key}", "{instruction_key}"}}.')
+        entries = _manifest_entries(manifest, self._report, {"source": ("source", "missing_source"),
+                                                             "image": ("target", "missing_target")},
+                                    ("instruction", "missing_instruction"))
+        self._finish(entries, f'Each line of {manifest} needs {{"source", "target", "instruction"}}.')
 
 
 # ================================================================================== tar shards
