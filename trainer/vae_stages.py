@@ -265,9 +265,6 @@ class _VAEStage(Stage):
         return step_noise(shape, c.rank, c.world_size, micro, self.cfg.train.grad_accum, c.device,
                           c.seed, what, step, uniform=uniform)
 
-    def _grad_mean(self, grad: torch.Tensor) -> torch.Tensor:
-        return self.ctx.reduce_mean(grad)
-
     def training_step(self, models, batch, step, micro) -> StepResult:
         cfg, L, G = self.cfg, self.cfg.loss, self.cfg.gan
         images = batch["image"].float() / 255
@@ -315,7 +312,7 @@ class _VAEStage(Stage):
                 weight = torch.ones((), device=recon.device)
                 if G.adaptive:
                     last = models.raw("model").vae.pixel_decoder.last_layer
-                    reduce = self._grad_mean if self.ctx.world_size > 1 else None
+                    reduce = self.ctx.reduce_mean if self.ctx.world_size > 1 else None
                     weight = losses.adaptive_gan_weight(rec, g_adv, last, G.max_adaptive, grad_reduce=reduce)
                 terms["gan"] = L.pixel_weight * G.weight * weight * g_adv
                 logs["adaptive_weight"] = weight
