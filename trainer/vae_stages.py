@@ -181,9 +181,6 @@ class _VAEStage(Stage):
             raise ConfigError(f"stage '{self.name}' starts from a stage-1 export: set model.init_from to the "
                               f"svae run's export/vae.safetensors")
 
-    def _model_config(self) -> PSVAEConfig:
-        return model_config(self.cfg.model, self.mode)
-
     def _build_vae(self) -> PSVAE:
         m = self.cfg.model
         if m.init_from:
@@ -196,7 +193,7 @@ class _VAEStage(Stage):
                 raise ConfigError(f"model.init_from is a mode-{vae.config.mode!r} VAE; stage '{self.name}' needs {self.mode!r}")
             self.ctx.log(f"initialised from {path}")
             return vae.train()
-        config = self._model_config()
+        config = model_config(self.cfg.model, self.mode)
         if m.encoder_weights:
             return PSVAE.from_pretrained_encoder(config, m.encoder_weights).train()
         self.ctx.log("note: model.encoder_weights is not set, so the representation encoder is RANDOMLY "
