@@ -162,6 +162,14 @@ class LMBackbone(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=self.num_kv_heads != self.num_heads)
 
+    def _layer(self, layer, x, cos, sin, mask, causal: bool, prefix_k=None, prefix_v=None):
+        """One decoder layer (the repeated block `psvae_core.compile` compiles). The queries attend
+        to [prefix_k/v ; their own keys/values] when a prefix is given. Returns the new hidden
+        states and the layer's own keys and values (RoPE applied)."""
+        q, k, v = self._qkv(layer, x, cos, sin)
+        keys, values = (k, v) if prefix_k is None else (torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2))
+        return self._finish(layer, x, self._attend(layer, q, keys, values, mask, causal)), k, v
+
     def encode_prefix(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                       source: Optional[torch.Tensor] = None,
                       source_keep: Optional[torch.Tensor] = None) -> PrefixCache:
@@ -199,10 +207,9 @@ class LMBackbone(nn.Module):
             dense = (allowed | torch.eye(P, dtype=torch.bool, device=device))[:, None]
         keys, values = [], []
         for layer in self.lm.layers:
-            q, k, v = self._qkv(layer, x, cos, sin)
+            x, k, v = self._layer(layer, x, cos, sin, dense, dense is None)
             keys.append(k)
             values.append(v)
-            x = self._finish(layer, x, self._attend(layer, q, k, v, dense, dense is None))
         return PrefixCache(tuple(keys), tuple(values), key_mask, self.lm.norm(x), S)
 
     def forward_images(self, x: torch.Tensor, prefix: PrefixCache) -> torch.Tensor:
@@ -214,7 +221,5 @@ class LMBackbone(nn.Module):
         positions = prefix.target_position.to(x.device)[:, None].expand(B, N)
         cos, sin = self.lm.rotary_emb(x, positions)
         for layer, prefix_k, prefix_v in zip(self.lm.layers, prefix.keys, prefix.values):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            k, v = torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)
-            x = self._finish(layer, x, self._attend(layer, q, k, v, mask, False))
+            x, _, _ = self._layer(layer, x, cos, sin, mask, False, prefix_k, prefix_v)
         return self.lm.norm(x)
