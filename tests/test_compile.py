@@ -14,6 +14,7 @@ from psvae_core.autoencoder import PSVAE
 from psvae_core.compile import compile_blocks
 from psvae_core.config import PRESETS
 from psvae_core.fusion import FusionDiffuser
+from test_trainer_generator import _losses, _t2i, assets  # noqa: F401  (a fixture)
 from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
 from trainer.ema import EMA
 
@@ -115,7 +116,19 @@ def test_compile_blocks_refuses_an_unknown_mode_and_is_idempotent():
     with pytest.raises(ValueError, match="compile mode must be one of"):
         compile_blocks(model, "fastest")
     assert compile_blocks(model) == compile_blocks(model) == 12
-    forwards = [m.forward for m in model.modules() if "forward" in vars(m)]
+    forwards = [vars(m)["forward"] for m in model.modules() if "forward" in vars(m)]
     compile_blocks(model)
-    assert [m.forward for m in model.modules() if "forward" in vars(m)] == forwards
+    again = [vars(m)["forward"] for m in model.modules() if "forward" in vars(m)]
+    assert len(again) == len(forwards) == 12 and all(a is b for a, b in zip(again, forwards))  # not wrapped twice
 
+
+@pytest.mark.slow  # two CLI runs, one compiling (about 2 min on 2 busy cores with a cold compile cache)
+def test_train_compile_trains_the_t2i_stage_like_the_plain_run(assets, tmp_path):
+    common = ["train.max_steps=3", "checkpoint.every=0"]
+    plain = _t2i(assets, "plain", *common, out=tmp_path)
+    compiled = _t2i(assets, "compiled", *common, "train.compile=true", out=tmp_path)
+    assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr[-4000:]
+    text = compiled.stdout + compiled.stderr
+    assert "torch.compile (default) of 3 blocks of 'generator'" in text and "the first step took" in text
+    assert "torch.compile" not in plain.stdout + plain.stderr
+    torch.testing.assert_close(_losses(tmp_path / "compiled"), _losses(tmp_path / "plain"), **TOL)

@@ -1,4 +1,5 @@
-"""RAE stage, feature cache, gradient accumulation, NaN guard, bf16 and gradient checkpointing."""
+"""RAE stage, feature cache, gradient accumulation, NaN guard, bf16 and gradient checkpointing, the
+data-wait share."""
 from __future__ import annotations
 
 import re
@@ -80,3 +81,10 @@ def test_bf16_autocast_and_gradient_checkpointing_run(data, tmp_path):
     assert _run("svae", data, tmp_path, "bf16", "train.max_steps=3", "precision.mixed=bf16",
                 "train.grad_checkpointing=true", "checkpoint.every=0") == 0
     assert metrics(tmp_path / "bf16")[-1]["nan_steps"] == 0
+
+
+def test_the_data_wait_share_is_logged_on_log_steps(data, tmp_path):
+    assert _run("svae", data, tmp_path, "wait", "train.max_steps=4", "log.every=2", "checkpoint.every=0") == 0
+    rows = metrics(tmp_path / "wait")
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0 < r["data_wait_share"] < 1 for r in rows)  # loading is part of every step, never all of it

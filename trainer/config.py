@@ -49,6 +49,9 @@ class TrainSection:
     num_workers: int = 2  # DataLoader worker processes per process
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
     fsdp: bool = False  # generator stages: shard weights, grads, optimiser and EMA over processes (FSDP2) instead of DDP
+    # torch.compile of each repeated block (psvae_core/compile.py); off until the H200 measurement decides
+    compile: bool = False
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from psvae_core.compile import compile_blocks
 from psvae_core.dtypes import to_dtype
 
 from . import __version__, checkpointing as ckpt, sharding
@@ -169,8 +170,9 @@ class Loop:
             dist.all_reduce(t)
         return t
 
-    def _any(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+    def _any(self, flag) -> bool:
+        """Whether `flag` (a bool, or a bool tensor on the device) is true on any process."""
+        t = torch.as_tensor(flag, device=self.device).float().reshape(1)
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
@@ -301,6 +303,9 @@ class Loop:
         self.groups: dict[str, _Group] = {}
         for spec in specs:
             spec.module.to(self.device)
+            if cfg.train.compile:  # before wrapping and before the EMA copies anything
+                count = compile_blocks(spec.module, cfg.train.compile_mode)
+                self.log(f"torch.compile ({cfg.train.compile_mode}) of {count} blocks of '{spec.name}'")
             template = None
             if self.sharded:
                 template = sharding.meta_template(spec.module)
@@ -336,9 +341,13 @@ class Loop:
     # ------------------------------------------------------------------ one optimiser step
     def _train_step(self, batches) -> tuple[dict, dict, list[str]]:
         """Accumulate the micro-batches, agree on non-finite losses over processes, clip, step, advance
-        the schedules, update the EMA. Returns the mean losses, the logs and the non-finite terms."""
-        sums, logs, active, bad = self._accumulate(batches)
-        bad = self._agree_on_nonfinite(bad)
+        the schedules, update the EMA. Returns the mean losses, the logs (tensors stay on the device
+        until a log step reads them) and the non-finite terms.
+
+        Two host syncs a step, both because the host decides whether to step: whether any process
+        saw a non-finite loss, and whether a gradient norm is non-finite."""
+        sums, logs, active, finite = self._accumulate(batches)
+        bad = self._agree_on_nonfinite(finite)
         grad_norms = {}
         if not bad:
             grad_norms = self._clip(active)
@@ -352,13 +361,17 @@ class Loop:
         self.step += 1
         return sums, {**logs, **grad_norms}, bad
 
-    def _accumulate(self, batches) -> tuple[dict, dict, set, set]:
+    def _accumulate(self, batches) -> tuple[dict, dict, set, dict]:
         """Forward and backward over grad_accum micro-batches; gradients are reduced over processes on
-        the last one only. Returns mean losses, logs, the groups with a loss, the non-finite terms."""
+        the last one only. Returns mean losses, logs, the groups with a loss, and per term a bool
+        tensor: finite in every micro-batch. Nothing here waits for the device."""
         accum = self.cfg.train.grad_accum
-        sums, logs, active, bad = defaultdict(float), {}, set(), set()
+        sums, logs, active, finite = {}, {}, set(), {}
         for micro in range(accum):
-            batch = self._to_device(next(batches))
+            start = time.perf_counter()
+            batch = next(batches)
+            self.data_wait += time.perf_counter() - start
+            batch = self._to_device(batch)
             with self._gradient_sync(micro == accum - 1):
                 with self.autocast():
                     result = self.stage.training_step(self.models, batch, self.step, micro)
@@ -366,17 +379,17 @@ class Loop:
                 for group, terms in result.losses.items():
                     active.add(group)
                     for term, value in terms.items():
-                        value = value.float()
-                        if not torch.isfinite(value.detach()).all():
-                            bad.add(f"{group}/{term}")
-                        sums[f"{group}/{term}"] += value.detach().item() / accum
+                        value, name = value.float(), f"{group}/{term}"
+                        ok = torch.isfinite(value.detach()).all()
+                        finite[name] = finite[name] & ok if name in finite else ok
+                        sums[name] = sums.get(name, 0.0) + value.detach() / accum
                         total = value if total is None else total + value
                 if total is not None:
                     loss = total / accum
                     (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for k, v in result.logs.items():
-                logs[k] = float(v)
-        return dict(sums), logs, active, bad
+                logs[k] = v.detach() if isinstance(v, torch.Tensor) else v
+        return sums, logs, active, finite
 
     def _gradient_sync(self, sync: bool):
         stack = contextlib.ExitStack()
@@ -388,10 +401,13 @@ class Loop:
                 stack.enter_context(self.acc.no_sync(g.wrapped))
         return stack
 
-    def _agree_on_nonfinite(self, bad: set) -> list[str]:
+    def _agree_on_nonfinite(self, finite: dict) -> list[str]:
         """Every process skips the step if any saw a non-finite loss; all name the same terms."""
-        if not self._any(bool(bad)):
+        names = sorted(finite)
+        nonfinite = ~torch.stack([finite[n] for n in names]) if names else torch.zeros(0, dtype=torch.bool)
+        if not self._any(nonfinite.any()):
             return []
+        bad = {n for n, flag in zip(names, nonfinite.tolist()) if flag}
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, sorted(bad))
@@ -411,13 +427,15 @@ class Loop:
                 norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(g.params, clip))
             else:
                 norm = self.acc.clip_grad_norm_(g.params, clip)
-            grad_norms[f"grad_norm/{name}"] = float(norm)
+            grad_norms[f"grad_norm/{name}"] = norm.detach()
         return grad_norms
 
     def _optimizer_step(self, active: set, grad_norms: dict) -> list[str]:
         """Step the optimisers; returns the non-finite gradient norms when that skips the step
         (without fp16 scaler; with it, the scaler skips and lowers its scale)."""
-        nonfinite = [k for k, v in grad_norms.items() if not math.isfinite(v)]
+        names = sorted(grad_norms)
+        finite = torch.stack([grad_norms[k].float() for k in names]).isfinite().tolist() if names else []
+        nonfinite = [k for k, ok in zip(names, finite) if not ok]
         if nonfinite and self.scaler is None:
             return nonfinite
         if nonfinite:
@@ -521,6 +539,7 @@ class Loop:
         last_saved = self.step if self.resume_dir is not None else -1
         summary: dict = {"run_dir": str(self.run_dir), "start_step": self.step}
         window_start, window_steps = time.perf_counter(), 0
+        self.data_wait = 0.0  # seconds spent waiting for batches in this log window
         try:
             if self.main and self.step == 0:
                 self.log(f"training '{cfg.stage}' for {cfg.train.max_steps} steps, global batch "
@@ -528,18 +547,23 @@ class Loop:
                          f"({ckpt.free_space(self.run_dir)} free)")
             while self.step < cfg.train.max_steps:
                 losses, logs, bad = self._train_step(batches)
+                if cfg.train.compile and self.step == summary["start_step"] + 1:  # compiling happens in the first call
+                    self.log(f"torch.compile: the first step took {time.perf_counter() - window_start:.1f} s "
+                             f"(compilation and data loader start-up included)")
                 window_steps += 1
                 step = self.step
                 if step % cfg.log.every == 0 or step == cfg.train.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    mean = {k: float(self.reduce_mean(torch.tensor(v, device=self.device))) for k, v in losses.items()}
+                    mean = {k: float(self.reduce_mean(v)) for k, v in losses.items()}
+                    logs = {k: float(v) for k, v in logs.items()}
                     lr = self.main_group.scheduler.get_last_lr()[0]
                     ips = window_steps * self.global_batch / max(elapsed, 1e-9)
+                    speed = {"images_per_s": ips, "data_wait_share": self.data_wait / max(elapsed, 1e-9)}
                     memory = {"gpu_peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
-                    self.tracker.log("train", step, {**mean, **logs, "lr": lr, "images_per_s": ips, **memory, **self.counters})
+                    self.tracker.log("train", step, {**mean, **logs, "lr": lr, **speed, **memory, **self.counters})
                     main_loss = sum(v for k, v in mean.items() if k.startswith(self.main_group.name + "/"))
                     self.tracker.progress(step, {"loss": main_loss, "lr": lr, "img/s": ips})
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, self.data_wait = time.perf_counter(), 0, 0.0
                 if cfg.log.images_every and step % cfg.log.images_every == 0 and (self.main or self.sharded):
                     self.preview()
                 if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.max_steps:
