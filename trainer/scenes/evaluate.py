@@ -1,6 +1,6 @@
 """The miniature's Tables 2 and 4: every scenes model scored by code (docs/SCENES.md).
 
-    python -m trainer.scenes.evaluate --work WORK --out OUT [--smoke] [--only vae|generators]
+    python -m trainer.scenes.evaluate --work WORK --out OUT [--smoke] [--only PART]
 
 Reads the runs of trainer/scenes/pipeline.py under WORK and writes into OUT:
 
@@ -44,6 +44,7 @@ from psvae_core.checkpoint import read_metadata
 from psvae_core.fusion import FusionDiffuser
 
 from ..checkpointing import complete_checkpoints
+from ..data import to_uint8
 from . import captions, scorer, world
 from .encoder import IMAGE_SIZE, probe, probe_sets, render_scenes
 
@@ -56,10 +57,13 @@ EDIT_VAES = ("rae", "psvae")
 # its 50 / 6.5, which suit a small model trained for minutes).
 SAMPLING = {"steps": 25, "guidance": 4.0, "shift": 3.0}
 EDIT_SAMPLING = {**SAMPLING, "image_guidance": 1.5}
-SIZES = {"ceiling_prompts_per_category": 50, "recon_images": 2000, "probe_train": 2000, "probe_test": 500, "prompts_per_category": 100,
-         "train_prompts_per_category": 50, "edits": 600, "workers": 12, "batch": 200, "probe_steps": 300}
-SMOKE_SIZES = {"ceiling_prompts_per_category": 1, "recon_images": 2, "probe_train": 4, "probe_test": 2, "prompts_per_category": 1,
-               "train_prompts_per_category": 1, "edits": 4, "workers": 2, "batch": 8, "probe_steps": 20}
+SIZES = {"ceiling_prompts_per_category": 50, "recon_images": 2000, "probe_train": 2000, "probe_test": 500,
+         "prompts_per_category": 100, "train_prompts_per_category": 50, "edits": 600, "workers": 12, "batch": 200,
+         "probe_steps": 300}
+SMOKE_SIZES = {"ceiling_prompts_per_category": 1, "recon_images": 2, "probe_train": 4, "probe_test": 2,
+               "prompts_per_category": 1, "train_prompts_per_category": 1, "edits": 4, "workers": 2, "batch": 8,
+               "probe_steps": 20}
+PARTS = ("vae", "t2i", "edit", "rfid", "ceiling")  # each writes OUT/<part>_results.json; `report` merges them
 SHIPPED = {"scenes_psvae.safetensors": ("runs/scenes_psvae/export", "vae.safetensors"),
            "scenes_t2i.safetensors": ("runs/scenes_t2i_psvae/export", "generator.safetensors"),
            "scenes_edit.safetensors": ("runs/scenes_edit_psvae/export", "generator.safetensors")}
@@ -108,7 +112,7 @@ def generate(generator: FusionDiffuser, vae: PSVAE, prompts: list[str], sampling
         if sources is not None:
             source = generation.encode_source(vae, sources[s:s + batch].to(device).float() / 255)
         images = generation.generate(generator, prompts[s:s + batch], source, seed=seed + s, vae=vae, **sampling)
-        out.append((images * 255).round().to(torch.uint8).cpu())
+        out.append(to_uint8(images).cpu())
     return torch.cat(out)
 
 
@@ -173,7 +177,7 @@ def reconstruction(work: Path, sizes: dict, device, inception) -> tuple[dict, to
         results[name] = {"rfid": r["rfid"], "psnr": r["psnr"]["mean"], "ssim": r["ssim"]["mean"],
                          "n_images": r["n_images"], "fid_note": r["fid_note"],
                          "latent": list(vae.encode(images[:1].to(device).float() / 255).mode().shape[1:])}
-        rows.append((vae.reconstruct(images[:8].to(device).float() / 255) * 255).round().to(torch.uint8).cpu())
+        rows.append(to_uint8(vae.reconstruct(images[:8].to(device).float() / 255)).cpu())
     return results, torch.cat(rows)
 
 
@@ -189,7 +193,7 @@ def ceiling(work: Path, sizes: dict, device) -> dict:
     out = {"renders": scorer.summarise(score_images(images, specs, sizes["workers"]))}
     for name in trained_vaes(work):
         vae = PSVAE.from_file(vae_path(work, name), device=device)
-        recon = torch.cat([(vae.reconstruct(images[s:s + 50].to(device).float() / 255) * 255).round().to(torch.uint8).cpu()
+        recon = torch.cat([to_uint8(vae.reconstruct(images[s:s + 50].to(device).float() / 255)).cpu()
                            for s in range(0, len(images), 50)])
         out[name] = scorer.summarise(score_images(recon, specs, sizes["workers"]))
         print(f"ceiling {name}: overall {out[name]['overall']:.3f}", flush=True)
@@ -412,16 +416,12 @@ def main(argv=None) -> dict:
              "ceiling": lambda: {"ceiling": ceiling(work, sizes, device)},
              "rfid": lambda: evaluate_rfid(work, {**sizes, "recon_images": a.recon_images or sizes["recon_images"]},
                                            device, a.inception_weights)}
-    for part in [a.only] if a.only in parts else [] if a.only == "report" else ("vae", "t2i", "edit"):
+    chosen = {None: ("vae", "t2i", "edit"), "report": ()}.get(a.only, (a.only,))
+    for part in chosen:
         t = time.time()
         results = {**parts[part](), "seconds": round(time.time() - t, 1)}
         (out / f"{part}_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    if a.only in parts:
-        return results
-    return report(work, out)
-
-
-PARTS = ("vae", "t2i", "edit", "rfid", "ceiling")
+    return results if a.only in parts else report(work, out)
 
 
 def report(work: Path, out: Path) -> dict:

@@ -147,15 +147,14 @@ def build_plan(work: Path, out: Path, smoke: bool, scale: float = 1.0) -> Plan:
                      + (SMOKE_ENCODER if smoke else GPU_ENCODER)],
             products=[(work / "encoder", "artifacts/encoder")], seconds=RATES["encoder"]))
 
-    def trainer(stage: str, config: str, name: str, extra: list[str], smoke_extra: list[str],
-                job_scale: float) -> list[list[str]]:
+    def trainer(stage: str, config: str, name: str, extra: list[str], smoke_extra: list[str]) -> list[list[str]]:
         # resume=latest: a run stopped and started again continues where its checkpoints are
         return [py + ["-m", "trainer", stage, "--config", str(CONFIGS / f"{config}.yaml"), f"run.output_dir={runs}",
-                      f"run.name={name}", "checkpoint.resume=latest"] + _steps(config, job_scale)[0] + extra
+                      f"run.name={name}", "checkpoint.resume=latest"] + _steps(config, scale)[0] + extra
                 + (smoke_extra if smoke else [])]
 
-    def train_seconds(config: str, rate: str, job_scale: float, cache: str = "") -> float:
-        _, steps, batch = _steps(config, job_scale)
+    def train_seconds(config: str, rate: str, cache: str = "") -> float:
+        _, steps, batch = _steps(config, scale)
         return RATES["start"] + (RATES[cache] if cache else 0) + steps * batch / RATES[rate]
 
     images = [f"data.source={data / 't2i_train'}", f"data.val_source={data / 't2i_val'}"]
@@ -167,16 +166,16 @@ def build_plan(work: Path, out: Path, smoke: bool, scale: float = 1.0) -> Plan:
     for name in ("svae", "rae"):
         export = runs / f"scenes_{name}" / "export" / "vae.safetensors"
         add(Job(name, export, lambda name=name: trainer(name, f"scenes_{name}", f"scenes_{name}", images + frozen + saves,
-                                                        SMOKE_VAE + SMOKE_VAE_NEW, scale),
+                                                        SMOKE_VAE + SMOKE_VAE_NEW),
                 products=[(export, f"artifacts/{name}.safetensors")],
-                seconds=train_seconds(f"scenes_{name}", name, scale, "feature_cache" if name == "svae" else "")))
+                seconds=train_seconds(f"scenes_{name}", name, "feature_cache" if name == "svae" else "")))
     for name in ("psvae", "pvae"):
         export = runs / f"scenes_{name}" / "export" / "vae.safetensors"
         add(Job(name, export, lambda name=name: trainer("psvae", f"scenes_{name}", f"scenes_{name}",
                                                         images + saves + [f"model.init_from={svae_export}"],
-                                                        SMOKE_VAE, scale),
+                                                        SMOKE_VAE),
                 products=[(export, f"artifacts/{name}.safetensors")],
-                seconds=train_seconds(f"scenes_{name}", name, scale)))
+                seconds=train_seconds(f"scenes_{name}", name)))
     for vae in ("rae", "svae", "psvae"):
         vae_file = runs / f"scenes_{vae}" / "export" / "vae.safetensors"
         common = [f"model.vae={vae_file}", f"data.latent_cache={work / 'latent_cache'}"]
@@ -184,16 +183,16 @@ def build_plan(work: Path, out: Path, smoke: bool, scale: float = 1.0) -> Plan:
                 lambda common=common, vae=vae: trainer(
                     "t2i", "scenes_t2i", f"scenes_t2i_{vae}",
                     common + _latent_channels(work, vae) + [f"data.source={data / 't2i_train'}"],
-                    SMOKE_GEN + SMOKE_GEN_NEW, scale),
-                seconds=train_seconds("scenes_t2i", "t2i", scale, "latent_cache")))
+                    SMOKE_GEN + SMOKE_GEN_NEW),
+                seconds=train_seconds("scenes_t2i", "t2i", "latent_cache")))
         if vae != "svae":
             t2i_export = runs / f"scenes_t2i_{vae}" / "export" / "generator.safetensors"
             add(Job(f"edit_{vae}", runs / f"scenes_edit_{vae}" / "export" / "generator.safetensors",
                     lambda common=common, vae=vae, t2i_export=t2i_export: trainer(
                         "edit", "scenes_edit", f"scenes_edit_{vae}",
                         common + [f"model.init_from={t2i_export}", f"data.source={data / 'edit_train'}"],
-                        SMOKE_EDIT, scale),
-                    seconds=train_seconds("scenes_edit", "edit", scale, "latent_cache")))
+                        SMOKE_EDIT),
+                    seconds=train_seconds("scenes_edit", "edit", "latent_cache")))
     results = work / "results"  # the evaluation's output; packed into OUT/results.tar.gz
 
     def evaluate(only: str) -> list[list[str]]:
@@ -225,13 +224,6 @@ ORDER = ["data", "encoder", "svae", "psvae", "t2i_psvae", "edit_psvae", "t2i_sva
          "edit_rae", "evaluate_vae", "evaluate_t2i", "evaluate_edit", "report"]
 GPU_SLOTS = 3  # GPU jobs at once: small models leave the H200 idle between kernels, so they share it well
 WRAP_UP = 150  # s before --deadline: stop the training still running, evaluate what exists, report
-
-
-def ancestors(name: str) -> set:
-    out = set()
-    for dep in NEEDS.get(name, []):
-        out |= {dep} | ancestors(dep)
-    return out
 
 
 def critical_path(plan: Plan, name: str = "report") -> float:
