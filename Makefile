@@ -45,11 +45,12 @@ demo-scenes: $(STAMP)
 test-tf5: $(COMFY_STAMP)
 	$(COMFY_PY) -m pytest tests/test_checkpoint.py tests/test_encoders.py $(PYTEST_ARGS)
 
-# Independent of .venv; a changed requirements.txt re-runs the pack's install step (fast when cached).
+# A venv of its own; .venv is built first so that its PyTorch files can be hard-linked in rather than
+# stored twice (tools/link_packages.py). A changed requirements.txt re-runs the pack's install step.
 comfyui: $(COMFY_STAMP)
 
-$(COMFY_STAMP): tools/build_comfyui.sh constraints.txt requirements.txt
-	tools/build_comfyui.sh $(COMFY_DIR) $(PYTHON)
+$(COMFY_STAMP): tools/build_comfyui.sh tools/link_packages.py constraints.txt requirements.txt | $(STAMP)
+	tools/build_comfyui.sh $(COMFY_DIR) $(PYTHON) $(PY)
 	touch $(COMFY_STAMP)
 
 browser: $(BROWSER_STAMP)
