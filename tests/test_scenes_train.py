@@ -52,6 +52,7 @@ def test_pretrain_writes_the_folder_and_its_probe(tmp_path):
                       probe_test=2, workers=1, hidden=32, layers=1, heads=2, device="cpu", log_every=11)
     assert (tmp_path / "enc" / "config.json").is_file() and (tmp_path / "enc" / "model.safetensors").is_file()
     assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
+    assert report["train"]["label_grid"] == 64  # 4 x 4 labelled sub-cells per patch (SUB)
     probe = report["probe"]
     assert probe["test_cells"] == 2 * 256 and probe["feature_dim"] == 32
     assert 0.0 <= probe["object_accuracy"] <= probe["accuracy"] <= 1.0  # background is the easy majority

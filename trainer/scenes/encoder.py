@@ -6,8 +6,11 @@ It plays the part of DINOv2 in the miniature (docs/SCENES.md): the same transfor
 (`Dinov2WithRegistersModel`, 224-px input, patch 14 -> a 16x16 grid, 4 registers), read by the
 trainer exactly as a user's DINOv2 folder (`model.encoder_weights=FOLDER`, family `dinov2_reg`).
 It learns semantics, not pixels: a linear head on its (LayerNorm-ed) patch features predicts the
-class of each grid cell (`world.label_grid`: background or one of the colour-shape pairs), so the
-features say what is where and nothing forces them to keep texture or exact shading.
+class of each of the SUB x SUB sub-cells of its patch (`world.label_grid` at 64x64: background or
+one of the colour-shape pairs), so the features say what is where, down to a quarter of a patch,
+and nothing forces them to keep texture or exact shading. One class per patch (SUB=1, the first
+round) left the outlines of small shapes out of the features: every decoder rounded stars into
+blobs (docs/SCENES.md).
 
 The folder it writes holds `config.json` + `model.safetensors` (save_pretrained),
 `preprocessor_config.json` (ImageNet mean/std, as DINOv2's), and `encoder_report.json` with the
@@ -29,6 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from psvae_core.config import EncoderConfig
@@ -38,6 +42,7 @@ from . import world
 
 GRID = 16  # 224 / 14: the encoder's patch grid, also the PS-VAE latent grid
 IMAGE_SIZE = 256  # the trainer's crop; the encoder resizes it to 224 itself (as in training the VAEs)
+SUB = 4  # the pretraining labels: SUB x SUB sub-cells per patch (4 px of the 256-px image each)
 
 
 def encoder_config(hidden: int = 192, layers: int = 6, heads: int = 3) -> dict:
@@ -54,16 +59,16 @@ ENCODER_SET, PROBE_TRAIN_SET, PROBE_TEST_SET = 101, 102, 103
 
 
 def _render_one(args) -> tuple[np.ndarray, np.ndarray]:
-    split, seed, index, size = args
+    split, seed, index, size, grid = args
     scene = world.sample_scene(world.rng_for(split, seed, index), split)
-    return np.array(world.render(scene, size)), world.label_grid(scene, GRID)
+    return np.array(world.render(scene, size)), world.label_grid(scene, grid)
 
 
-def render_scenes(split: str, seed: int, count: int, size: int = IMAGE_SIZE,
-                  workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scenes 0..count-1 of set `seed` of `split` as (uint8 [N,3,size,size], int64 labels [N,16,16]),
-    rendered in `workers` processes (the same bytes whatever the count)."""
-    jobs = [(split, seed, i, size) for i in range(count)]
+def render_scenes(split: str, seed: int, count: int, size: int = IMAGE_SIZE, workers: int = 1,
+                  grid: int = GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scenes 0..count-1 of set `seed` of `split` as (uint8 [N,3,size,size], int64 labels
+    [N,grid,grid]), rendered in `workers` processes (the same bytes whatever the count)."""
+    jobs = [(split, seed, i, size, grid) for i in range(count)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             out = list(pool.map(_render_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
@@ -165,18 +170,19 @@ def save_encoder(encoder: RepresentationEncoder, folder: Path) -> None:
 
 def pretrain(out: Path, steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, train_scenes: int = 12000,
              probe_train: int = 1000, probe_test: int = 500, workers: int = 8, hidden: int = 192, layers: int = 6,
-             heads: int = 3, device: Optional[str] = None, seed: int = 0, log_every: int = 50) -> dict:
-    """Train the toy encoder on dense labels and write its folder; returns the report."""
+             heads: int = 3, device: Optional[str] = None, seed: int = 0, log_every: int = 50,
+             sub: int = SUB) -> dict:
+    """Train the toy encoder on dense labels (`sub` x `sub` per patch) and write its folder; returns the report."""
     start = time.time()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     t = time.time()
-    images, labels = render_scenes("train", ENCODER_SET, train_scenes, workers=workers)
+    images, labels = render_scenes("train", ENCODER_SET, train_scenes, workers=workers, grid=GRID * sub)
     render_s = time.time() - t
     config = EncoderConfig(family="dinov2_reg", hf_config=encoder_config(hidden, layers, heads), image_size=224,
                            feature_norm="layernorm")
     encoder = RepresentationEncoder(config).set_trainable(True).to(device).train()
-    head = nn.Linear(hidden, world.NUM_CLASSES).to(device)
+    head = nn.Linear(hidden, sub * sub * world.NUM_CLASSES).to(device)  # each patch: its sub-cells' classes
     params = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     warmup = max(1, steps // 20)
@@ -195,7 +201,8 @@ def pretrain(out: Path, steps: int = 1500, batch_size: int = 128, lr: float = 1e
         x, y = torch.where(flip[:, None, None, None], x.flip(-1), x), torch.where(flip[:, None, None], y.flip(-1), y)
         x, y = x.to(device).float() / 255, y.to(device)
         with autocast:
-            logits = head(encoder(x).permute(0, 2, 3, 1))  # [B,16,16,classes]
+            logits = head(encoder(x).permute(0, 2, 3, 1))  # [B,16,16,sub*sub*classes]
+        logits = rearrange(logits, "b h w (i j c) -> b (h i) (w j) c", i=sub, j=sub)  # the label grid's layout
         loss = F.cross_entropy(logits.float().reshape(-1, world.NUM_CLASSES), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -216,7 +223,8 @@ def pretrain(out: Path, steps: int = 1500, batch_size: int = 128, lr: float = 1e
     result = probe(loaded, sets, device)
     report = {"probe": result, "curve": curve, "config": encoder_config(hidden, layers, heads),
               "parameters": sum(p.numel() for p in encoder.parameters()),
-              "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "scenes": train_scenes, "seed": seed},
+              "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "scenes": train_scenes, "seed": seed,
+                        "label_grid": GRID * sub},
               "seconds": {"render": round(render_s, 1), "train": round(train_s, 1),
                           "probe": round(time.time() - t, 1), "total": round(time.time() - start, 1)},
               "device": str(device)}
@@ -241,9 +249,10 @@ def main(argv=None) -> dict:
     p.add_argument("--heads", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sub", type=int, default=SUB, help="label sub-cells per patch side (1: one class per patch)")
     a = p.parse_args(argv)
     return pretrain(Path(a.out), a.steps, a.batch_size, a.lr, a.train_scenes, a.probe_train, a.probe_test,
-                    a.workers, a.hidden, a.layers, a.heads, a.device, a.seed)
+                    a.workers, a.hidden, a.layers, a.heads, a.device, a.seed, sub=a.sub)
 
 
 if __name__ == "__main__":

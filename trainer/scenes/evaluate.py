@@ -57,6 +57,7 @@ EDIT_VAES = ("rae", "psvae")
 # its 50 / 6.5, which suit a small model trained for minutes).
 SAMPLING = {"steps": 25, "guidance": 4.0, "shift": 3.0}
 EDIT_SAMPLING = {**SAMPLING, "image_guidance": 1.5}
+GUIDANCE_SWEEP = (2.0, 7.0)  # the final models also at these text-guidance scales (the defaults' choice)
 SIZES = {"ceiling_prompts_per_category": 50, "recon_images": 2000, "probe_train": 2000, "probe_test": 500,
          "prompts_per_category": 100, "train_prompts_per_category": 50, "edits": 600, "workers": 12, "batch": 200,
          "probe_steps": 300}
@@ -237,7 +238,11 @@ def t2i(work: Path, sizes: dict, device) -> tuple[dict, dict]:
             curve.append({"step": step, **summary})
             print(f"t2i {name} step {step}: overall {summary['overall']:.3f}", flush=True)
         seen = generate(gen, vae, [p for p, _ in train], SAMPLING, batch=sizes["batch"])
-        results[name] = {"curve": curve, "test": curve[-1],
+        guidance = {SAMPLING["guidance"]: curve[-1]}
+        for scale in GUIDANCE_SWEEP:
+            swept = generate(gen, vae, [p for p, _ in test], {**SAMPLING, "guidance": scale}, batch=sizes["batch"])
+            guidance[scale] = scorer.summarise(score_images(swept, [s for _, s in test], sizes["workers"]))
+        results[name] = {"curve": curve, "test": curve[-1], "guidance": dict(sorted(guidance.items())),
                          "train_prompts": scorer.summarise(score_images(seen, [s for _, s in train], sizes["workers"]))}
         grids[name] = images[::max(1, sizes["prompts_per_category"] // 2)][:12]  # two of each category
     return results, grids
@@ -268,6 +273,12 @@ def edits(work: Path, sizes: dict, device) -> tuple[dict, dict]:
         images = generate(gen, vae, [c[1] for c in cases], EDIT_SAMPLING, batch=sizes["batch"], sources=sources)
         scores = score_images(images, [spec for _, _, spec in cases], sizes["workers"], edit=True)
         results[name] = edit_summary(scores)
+        results[name]["guidance"] = {EDIT_SAMPLING["guidance"]: results[name]["all_checks"]}
+        for scale in GUIDANCE_SWEEP:
+            swept = generate(gen, vae, [c[1] for c in cases], {**EDIT_SAMPLING, "guidance": scale},
+                             batch=sizes["batch"], sources=sources)
+            swept_scores = score_images(swept, [spec for _, _, spec in cases], sizes["workers"], edit=True)
+            results[name]["guidance"][scale] = edit_summary(swept_scores)["all_checks"]
         grids[name] = torch.cat([sources[:6], images[:6]])
     return results, grids
 
@@ -371,6 +382,8 @@ def markdown(results: dict) -> str:
         for name in T2I_VAES:
             if name in t:
                 lines.append(f"| {LABELS[name]} | " + " | ".join(f(p["overall"]) for p in t[name]["curve"]) + " |")
+        lines += guidance_rows({n: {k: v["overall"] for k, v in t[n]["guidance"].items()}
+                                for n in T2I_VAES if "guidance" in t.get(n, {})}, "T2I on", "overall")
     e = results.get("edit", {})
     if e:
         keys = sorted({k for r in e.values() for k, v in r.items() if isinstance(v, (int, float))})
@@ -378,7 +391,22 @@ def markdown(results: dict) -> str:
         for name in EDIT_VAES:
             if name in e:
                 lines.append(f"| {LABELS[name]} | " + " | ".join(f(e[name].get(k)) for k in keys) + " |")
+        lines += guidance_rows({n: e[n]["guidance"] for n in EDIT_VAES if "guidance" in e.get(n, {})}, "edit on",
+                               "all checks")
     return "\n".join(lines) + "\n"
+
+
+def guidance_rows(scores: dict, what: str, measure: str) -> list[str]:
+    """A table of `measure` against the text-guidance scale (JSON keys are strings), one row per model."""
+    if not scores:
+        return []
+    scales = sorted({float(k) for s in scores.values() for k in s})
+    lines = ["", f"| {what} ({measure}) | " + " | ".join(f"CFG {g:g}" for g in scales) + " |",
+             "|---|" + "---|" * len(scales)]
+    for name, s in scores.items():
+        by = {float(k): v for k, v in s.items()}
+        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{by[g]:.3f}" if g in by else "" for g in scales) + " |")
+    return lines
 
 
 def ship(work: Path, out: Path) -> dict:

@@ -65,9 +65,9 @@ GPU_ENCODER = ["--steps", "1500", "--batch-size", "128", "--train-scenes", "1200
 # lease by RATES: stage 2 (psvae, pvae) fine-tunes the svae export, so it needs fewer steps than
 # the autoencoders trained from scratch; T2I saves a checkpoint every T2I_CHECKPOINT_EVERY steps
 # (the convergence curve's points); edit continues a T2I export.
-STEPS = {"scenes_svae": 1000, "scenes_rae": 1000, "scenes_psvae": 400, "scenes_pvae": 400,
-         "scenes_t2i": 2000, "scenes_edit": 1000}
-T2I_CHECKPOINT_EVERY = 500
+STEPS = {"scenes_svae": 1000, "scenes_rae": 1000, "scenes_psvae": 800, "scenes_pvae": 800,
+         "scenes_t2i": 4000, "scenes_edit": 1500}
+T2I_CHECKPOINT_EVERY = 1000
 VAE_CHECKPOINT_EVERY = 250  # so that a run stopped and started again loses at most this many steps
 
 # Wall times on one H200 (docs/SCENES.md, Status): measured, except where marked assumed.
@@ -78,8 +78,8 @@ RATES = {
     "start": 20,                              # s per training run: start-up, validation, export (assumed)
     "svae": 475, "rae": 475,                  # images/s at batch 64 (rae assumed = svae: the same decoder)
     "psvae": 400, "pvae": 400,                # images/s (assumed: the encoder trains, a frozen teacher beside it)
-    "t2i": 2500,                              # images/s at batch 128
-    "edit": 1250,                             # images/s (assumed: twice T2I's latent tokens per sample)
+    "t2i": 4000,                              # images/s at batch 256 (assumed; 2000-2500 at batch 128 measured)
+    "edit": 2000,                             # images/s at batch 256 (assumed: twice T2I's latent tokens per sample)
     "evaluate_vae": 90, "evaluate_t2i": 90,   # s (assumed; the scoring is CPU-side, 12 processes)
     "evaluate_edit": 40, "report": 10,
 }
