@@ -76,6 +76,8 @@ def main(argv=None):
     p.add_argument("--processes", type=int, default=1, help="GPUs (data-parallel processes); batch is global")
     p.add_argument("--launcher", default="accelerate", choices=["accelerate", "torchrun"])
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (MFU) after training")
+    p.add_argument("--name", default=None, help="the stage-2 run's name (default psvae_<N>gpu_<launcher>)")
+    p.add_argument("--extra", nargs="*", default=[], help="more trainer overrides for the stage-2 run, e.g. train.compile=true")
     p.add_argument("--out", default="psvae_stage2_result.json")
     args = p.parse_args(argv)
     work = Path(args.work)
@@ -85,11 +87,11 @@ def main(argv=None):
         subprocess.run([sys.executable, str(ROOT / "bench/photo_set.py"), str(data), "--count", "400"], check=True)
         run(["svae", "--config", "trainer/configs/svae_paper.yaml", f"run.output_dir={runs}", f"data.source={data}",
              "train.max_steps=10", f"train.batch_size={args.batch}", *COMMON])
-    name = f"psvae_{args.processes}gpu_{args.launcher}"
+    name = args.name or f"psvae_{args.processes}gpu_{args.launcher}"
     run(["psvae", "--config", "trainer/configs/psvae_paper.yaml", f"run.output_dir={runs}", f"run.name={name}",
          f"data.source={data}", f"model.init_from={export}", f"train.max_steps={args.steps}",
          f"train.batch_size={args.batch // args.processes}", "log.every=10", "gan.start_step=50",
-         "gan.disc_start_step=25", *COMMON], args.processes, args.launcher)
+         "gan.disc_start_step=25", *COMMON, *args.extra], args.processes, args.launcher)
     rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train" and "images_per_s" in r]
     steady = [r for r in train if r["step"] > 50] or train  # after warm-up and the GAN start
@@ -97,6 +99,7 @@ def main(argv=None):
     result = {
         "command": "python bench/psvae_stage2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         **environment(), "processes": args.processes, "launcher": args.launcher, "global_batch": args.batch,
+        "overrides": args.extra,
         "steps": args.steps, "precision": "bf16 autocast, fp32 weights",
         "images_per_s": round(ips, 1), "step_s": round(args.batch / ips, 3),
         "gpu_peak_mem_gib": round(max(r.get("gpu_peak_mem_gib", 0) for r in train), 1),
