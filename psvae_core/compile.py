@@ -3,8 +3,7 @@
 The blocks of one class share one compiled function (torch.compile caches per code object), so a
 24-layer LM compiles its layer once, and everything around the blocks (embeddings, losses, the
 data-dependent masks) stays eager. Compiled blocks are:
-- the LM decoder layers of a `FusionDiffuser` (`LMBackbone._layer`, which runs one layer from the
-  LM's own modules) and its DDT head blocks;
+- the LM decoder layers of a `FusionDiffuser` (`fusion_backbone.DecoderLayer`) and its DDT head blocks;
 - every transformers checkpointable layer (the representation encoder's layers and the semantic
   encoder/decoder blocks of a `PSVAE`) and the pixel decoder's ResNet and attention blocks.
 
@@ -21,12 +20,12 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .fusion_backbone import LMBackbone
+from .fusion_backbone import DecoderLayer
 from .fusion_heads import DDTBlock
 
 # CUDA-graph modes ("reduce-overhead", "max-autotune") are left out: per-block graphs in training are untested.
 MODES = ("default", "max-autotune-no-cudagraphs")
-BLOCKS = (GradientCheckpointingLayer, DDTBlock)  # blocks whose own forward is what runs them
+BLOCKS = (GradientCheckpointingLayer, DecoderLayer, DDTBlock)  # blocks whose own forward is what runs them
 
 
 @functools.cache
@@ -34,9 +33,8 @@ def _compiled(function, mode: str):
     return torch.compile(function, mode=mode)
 
 
-def _compile_method(module: nn.Module, name: str, mode: str) -> None:
-    function = getattr(type(module), name)
-    setattr(module, name, types.MethodType(_compiled(function, mode), module))
+def _compile_forward(module: nn.Module, mode: str) -> None:
+    module.forward = types.MethodType(_compiled(type(module).forward, mode), module)
 
 
 def compile_blocks(model: nn.Module, mode: str = "default") -> int:
@@ -44,17 +42,10 @@ def compile_blocks(model: nn.Module, mode: str = "default") -> int:
     returns how many blocks. A block compiled already is left as it is."""
     if mode not in MODES:
         raise ValueError(f"compile mode must be one of {MODES}, not {mode!r}")
-    count, inside_lm = 0, set()
+    count = 0
     for module in model.modules():
-        if isinstance(module, LMBackbone):
-            # The LM's own layer modules are never called: LMBackbone._layer runs them.
-            inside_lm.update(map(id, module.modules()))
-            if "_layer" not in vars(module):
-                _compile_method(module, "_layer", mode)
-            count += len(module.lm.layers)
-    for module in model.modules():
-        if isinstance(module, BLOCKS) and id(module) not in inside_lm:
+        if isinstance(module, BLOCKS):
             if "forward" not in vars(module):
-                _compile_method(module, "forward", mode)
+                _compile_forward(module, mode)
             count += 1
     return count

@@ -6,7 +6,8 @@ source sees only itself, the target sees everything. Image tokens enter the LM's
     target: x_embedder(x_t) + 2-D sin-cos PE + t_emb + segment[1]
     source: source_embedder(x_src) + 2-D sin-cos PE + segment[0]   (clean, so no timestep)
 Source and text form the prefix, which never attends to the target: it is encoded once per prompt
-or edit (`encode_prefix` -> `PrefixCache`) and reused at every step. RoPE positions are in
+or edit (`encode_prefix` -> `PrefixCache`) and reused at every sampling step; in training it runs
+in the same pass as the target, each LM layer called once for both. RoPE positions are in
 `fusion_backbone`. The backbone output at the target tokens drives the wide DDT head
 (`fusion_heads`), which predicts the velocity; the loss covers target tokens only, since nothing
 else is predicted.
@@ -236,6 +237,11 @@ class FusionDiffuser(nn.Module):
                 raise ValueError("this PrefixCache was encoded already (with its source, if any); "
                                  "pass the source to encode_prefix together with the text")
             return text
+        return self.backbone.encode_prefix(*self._prefix_args(text, source, source_keep))
+
+    def _prefix_args(self, text, source, source_keep) -> tuple:
+        """What the backbone takes for the prefix: (token ids, attention mask, embedded source tokens
+        or None, source_keep)."""
         if isinstance(text, (tuple, list)) and text and all(isinstance(p, str) for p in text):
             text = self.tokenize(text)
         if isinstance(text, torch.Tensor):
@@ -247,14 +253,14 @@ class FusionDiffuser(nn.Module):
         ids = ids.to(device)
         mask = torch.ones_like(ids) if mask is None else mask.to(device)
         if source is None:
-            return self.backbone.encode_prefix(ids, mask)
+            return ids, mask, None, source_keep
         B = max(ids.shape[0], source.shape[0])
         ids, mask = ids.expand(B, -1), mask.expand(B, -1)
         dtype, dim = self.x_embedder.weight.dtype, self.backbone.hidden_size
         hs, ws = source.shape[-2:]
         src = self.source_embedder(_tokens(source.to(device).expand(B, -1, -1, -1)).to(dtype))
         src = src + sincos_2d(hs, ws, dim, device).to(dtype) + self.segment[0]
-        return self.backbone.encode_prefix(ids, mask, src, source_keep)
+        return ids, mask, src, source_keep
 
     # ---------------------------------------------------------------------------- images
     def forward(self, x_t: torch.Tensor, t, text, source: Optional[torch.Tensor] = None,
@@ -266,13 +272,19 @@ class FusionDiffuser(nn.Module):
         """
         B, C, h, w = x_t.shape
         dtype, device = self.x_embedder.weight.dtype, self.x_embedder.weight.device
-        prefix = self.encode_prefix(text, source, source_keep).expand(B)
         t = torch.as_tensor(t, device=device, dtype=torch.float32).expand(B)
         t_emb = self.t_embedder(t)
         dim = self.backbone.hidden_size
         x_tokens = _tokens(x_t).to(dtype)
         tokens = self.x_embedder(x_tokens) + sincos_2d(h, w, dim, device).to(dtype) + t_emb[:, None] + self.segment[1]
-        s = self.backbone.forward_images(tokens, prefix)
+        if isinstance(text, PrefixCache):
+            s = self.backbone.forward_images(tokens, self.encode_prefix(text, source).expand(B))
+        else:
+            args = self._prefix_args(text, source, source_keep)
+            if args[0].shape[0] == B:  # training: each LM layer called once for the prefix and the image
+                s = self.backbone(tokens, *args)
+            else:  # one prompt for the whole batch
+                s = self.backbone.forward_images(tokens, self.backbone.encode_prefix(*args).expand(B))
         v = self.head(s, x_tokens, t_emb, (h, w))
         return v.transpose(1, 2).reshape(B, C, h, w).to(x_t.dtype)
 

@@ -13,10 +13,15 @@ RoPE positions: every source token shares position 0, the text counts its real t
 text token (n+1, resp. n+2), the distance T2I has always used, so an edit model initialised from a
 T2I one keeps its text-to-target geometry. The 2-D sin-cos PE carries the image layout.
 
-The layer forward is written here from the LM's own modules (norms, q/k/v/o projections, MLP,
-rotary embedding), not by calling the HF decoder layer, whose call signature changes between
-transformers versions. Text-only hidden states equal the LM's own outputs, and the cached path
-equals the LM's forward over the full sequence with the dense mask (tests/test_fusion.py).
+Each LM decoder layer is replaced in `lm.layers` by a `DecoderLayer`, which adopts the layer's own
+modules (norms, q/k/v/o projections, MLP) under their names, so the weights keep the LM's keys, and
+runs them itself rather than calling the HF decoder layer, whose call signature changes between
+transformers versions (the LM's own `forward` is therefore not used). Every layer's work is a call
+of its `DecoderLayer`, so each can be its own FSDP unit and its own compiled block. In training
+(`LMBackbone.forward`) each layer runs once for both streams, the prefix and the target; sampling
+encodes the prefix once (`encode_prefix`) and runs only the target per step (`forward_images`).
+Text-only hidden states equal the LM's own outputs, and both paths equal the LM's forward over the
+full sequence with the dense mask (tests/test_fusion.py).
 """
 from __future__ import annotations
 
@@ -47,6 +52,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
 
 
+def _target_position(key_mask: torch.Tensor, source_tokens: int) -> torch.Tensor:
+    """[B] RoPE position of the target tokens: two after the last real (kept) text token.
+    Dropped text counts as no text, as for the null prompt; a dropped source keeps its slot."""
+    text = key_mask[:, source_tokens:].sum(-1)
+    return text + (1 if source_tokens else 0) + 1
+
+
 @dataclass
 class PrefixCache:
     """The conditioning prefix [source ; text] encoded once: per-layer keys/values (RoPE applied)
@@ -75,10 +87,8 @@ class PrefixCache:
 
     @property
     def target_position(self) -> torch.Tensor:
-        """[B] RoPE position of the target tokens: two after the last real (kept) text token.
-        Dropped text counts as no text, as for the null prompt; a dropped source keeps its slot."""
-        text = self.mask[:, self.source_tokens:].sum(-1)
-        return text + (1 if self.source_tokens else 0) + 1
+        """[B] RoPE position of the target tokens (`_target_position`)."""
+        return _target_position(self.mask, self.source_tokens)
 
     def expand(self, batch_size: int) -> "PrefixCache":
         """One prefix for a whole batch (a cache of batch 1 broadcast to `batch_size`)."""
@@ -129,8 +139,62 @@ class PrefixCache:
                        mask=stack(c.mask for c in caches), hidden=stack(c.hidden for c in caches))
 
 
+class DecoderLayer(nn.Module):
+    """One LM decoder layer as the backbone runs it: a stream of queries attends to [prefix keys/values ;
+    its own]. It adopts the HF layer's modules under their own names (the weights keep their keys)."""
+
+    PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+
+    def __init__(self, layer: nn.Module, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        children = dict(layer.named_children())
+        if set(children) != set(self.PARTS) or next(layer.parameters(recurse=False), None) is not None:
+            raise ValueError(f"{type(layer).__name__} has the parts {sorted(children)}; the fusion backbone runs "
+                             f"decoder layers made of exactly {self.PARTS}")
+        for name, child in children.items():
+            self.add_module(name, child)
+        self.head_dim = self.self_attn.q_proj.out_features // num_heads
+        self.gqa = num_kv_heads != num_heads
+
+    def _qkv(self, x, cos, sin):
+        attn = self.self_attn
+        h = self.input_layernorm(x)
+        split = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # noqa: E731  (also for 0 tokens)
+        q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def _stream(self, x, cos, sin, mask, causal: bool, prefix_k=None, prefix_v=None):
+        """The queries `x` attend to [prefix_k/v ; their own keys/values]; returns the new hidden states
+        and their own keys and values (RoPE applied)."""
+        q, k, v = self._qkv(x, cos, sin)
+        keys, values = (k, v) if prefix_k is None else (torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                             scale=getattr(self.self_attn, "scaling", None), enable_gqa=self.gqa)
+        x = x + self.self_attn.o_proj(out.transpose(1, 2).flatten(2))
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+    def forward(self, prefix: Optional[tuple] = None, target: Optional[tuple] = None,
+                cached: Optional[tuple] = None) -> tuple:
+        """Either stream or both through this layer, in one call (one FSDP gather).
+
+        prefix: (x, cos, sin, mask) of the prefix tokens; mask None: plainly causal.
+        target: (x, cos, sin, mask) of the target tokens (mask: key padding, or None), attending to the
+            prefix keys/values computed here from `prefix`, or to `cached` (k, v) without it.
+        Returns (prefix hidden, (prefix keys, values), target hidden); None for a stream not given."""
+        prefix_out = target_out = None
+        if prefix is not None:
+            x, cos, sin, mask = prefix
+            prefix_out, k, v = self._stream(x, cos, sin, mask, mask is None)
+            cached = (k, v)
+        if target is not None:
+            x, cos, sin, mask = target
+            target_out, _, _ = self._stream(x, cos, sin, mask, False, *cached)
+        return prefix_out, cached, target_out
+
+
 class LMBackbone(nn.Module):
-    """The LM's base model (`self.lm`: embeddings, decoder layers, final norm, rotary), no LM head."""
+    """The LM's base model (`self.lm`: embeddings, decoder layers, final norm, rotary), no LM head;
+    its layers are `DecoderLayer`s."""
 
     def __init__(self, lm_config: dict, model: Optional[nn.Module] = None):
         super().__init__()
@@ -144,39 +208,15 @@ class LMBackbone(nn.Module):
         self.hidden_size = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = model.layers[0].self_attn.q_proj.out_features // self.num_heads
+        model.layers = nn.ModuleList(
+            layer if isinstance(layer, DecoderLayer) else DecoderLayer(layer, self.num_heads, self.num_kv_heads)
+            for layer in model.layers)
+        self.head_dim = model.layers[0].head_dim
 
-    def _qkv(self, layer, x, cos, sin):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        split = lambda y: y.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
-
-    def _finish(self, layer, x, attn_out):
-        x = x + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(*x.shape[:2], -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
-    def _attend(self, layer, q, k, v, mask, causal):
-        scale = getattr(layer.self_attn, "scaling", None)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              enable_gqa=self.num_kv_heads != self.num_heads)
-
-    def _layer(self, layer, x, cos, sin, mask, causal: bool, prefix_k=None, prefix_v=None):
-        """One decoder layer (the repeated block `psvae_core.compile` compiles). The queries attend
-        to [prefix_k/v ; their own keys/values] when a prefix is given. Returns the new hidden
-        states and the layer's own keys and values (RoPE applied)."""
-        q, k, v = self._qkv(layer, x, cos, sin)
-        keys, values = (k, v) if prefix_k is None else (torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2))
-        return self._finish(layer, x, self._attend(layer, q, keys, values, mask, causal)), k, v
-
-    def encode_prefix(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                      source: Optional[torch.Tensor] = None,
-                      source_keep: Optional[torch.Tensor] = None) -> PrefixCache:
-        """Run the prefix [source ; text] once. Text padding may be on either side: positions count
-        real tokens only, and padded keys are masked. `source`: embedded source-image tokens
-        [B, S, hidden]; `source_keep` [B] bool hides the source of a row from its text and from the
-        target (a dropped source: the text is then encoded as without one)."""
+    def _prefix_inputs(self, token_ids, attention_mask, source, source_keep):
+        """The prefix stream before the first layer: ((x, cos, sin, mask), key mask [B, P], source
+        tokens). Text padding may be on either side: positions count real tokens only, and padded
+        keys are masked."""
         B, L = token_ids.shape
         mask = torch.ones_like(token_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         x = self.lm.embed_tokens(token_ids)
@@ -185,9 +225,6 @@ class LMBackbone(nn.Module):
         keep = (torch.ones(B, dtype=torch.bool, device=device) if source_keep is None
                 else source_keep.to(device, torch.bool))
         key_mask = torch.cat([keep[:, None].expand(B, S), mask], 1)
-        if S + L == 0:
-            empty = x.new_zeros(B, self.num_kv_heads, 0, self.head_dim)
-            return PrefixCache((empty,) * len(self.lm.layers), (empty,) * len(self.lm.layers), key_mask, x)
         offset = 1 if S else 0
         text_pos = (mask.long().cumsum(-1) - 1).clamp_min(0) + offset
         positions = torch.cat([text_pos.new_zeros(B, S), text_pos], 1)
@@ -205,9 +242,26 @@ class LMBackbone(nn.Module):
             causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
             allowed[:, S:, S:] = causal & mask[:, None, :]
             dense = (allowed | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+        return (x, cos, sin, dense), key_mask, S
+
+    def _target_inputs(self, x, key_mask, position):
+        """The target stream (x, cos, sin, key-padding mask) at RoPE `position` [B]."""
+        B, N, _ = x.shape
+        keep = torch.cat([key_mask.to(x.device), torch.ones(B, N, dtype=torch.bool, device=x.device)], 1)
+        mask = None if bool(keep.all()) else keep[:, None, None, :]  # key padding only, broadcast over queries
+        cos, sin = self.lm.rotary_emb(x, position.to(x.device)[:, None].expand(B, N))
+        return x, cos, sin, mask
+
+    def encode_prefix(self, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      source: Optional[torch.Tensor] = None,
+                      source_keep: Optional[torch.Tensor] = None) -> PrefixCache:
+        """Run the prefix [source ; text] once. `source`: embedded source-image tokens [B, S, hidden];
+        `source_keep` [B] bool hides the source of a row from its text and from the target (a dropped
+        source: the text is then encoded as without one)."""
+        (x, *rest), key_mask, S = self._prefix_inputs(token_ids, attention_mask, source, source_keep)
         keys, values = [], []
         for layer in self.lm.layers:
-            x, k, v = self._layer(layer, x, cos, sin, dense, dense is None)
+            x, (k, v), _ = layer(prefix=(x, *rest))
             keys.append(k)
             values.append(v)
         return PrefixCache(tuple(keys), tuple(values), key_mask, self.lm.norm(x), S)
@@ -215,11 +269,18 @@ class LMBackbone(nn.Module):
     def forward_images(self, x: torch.Tensor, prefix: PrefixCache) -> torch.Tensor:
         """Target tokens [B, N, hidden] through every layer, attending to the cached prefix and to
         each other, all at `prefix.target_position`. Returns the final normed hidden states."""
-        B, N, _ = x.shape
-        keep = torch.cat([prefix.mask.to(x.device), torch.ones(B, N, dtype=torch.bool, device=x.device)], 1)
-        mask = None if bool(keep.all()) else keep[:, None, None, :]  # key padding only, broadcast over queries
-        positions = prefix.target_position.to(x.device)[:, None].expand(B, N)
-        cos, sin = self.lm.rotary_emb(x, positions)
-        for layer, prefix_k, prefix_v in zip(self.lm.layers, prefix.keys, prefix.values):
-            x, _, _ = self._layer(layer, x, cos, sin, mask, False, prefix_k, prefix_v)
+        x, *rest = self._target_inputs(x, prefix.mask, prefix.target_position)
+        for layer, k, v in zip(self.lm.layers, prefix.keys, prefix.values):
+            _, _, x = layer(target=(x, *rest), cached=(k, v))
+        return self.lm.norm(x)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                source: Optional[torch.Tensor] = None, source_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`forward_images(x, encode_prefix(...))` with each layer called once for both streams (the
+        training path: under FSDP one gather per layer and step). Returns the target's final normed
+        hidden states; the prefix's last hidden states are not needed."""
+        (prefix, *prefix_rest), key_mask, S = self._prefix_inputs(token_ids, attention_mask, source, source_keep)
+        x, *target_rest = self._target_inputs(x, key_mask, _target_position(key_mask, S))
+        for layer in self.lm.layers:
+            prefix, _, x = layer(prefix=(prefix, *prefix_rest), target=(x, *target_rest))
         return self.lm.norm(x)

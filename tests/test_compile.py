@@ -59,7 +59,7 @@ def test_a_compiled_t2i_step_equals_the_plain_step():
     for p in plain.head.parameters():  # the zero-initialised head would hide the backbone's gradients
         torch.nn.init.normal_(p, std=0.05)
     compiled = copy.deepcopy(plain)
-    # The LM's 2 decoder layers (run by LMBackbone._layer) and the DDT head's block.
+    # The LM's 2 decoder layers (fusion_backbone.DecoderLayer) and the DDT head's block.
     assert compile_blocks(compiled) == 3
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 8, 4, 4, generator=g)

@@ -497,7 +497,11 @@ def test_smollm2_loads_and_reproduces_the_lm(smollm2):
         assert got == value or (isinstance(value, float) and got == pytest.approx(value)), (key, got)
     ids, mask = smollm2.tokenize(["The capital of France is"])
     cache = smollm2.encode_prefix((ids, mask))
-    own = smollm2.backbone.lm(input_ids=ids).last_hidden_state  # the HF model's own forward, same weights
+    from transformers import AutoModel
+
+    lm = AutoModel.from_config(smollm2.backbone.lm.config)  # the HF model's own forward, same weights (same keys)
+    lm.load_state_dict(smollm2.backbone.lm.state_dict())
+    own = lm.eval()(input_ids=ids).last_hidden_state
     assert cache.hidden.shape == own.shape == (1, ids.shape[1], 576)
     torch.testing.assert_close(cache.hidden, own, atol=1e-5, rtol=1e-5)
     v = smollm2(torch.randn(1, 8, 4, 4), 0.5, (ids, mask), source=torch.randn(1, 8, 4, 4))
