@@ -180,7 +180,8 @@ class DecoderLayer(nn.Module):
         prefix: (x, cos, sin, mask) of the prefix tokens; mask None: plainly causal.
         target: (x, cos, sin, mask) of the target tokens (mask: key padding, or None), attending to the
             prefix keys/values computed here from `prefix`, or to `cached` (k, v) without it.
-        Returns (prefix hidden, (prefix keys, values), target hidden); None for a stream not given."""
+        Returns (prefix hidden, (prefix keys, values), target hidden), None for a stream not given;
+        the keys and values only without a target (which uses them here)."""
         prefix_out = target_out = None
         if prefix is not None:
             x, cos, sin, mask = prefix
@@ -189,6 +190,7 @@ class DecoderLayer(nn.Module):
         if target is not None:
             x, cos, sin, mask = target
             target_out, _, _ = self._stream(x, cos, sin, mask, False, *cached)
+            cached = None
         return prefix_out, cached, target_out
 
 

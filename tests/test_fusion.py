@@ -156,7 +156,8 @@ def _paper_positions(mask, S, N):
 @torch.no_grad()
 def test_the_cached_prefix_equals_the_lm_over_the_full_sequence(lm_dir, source_tokens):
     """Reference: the LM's own forward over the whole sequence [source ; text ; target] with the
-    dense mask of the paper's layout. The prefix is computed once; the target reuses its K/V."""
+    dense mask of the paper's layout. The prefix is computed once; the target reuses its K/V. The
+    training path (prefix and target through each layer in one call) is the same computation."""
     model = FusionDiffuser.from_pretrained_lm(lm_dir, load_tokenizer=False, latent_channels=8,
                                               head_width=64, head_heads=4, head_depth=1)
     ref, backbone = _reference(lm_dir), model.backbone
@@ -176,6 +177,7 @@ def test_the_cached_prefix_equals_the_lm_over_the_full_sequence(lm_dir, source_t
     full = joint(source, target)
     real = mask.bool()
     torch.testing.assert_close(ours, full[:, S + L:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(backbone(target, ids, mask, source if S else None), ours, atol=0, rtol=0)
     torch.testing.assert_close(prefix.text_hidden[real], full[:, S:S + L][real], atol=1e-5, rtol=1e-5)
     changed = joint(source, target + 1.0)  # the target never changes a prefix state
     torch.testing.assert_close(changed[:, :S + L], full[:, :S + L], atol=0, rtol=0)

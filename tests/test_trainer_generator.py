@@ -250,9 +250,60 @@ def test_edit_on_two_processes_matches_one(assets, t2i_run, tmp_path):
         assert a["generator/flow"] == pytest.approx(b["generator/flow"], abs=1e-5)
 
 
+def test_fsdp_makes_every_lm_layer_and_head_block_a_unit_called_once_a_step():
+    """`sharding.shard` with the generator stages' units, in a one-process gloo group: each LM decoder
+    layer and each DDT head block is its own FSDP unit (nothing else but the root), each LM layer is
+    called once in a training forward (one all-gather for the prefix and the target), and the loss
+    and gradients equal the unsharded model's."""
+    import copy
+    from collections import Counter
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from psvae_core.fusion import FusionDiffuser
+    from trainer import sharding
+    from trainer.generator_stages import EditStage, T2IStage
+
+    assert EditStage.shard_units == T2IStage.shard_units
+    torch.manual_seed(0)
+    plain = FusionDiffuser.from_preset("tiny")
+    for p in plain.head.parameters():  # the zero-initialised head would hide the backbone's gradients
+        torch.nn.init.normal_(p, std=0.05)
+    model = copy.deepcopy(plain)
+    g = torch.Generator().manual_seed(1)
+    x0, noise, src = (torch.randn(2, 8, 4, 4, generator=g) for _ in range(3))
+    ids, mask = torch.randint(2, 200, (2, 6), generator=g), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    batch = dict(x0=x0, text=(ids, mask), source=src, source_keep=torch.tensor([True, False]),
+                 t=torch.tensor([0.3, 0.8]), noise=noise)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        units = sharding.shard(model, T2IStage.shard_units, torch.device("cpu"))
+        layers, blocks = list(model.backbone.lm.layers), list(model.head.blocks)
+        assert len(layers) == 2 and len(blocks) == 1
+        sharded = {id(m) for m in model.modules() if isinstance(m, FSDPModule)}
+        assert sharded == {id(m) for m in [model, *layers, *blocks]}
+        assert [id(u) for u in units] == [id(m) for m in layers + blocks]
+        calls = Counter()
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda *_, i=i: calls.update([i]))
+        loss = model.training_loss(**batch)
+        loss.backward()
+        assert calls == {0: 1, 1: 1}
+        reference = plain.training_loss(**batch)
+        reference.backward()
+        torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+        grads = {n: sharding.full_tensor(p.grad) for n, p in model.named_parameters()}
+        for name, p in plain.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_t2i_fsdp_matches_one_process_and_checkpoints_move_both_ways(assets, tmp_path):
-    """FSDP2 on 2 processes x batch 1 x 2 accumulation = 1 process x batch 4 (weights, EMA, losses, grad norms, the
-    held-out loss and the exported generator, which is gathered from the shards); a sharded
+    """FSDP2 (a unit per LM layer and head block, fused AdamW on the shards) on 2 processes x batch 1 x 2
+    accumulation = 1 process x batch 4 (weights, EMA, losses, grad norms, the held-out loss and the
+    exported generator, which is gathered from the shards); a sharded
     checkpoint resumes on 1 process and a 1-process one resumes sharded, both ending where the
     uninterrupted run ends."""
     from safetensors.torch import load_file
@@ -267,7 +318,9 @@ def test_t2i_fsdp_matches_one_process_and_checkpoints_move_both_ways(assets, tmp
     sharded = torchrun(*args, "run.name=fsdp", *fsdp, "train.max_steps=4")
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     assert "global batch 4 (2 process(es))" in sharded.stdout + sharded.stderr
-    assert "FSDP: 'generator' sharded over 2 processes" in sharded.stdout + sharded.stderr
+    # One unit per LM layer and head block (the tiny preset: 2 + 1), the optimiser fused on the shards.
+    assert ("FSDP: 'generator' sharded over 2 processes in 2 DecoderLayer + 1 DDTBlock units and the root, "
+            "fused AdamW") in sharded.stdout + sharded.stderr
     assert (tmp_path / "fsdp" / "samples" / "step_00000002.png").is_file()
 
     def resumed(name: str, checkpoint: Path, *layout):

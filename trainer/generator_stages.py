@@ -38,6 +38,7 @@ from psvae_core.checkpoint import CheckpointError, read_metadata
 from psvae_core.dtypes import DTYPES
 from psvae_core.fusion import PRESETS as GENERATOR_PRESETS
 from psvae_core.fusion import FusionConfig, FusionDiffuser
+from psvae_core.fusion_backbone import DecoderLayer
 from psvae_core.fusion_heads import DDTBlock
 from psvae_core.provenance import file_sha256, recorded_vae, vae_mismatch, vae_provenance
 
@@ -188,9 +189,9 @@ def _open_export(load, path: Path, setting: str, value, what: str):
 class _GeneratorStage(Stage):
     config_class = T2IConfig
     task = "t2i"
-    # The head's blocks are FSDP units; the LM's layers run piecewise (the text prefix is cached
-    # and reused by the image tokens), so their weights are gathered with the root.
-    shard_units = (DDTBlock,)
+    # FSDP units: each LM decoder layer (one call per training step for the prefix and the target)
+    # and each DDT head block.
+    shard_units = (DecoderLayer, DDTBlock)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

@@ -307,18 +307,24 @@ class Loop:
                 count = compile_blocks(spec.module, cfg.train.compile_mode)
                 self.log(f"torch.compile ({cfg.train.compile_mode}) of {count} blocks of '{spec.name}'")
             template = None
+            # One fused AdamW kernel for all parameters: on CUDA, and for FSDP's DTensor shards on any
+            # device (DTensor runs the fused op on each shard). Not sharded with fp16: torch 2.14's
+            # ShardedGradScaler hands the fused step a found_inf of shape [1], which it refuses
+            # (docs/TRAINER.md, FSDP); torch then picks foreach (CUDA) or the for-loop (CPU).
+            fused = self.device.type == "cuda" or (self.sharded and cfg.precision.mixed != "fp16")
             if self.sharded:
                 template = sharding.meta_template(spec.module)
-                wrapped = raw = sharding.shard(spec.module, self.stage.shard_units, self.device)
+                units = sharding.shard(spec.module, self.stage.shard_units, self.device)
+                wrapped = raw = spec.module
                 local = sum(p.to_local().numel() for p in raw.parameters())
-                self.log(f"FSDP: '{spec.name}' sharded over {self.world} processes "
-                         f"({local:,} of {sum(p.numel() for p in raw.parameters()):,} parameters on rank {self.rank})")
+                kinds = " + ".join(f"{sum(isinstance(u, c) for u in units)} {c.__name__}" for c in self.stage.shard_units)
+                self.log(f"FSDP: '{spec.name}' sharded over {self.world} processes in {kinds} units and the root, "
+                         f"{'fused' if fused else 'unfused'} AdamW ({local:,} of "
+                         f"{sum(p.numel() for p in raw.parameters()):,} parameters on rank {self.rank})")
             else:
                 wrapped = self.acc.prepare(spec.module)
                 raw = self.acc.unwrap_model(wrapped)
             ema = EMA(raw, cfg.ema.decay, cfg.ema.warmup) if (spec.ema and cfg.ema.enabled) else None
-            # One fused AdamW kernel on CUDA (replicated weights; sharded ones use the foreach path).
-            fused = self.device.type == "cuda" and not self.sharded
             self.groups[spec.name] = _Group(spec, wrapped, raw, cfg.train.max_steps, ema, template, fused)
         unwrap = (lambda m: m) if self.sharded else self.acc.unwrap_model
         self.models = Models({n: g.wrapped for n, g in self.groups.items()}, unwrap)

@@ -3,8 +3,10 @@
 Two layouts:
 - replicated (one process, or DDP through accelerate): every process holds the whole module;
 - sharded (FSDP2, `torch.distributed.fsdp.fully_shard`): parameters, gradients, optimiser and EMA
-  state are split over the processes; a stage's blocks (`Stage.shard_units`) are their own units so
-  their weights are gathered one block at a time, the rest is gathered with the root.
+  state are split over the processes; a stage's blocks (`Stage.shard_units`: the generator's LM
+  decoder layers and DDT head blocks) are their own units, so their weights are gathered one block
+  at a time, each block's all-gather started while the block before it computes; the rest is
+  gathered with the root.
 
 Checkpoints hold full tensors in both layouts (optimiser state keyed by parameter name through
 `torch.distributed.checkpoint.state_dict`), so a run saved sharded on two GPUs resumes replicated on
@@ -25,17 +27,24 @@ _TO_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _FULL = StateDictOptions(full_state_dict=True)
 
 
-def shard(module: nn.Module, units: tuple[type, ...], device: torch.device) -> nn.Module:
-    """FSDP2 over all processes: each module of a class in `units` is one unit, then the root."""
+def shard(module: nn.Module, units: tuple[type, ...], device: torch.device) -> list[nn.Module]:
+    """FSDP2 over all processes: each module of a class in `units` is one unit, then the root.
+    Returns the units (without the root), in module order."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for sub in list(module.modules())[1:]:
-        if units and isinstance(sub, units):
-            fully_shard(sub, mesh=mesh)
+    found = [sub for sub in list(module.modules())[1:] if units and isinstance(sub, units)]
+    for sub in found:
+        fully_shard(sub, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    return module
+    # Forward prefetch: each unit (the root: the first) starts the next one's all-gather before it
+    # computes, the units running in module order; backward prefetch is FSDP's own, by the
+    # recorded forward order.
+    chain = [module, *found]
+    for current, following in zip(chain, chain[1:]):
+        current.set_modules_to_forward_prefetch([following])
+    return found
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
