@@ -6,6 +6,8 @@
 #   bash bench/multi_gpu.sh t2i-ddp  OUT  # T2I 1 GPU vs 2 (DDP) side by side, no checkpoints
 #   bash bench/multi_gpu.sh t2i-check OUT # 1 GPU at another micro-batch split (the rounding baseline
 #                                         # of the loss curves); FSDP and 1 GPU side by side
+#   bash bench/multi_gpu.sh fsdp     OUT  # T2I 653M at the paper's micro-batch 46: 1 GPU vs 2 with FSDP
+#   bash bench/multi_gpu.sh fsdp-1708m OUT # the same for the 1708M preset (its micro-batch 23)
 # NVLink multicast stays off (it can take a shared host's GPUs down).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -29,6 +31,13 @@ elif [ "$part" = t2i-check ]; then
   t2i 200 --processes 1 --steps 15 --micro 23 --name t2i_1gpu_micro23 --out "$out/t2i_1gpu_micro23.json"
   t2i 150 --processes 2 --steps 30 --fsdp --out "$out/t2i_2gpu_fsdp.json"
   t2i 150 --processes 1 --steps 30 --out "$out/t2i_1gpu.json"
+elif [ "$part" = fsdp ]; then
+  t2i 200 --processes 1 --steps 30 --out "$out/t2i_1gpu.json"
+  t2i 200 --processes 2 --steps 30 --fsdp --out "$out/t2i_2gpu_fsdp.json"
+elif [ "$part" = fsdp-1708m ]; then
+  big=(--batch 92 --micro 23 --steps 20 --extra model.preset=paper-1708m)
+  t2i 270 --processes 1 "${big[@]}" --name t2i_1708m_1gpu --out "$out/t2i_1708m_1gpu.json"
+  t2i 270 --processes 2 "${big[@]}" --fsdp --name t2i_1708m_2gpu_fsdp --out "$out/t2i_1708m_2gpu_fsdp.json"
 else
   timeout 330 python3 bench/psvae_stage2.py --work "$work/psvae" --steps 80 --no-flops --out "$out/psvae_1gpu.json"
   timeout 200 python3 bench/psvae_stage2.py --work "$work/psvae" --steps 80 --no-flops --processes 2 --out "$out/psvae_2gpu.json"
