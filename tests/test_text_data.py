@@ -310,7 +310,7 @@ def test_tar_shard_patterns():
 @pytest.mark.parametrize("shards", [7, 2])  # more shards than readers (split by shard) and fewer (by sample)
 def test_tar_shards_split_disjointly_and_completely(photos, tmp_path, shards):
     good = write_shards(tmp_path, photos, shards=shards, per_shard=5)
-    stream = td.TarShardStream(str(tmp_path / "*.tar"), load_images=False)
+    stream = td.TarShardStream(str(tmp_path / "*.tar"), size=8)
     for world, workers in [(1, 1), (2, 1), (1, 3), (2, 2), (3, 2)]:
         parts = [[it["key"] for it in stream.iter_partition(r, world * workers)] for r in range(world * workers)]
         flat = [k for part in parts for k in part]
@@ -322,8 +322,7 @@ def test_tar_shards_through_dataloader_workers_and_ranks(photos, tmp_path):
     good = write_shards(tmp_path, photos, shards=5, per_shard=3)
     keys = []
     for rank in range(2):
-        stream = td.TarShardStream(str(tmp_path / "shard-{0000..0004}.tar"), rank=rank, world_size=2,
-                                   load_images=False)
+        stream = td.TarShardStream(str(tmp_path / "shard-{0000..0004}.tar"), size=8, rank=rank, world_size=2)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
         keys += [it["key"] for it in loader]
     assert sorted(keys) == sorted(good)

@@ -1,29 +1,8 @@
-"""Sources of the generator stages (docs/PAPER.md §5.3, formats in docs/GENERATOR_DATA.md): captioned
-images (T2I) and edit triplets.
+"""Caption and edit sources of the generator stages (docs/GENERATOR_DATA.md: formats, report reasons).
 
-Every sample is a dict:
-
-    T2I   {"key": str, "image": [3,S,S] float32 0..1, "text": caption}
-    edit  {"key": str, "source": [3,S,S], "image": [3,S,S] (the edited target), "text": instruction}
-
-so an edit sample is a T2I sample plus its source, and one training step serves both. Images are
-read by the package's one rule (images.py), S = 256 as in the paper.
-
-Sources
-    T2I:  `CaptionFolder` (image + same-name .txt, recursive), `CaptionManifest` (jsonl),
-          `HFCaptionDataset` (`datasets` save_to_disk folder or parquet files; needs `datasets`),
-          `TarShardStream` (webdataset-style shards, an IterableDataset split over ranks/workers).
-    edit: `EditFolder` (source/, target/, instruction/ or instructions.jsonl, matched by name),
-          `EditManifest` (jsonl).
-    `open_t2i` / `open_edit` pick the source from a path (`t2i_format` names the choice).
-
-Bad data never stops a run and never disappears silently: each skipped sample is counted by
-reason in `report()` (with the first few offending paths); a source with nothing usable raises
-`EmptyDatasetError` with that report. Map-style sets list their files sorted and then permute them
-with `seed`, so the order is the same on every machine and file system.
-
-Caption dropout (CFG) and the independent text / image dropout of editing are applied by the
-training stage; `dropout_masks` draws them.
+A sample is {"key", "image": [3,S,S] float32 0..1, "text"}; an edit sample adds its "source", so
+one training step serves both. Images are read by the package's one rule (images.py). A skipped
+sample is counted by reason in `report()`; a source with nothing usable raises EmptyDatasetError.
 """
 from __future__ import annotations
 
@@ -43,6 +22,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from .images import IMAGE_SIZE, IMAGE_SUFFIXES, check_image_file, image_files, is_image_name, load_image
 from .report import BadSample, DataError, DataReport, EmptyDatasetError
+from .sampling import launcher_rank
 from .sources import HF_MARKERS, hf_image, jsonl_lines, open_hf
 
 logger = logging.getLogger(__name__)
@@ -134,7 +114,8 @@ def _manifest_entries(manifest: Path, report: DataReport, images: dict, text: tu
 
 
 class _MapDataset(Dataset):
-    """Common machinery: checks, report, seeded order, skip-and-replace on load failure."""
+    """Entries sorted by key, then permuted by `seed` (the same order on every machine); image headers
+    checked when built; a sample that fails to load is counted and replaced by the next one."""
 
     kind = "?"
     fields: tuple = ("image",)
@@ -147,7 +128,6 @@ class _MapDataset(Dataset):
         self.entries: list[Entry] = []
         self.order: list[int] = []
 
-    # -- building
     def _finish(self, entries: list[Entry], hint: str) -> None:
         if self.check_images and entries:
             entries = self._checked(entries)
@@ -176,7 +156,6 @@ class _MapDataset(Dataset):
             self._report.skip(reason, ref)
         return [e for i, e in enumerate(entries) if i not in bad]
 
-    # -- access
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -199,11 +178,8 @@ class _MapDataset(Dataset):
     def load(self, index: int) -> dict:
         """The sample at `index`; raises BadSample (no replacement)."""
         entry = self.entry(index)
-        item = {"key": entry.key}
-        for name in self.fields:
-            item[name] = self._load_image(entry.images[name], entry)
-        item["text"] = entry.text if entry.text is not None else self._load_text(entry)
-        return item
+        return {"key": entry.key, **{name: self._load_image(entry.images[name], entry) for name in self.fields},
+                "text": self.text(index)}
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
@@ -225,10 +201,8 @@ class _MapDataset(Dataset):
 
 
 class CaptionFolder(_MapDataset):
-    """Images under `root` (recursive) with a same-name caption file next to them (`a/b.jpg` + `a/b.txt`).
-
-    Files and folders starting with "." are ignored. Key = the image path relative to `root`.
-    """
+    """Images under `root` (recursive) with a same-name caption file (`a/b.jpg` + `a/b.txt`); key = the
+    image path relative to `root`."""
 
     kind = "caption-folder"
 
@@ -252,8 +226,7 @@ class CaptionFolder(_MapDataset):
 
 
 class CaptionManifest(_MapDataset):
-    """A jsonl manifest, one `{"image": path, "text": caption}` per line; relative paths are relative
-    to the manifest's folder. Key = the line's "key"/"id" if any, else the image path as written."""
+    """A jsonl manifest of `{"image": path, "text": caption}` lines (key: "key"/"id", else the image path)."""
 
     kind = "caption-manifest"
 
@@ -266,18 +239,13 @@ class CaptionManifest(_MapDataset):
 
 
 class HFCaptionDataset(_MapDataset):
-    """A `datasets.save_to_disk` folder or parquet file(s) (path, glob or list) with an image column
-    (an Image feature, encoded bytes, {"bytes", "path"} or a path string) and a text column.
-
-    Rows are read lazily; a row whose image or caption turns out bad is skipped at load time and
-    counted. Key = "<row index>".
-    """
+    """A `datasets.save_to_disk` folder or parquet file(s) (path, glob or list), read lazily: a bad row
+    is skipped when it is loaded. Key = "<row index>"."""
 
     kind = "hf-datasets"
 
     def __init__(self, path: Union[PathLike, Sequence[PathLike]], image_column: str = "image",
-                 text_column: str = "text", split: Optional[str] = None,
-                 **kwargs):
+                 text_column: str = "text", split: Optional[str] = None, **kwargs):
         kwargs.setdefault("check_images", False)  # images live inside the files; checked when loaded
         super().__init__(str(path), **kwargs)
         ds = open_hf(path, split, "split", {image_column: "image_column", text_column: "text_column"})
@@ -298,12 +266,8 @@ class HFCaptionDataset(_MapDataset):
 
 
 class EditFolder(_MapDataset):
-    """Edit triplets matched by name: `source/NAME.ext`, `target/NAME.ext`, and the instruction in
-    `instruction/NAME.txt` or in one jsonl (`{"name": NAME, "instruction": ...}` per line; "key"/"id"
-    are accepted for "name"; default `root/instructions.jsonl` when it exists).
-
-    NAME may contain sub-folders (`source/cats/a.png` pairs with `target/cats/a.jpg`). Key = NAME.
-    """
+    """Triplets matched by NAME (a path without suffix): `source/NAME.*`, `target/NAME.*`, and
+    `instruction/NAME.txt` or one jsonl of {"name", "instruction"} (default `root/instructions.jsonl`)."""
 
     kind = "edit-folder"
     fields = ("source", "image")
@@ -325,8 +289,7 @@ class EditFolder(_MapDataset):
                 if name is None or text is None:
                     self._report.skip("bad_manifest_line", f"{instructions}:{n}")
                 else:  # "a.png" and "a" both name the pair a
-                    suffix = Path(name).suffix
-                    table[name[:-len(suffix)] if is_image_name(name) else name] = text
+                    table[name.removesuffix(Path(name).suffix) if is_image_name(name) else name] = text
         sources = self._by_name(src_root)
         targets = self._by_name(tgt_root)
         entries = []
@@ -336,10 +299,7 @@ class EditFolder(_MapDataset):
             if src is None or tgt is None:
                 self._report.skip("missing_source" if src is None else "missing_target", tgt or src)
                 continue
-            if table is not None:
-                text = table.get(name)
-            else:
-                text = _read_text(ins_root / f"{name}.txt")
+            text = table.get(name) if table is not None else _read_text(ins_root / f"{name}.txt")
             if not text:
                 self._report.skip("missing_instruction", src)
                 continue
@@ -362,8 +322,7 @@ class EditFolder(_MapDataset):
 
 
 class EditManifest(_MapDataset):
-    """A jsonl manifest, one `{"source": path, "target": path, "instruction": text}` per line;
-    relative paths are relative to the manifest. Key = "key"/"id" if given, else the target path."""
+    """A jsonl manifest of {"source", "target", "instruction"} lines (key: "key"/"id", else the target path)."""
 
     kind = "edit-manifest"
     fields = ("source", "image")
@@ -466,45 +425,28 @@ def iter_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                                      "of 512-byte tar blocks)")
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 class TarShardStream(IterableDataset):
-    """webdataset-style tar shards: members `{key}.jpg|jpeg|png|webp` + `{key}.txt` or `{key}.json`
-    (caption from the first of `text_fields` present), consecutive per key. Sized for CC12M (10.9M).
-
-    Splitting: the shards in their listed order; with at least as many shards as (ranks x DataLoader
-    workers), reader g of G takes shards g, g+G, ...; with fewer, every reader streams every shard
-    and keeps samples g, g+G, ... So each sample is read by exactly one reader either way.
-    Rank/world come from torch.distributed, else $RANK/$WORLD_SIZE.
-
-    One iteration is one pass (the generator stages stream it once into the latent cache).
-    load_images=False yields no pixels (keys and captions only).
-    Key = "<shard file name>/<member key>". `report()` counts this process's skips.
-    """
+    """webdataset-style tar shards, one pass per iteration, each sample read by exactly one of the
+    (ranks x DataLoader workers) readers (the split rule: docs/GENERATOR_DATA.md). Key =
+    "<shard file name>/<member key>"; `report()` counts this process's skips."""
 
     kind = "tar-shards"
 
     def __init__(self, shards, size: int = IMAGE_SIZE, text_fields: Sequence[str] = TEXT_FIELDS,
-                 rank: Optional[int] = None, world_size: Optional[int] = None, min_side: int = 0,
-                 load_images: bool = True):
+                 rank: Optional[int] = None, world_size: Optional[int] = None, min_side: int = 0):
         super().__init__()
         self.shards = expand_shards(shards)
         self.source = str(shards)
         self.size, self.text_fields = size, tuple(text_fields)
-        self.rank, self.world_size, self.min_side, self.load_images = rank, world_size, min_side, load_images
+        self.rank, self.world_size, self.min_side = rank, world_size, min_side
         self._report = DataReport(self.source, self.kind)
 
     def report(self) -> dict:
         return self._report.to_dict()
 
     def _reader(self) -> tuple[int, int]:
-        rank, world = _dist_rank_world()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
+        rank, world = launcher_rank()
+        rank, world = (rank if self.rank is None else self.rank), (world if self.world_size is None else self.world_size)
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * workers + worker, world * workers
@@ -517,40 +459,32 @@ class TarShardStream(IterableDataset):
         if not 0 <= reader < readers:
             raise ValueError(f"reader {reader} is not in 0..{readers - 1}")
         by_shard = len(self.shards) >= readers
-        mine = self.shards[reader::readers] if by_shard else self.shards
-        had_any = False
-        for item in self._samples(mine, None if by_shard else (reader, readers)):
-            had_any = True
+        shards = self.shards[reader::readers] if by_shard else self.shards
+        groups = ((Path(shard).name, key, group) for shard in shards for key, group in self._groups(shard))
+        used = 0
+        for n, (name, key, group) in enumerate(groups):
+            if not by_shard and n % readers != reader:
+                continue
+            self._report.found += 1
+            try:
+                item = self._decode(f"{name}/{key}", group)
+            except BadSample as bad:
+                self._report.skip(bad.reason, bad.where)
+                continue
+            used += 1
+            self._report.used += 1
             yield item
-        if not had_any and self._report.found:
+        if not used and self._report.found:
             raise self._report.empty_error("Each sample needs {key}.jpg/png/webp and {key}.txt or {key}.json "
                                              f"(with one of {list(self.text_fields)}).")
 
-    def _samples(self, shards: list[str], stride: Optional[tuple[int, int]]) -> Iterator[dict]:
-        count = 0
-        for shard in shards:
-            name = Path(shard).name
-            groups = iter_tar_groups(shard)
-            while True:
-                try:
-                    key, group = next(groups)
-                except StopIteration:
-                    break
-                except BadSample as bad:
-                    self._report.skip(bad.reason, bad.where)
-                    logger.warning("%s; its remaining samples are skipped", bad.where)
-                    break
-                count += 1
-                if stride is not None and (count - 1) % stride[1] != stride[0]:
-                    continue
-                self._report.found += 1
-                try:
-                    item = self._decode(f"{name}/{key}", group)
-                except BadSample as bad:
-                    self._report.skip(bad.reason, bad.where)
-                    continue
-                self._report.used += 1
-                yield item
+    def _groups(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """`iter_tar_groups(shard)`; a damaged shard ends early and is counted as bad_shard."""
+        try:
+            yield from iter_tar_groups(shard)
+        except BadSample as bad:
+            self._report.skip(bad.reason, bad.where)
+            logger.warning("%s; its remaining samples are skipped", bad.where)
 
     def _decode(self, key: str, group: dict[str, bytes]) -> dict:
         image_ext = next((e for e in group if f".{e}" in IMAGE_SUFFIXES), None)
@@ -567,10 +501,7 @@ class TarShardStream(IterableDataset):
             text = _first(meta, self.text_fields) if isinstance(meta, dict) else None
         if not text:
             raise BadSample("missing_caption", key)
-        item = {"key": key, "text": text}
-        if self.load_images:
-            item["image"] = load_image(group[image_ext], self.size, self.min_side, where=key)
-        return item
+        return {"key": key, "text": text, "image": load_image(group[image_ext], self.size, self.min_side, where=key)}
 
 
 # ================================================================================== choosing a source
@@ -608,9 +539,8 @@ def open_edit(source: PathLike, **kwargs) -> _MapDataset:
 
 def dropout_masks(batch_size: int, p_text: float, p_image: float = 0.0,
                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep_text, keep_image): bool [batch_size], True = keep, each dropped with its own
-    probability and drawn independently (both dropped with p_text * p_image): caption dropout for
-    classifier-free guidance, and for editing the text / source-image dropout of dual guidance."""
+    """(keep_text, keep_image): bool [batch_size], True = keep, each dropped with its own probability,
+    independently (caption dropout for CFG; for edits, the text / source dropout of dual guidance)."""
     for name, p in (("p_text", p_text), ("p_image", p_image)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")

@@ -2,6 +2,8 @@
 hold-out rule behind `data.val_count`."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..rng import derive_seed, micro_rows
@@ -65,3 +67,11 @@ def shard_indices(n: int, world_size: int, rank: int) -> list[int]:
     """Contiguous, possibly uneven shard of range(n) for evaluation passes."""
     per = -(-n // world_size)
     return list(range(rank * per, min(n, (rank + 1) * per)))
+
+
+def launcher_rank() -> tuple[int, int]:
+    """(rank, world size): torch.distributed's once initialised, else $RANK / $WORLD_SIZE (torchrun,
+    accelerate), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
