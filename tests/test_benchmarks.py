@@ -12,6 +12,7 @@ from psvae_core.autoencoder import PSVAE
 from psvae_core.config import PRESETS
 from psvae_core.fusion import FusionDiffuser
 from trainer import benchmarks as bm
+from trainer.rng import derive_seed
 from test_trainer_helpers import write_sample_photos
 
 from tiny_models import one_thread, word_tokenizer  # noqa: F401  (one_thread: an autouse fixture)
@@ -91,7 +92,7 @@ def test_geneval_layout_resume_and_seeds(sampler, model_files, geneval_prompts, 
         with Image.open(out / f"{i:05d}" / "samples" / "0000.png") as im:
             assert im.size == (256, 256) and im.mode == "RGB"
             info = json.loads(im.info["psvae"])
-            assert info["prompt"] == GENEVAL[i]["prompt"] and info["seed"] == bm.sample_seed(0, i, 0)
+            assert info["prompt"] == GENEVAL[i]["prompt"] and info["seed"] == derive_seed(0, i, 0)
     images = png_bytes(out)
     assert len(set(images.values())) == 12  # every (prompt, sample) has its own seed
     assert any("evaluate_images.py" in line and str(out.resolve()) in line for line in logs)
@@ -210,7 +211,7 @@ def test_benchmark_images_are_the_library_generation_of_their_seeds(sampler):
     the same images a batch of one at that seed makes (the nodes' and previews' rule)."""
     from psvae_core import generation
 
-    images = sampler.text_to_image(["a photo of a cat", "a red dog"], [11, 12])
+    images = sampler.generate(["a photo of a cat", "a red dog"], [11, 12])
     alone = generation.generate(sampler.generator, ["a red dog"], seed=12, steps=2, vae=sampler.vae)
     torch.testing.assert_close(images[1:], alone, atol=1e-5, rtol=0)
     latents = generation.generate(sampler.generator, ["a photo of a cat"], seed=11, steps=2)

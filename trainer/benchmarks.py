@@ -5,14 +5,10 @@
     python -m trainer.benchmarks gedit   --vae VAE --generator GEN --prompts gedit.jsonl --out OUT
 
 Writes exactly the layout each scorer reads, then prints the scorer's command as a template (the
-scorers need their own environments: mmdet 2.x for GenEval, mPLUG via modelscope for DPG, a VLM
-judge for GEdit). Every image has its own seed, derived from (--seed, prompt index or id, sample
-index), so a run is reproducible whatever the batch size, sharding or interruptions. Runs resume:
-outputs already on disk are kept (after checking they were made with the same settings, which each
-PNG carries in a "psvae" text chunk). PNGs are written atomically.
-
-Sampling and decoding are `psvae_core.generation.generate`, the path the ComfyUI nodes and the
-trainer's previews take.
+scorers need their own environments). Every image has its own seed, derived from (--seed, prompt
+index or id, sample index), so a run is reproducible whatever the batch size, sharding or
+interruptions. Runs resume: outputs already on disk are kept after checking the settings each PNG
+carries in a "psvae" text chunk. Images are `psvae_core.generation.generate`'s, as in ComfyUI.
 """
 from __future__ import annotations
 
@@ -37,7 +33,8 @@ from psvae_core.checkpoint import read_header
 from psvae_core.dtypes import DTYPES
 from psvae_core.fusion import FusionDiffuser
 
-from .data import DataError, jsonl_lines, load_image, to_pil
+from .data import DataError, jsonl_lines, launcher_rank, load_image, to_pil
+from .rng import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +44,6 @@ PNG_KEY = "psvae"
 
 class BenchmarkError(DataError):
     """Bad prompts or an output folder that does not match this run."""
-
-
-def sample_seed(seed: int, index, sample: int) -> int:
-    """The noise seed of one image: a 63-bit hash of (run seed, prompt index or id, sample index)."""
-    digest = hashlib.sha256(f"{seed}:{index}:{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def model_id(path) -> str:
@@ -74,11 +65,8 @@ class SamplingSettings:
 
 
 class BenchmarkSampler:
-    """A VAE + generator pair that turns (prompt, seed) or (source, instruction, seed) into images.
-
-    Each row's noise is drawn from its own seed (`generation.make_noise`), so an image does not depend
-    on which other rows share its batch (up to floating-point batching effects on the accelerator).
-    """
+    """A VAE + generator pair that turns (prompt, seed) or (source, instruction, seed) into images;
+    each row's noise comes from its own seed, so an image does not depend on its batch."""
 
     def __init__(self, vae: PSVAE, generator: FusionDiffuser, settings: SamplingSettings = SamplingSettings(),
                  vae_id: str = "", generator_id: str = ""):
@@ -98,24 +86,15 @@ class BenchmarkSampler:
         generator = FusionDiffuser.from_file(generator_file, device=device).to(dtype=dtype)
         return cls(vae, generator, settings, model_id(vae_file), model_id(generator_file))
 
-    @property
-    def device(self) -> torch.device:
-        return self.generator.x_embedder.weight.device
-
-    def _generate(self, text: Sequence[str], seeds: Sequence[int], source=None) -> torch.Tensor:
+    def generate(self, texts: Sequence[str], seeds: Sequence[int], sources: Optional[torch.Tensor] = None):
+        """[B,3,H,W] in 0..1: one image per (prompt, seed), or the edit of each source [B,3,S,S] (0..1)
+        with dual guidance (text cfg, image_cfg) as in training."""
         s = self.settings
         self.batches += 1
-        return generation.generate(self.generator, list(text), source, seed=list(seeds), steps=s.steps, shift=s.shift,
+        source = None if sources is None else generation.encode_source(self.vae, sources)
+        return generation.generate(self.generator, list(texts), source, seed=list(seeds), steps=s.steps, shift=s.shift,
                                    guidance=s.cfg, image_guidance=s.image_cfg if source is not None else None,
                                    vae=self.vae)
-
-    def text_to_image(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        """[B,3,H,W] in 0..1, one image per (prompt, seed)."""
-        return self._generate(prompts, seeds)
-
-    def edit(self, sources: torch.Tensor, instructions: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        """Edits of `sources` [B,3,S,S] (0..1); dual guidance (text cfg, image_cfg) as in training."""
-        return self._generate(instructions, seeds, generation.encode_source(self.vae, sources))
 
     def run_settings(self, benchmark: str) -> dict:
         """What every output PNG of a run records, and what a resumed run must match."""
@@ -185,51 +164,34 @@ class _Resume:
         return True
 
 
-def _run_jobs(sampler: BenchmarkSampler, jobs: list[Job], write: Callable[[Job, Image.Image], None],
-              size: int, log: Callable[[str], None]) -> int:
-    """Generate `jobs` in batches of the sampler's batch size and hand each image to `write`."""
-    bs = max(1, sampler.settings.batch_size)
-    start = time.time()
-    for i in range(0, len(jobs), bs):
-        batch = jobs[i:i + bs]
-        seeds = [j.seed for j in batch]
-        texts = [j.text for j in batch]
-        if batch[0].source is not None:
-            sources = torch.stack([load_image(j.source, size) for j in batch])
-            images = sampler.edit(sources, texts, seeds)
-        else:
-            images = sampler.text_to_image(texts, seeds)
-        for job, image in zip(batch, images):
-            write(job, to_pil(image))
-        done = i + len(batch)
-        rate = done / max(time.time() - start, 1e-9)
-        log(f"  {done}/{len(jobs)} images ({rate:.2f}/s, ~{(len(jobs) - done) / max(rate, 1e-9):.0f}s left)")
-    return len(jobs)
-
-
-def _shard_filter(shard: tuple[int, int]) -> Callable[[int], bool]:
-    rank, world = shard
-    if not 0 <= rank < world:
-        raise ValueError(f"shard {rank}/{world}: rank must be in 0..{world - 1}")
-    return lambda i: i % world == rank
-
-
 def _start(sampler: BenchmarkSampler, bench: str, rows: list, prompts, limit: Optional[int],
            shard: tuple[int, int], overwrite: bool, **extra) -> tuple[list, Callable[[int], bool], dict, "_Resume"]:
     """The first `limit` of the `rows` read from `prompts` (none is an error), this shard's filter, the
     run settings (+ `extra`) and the resume check of a benchmark run."""
     if not rows:
         raise BenchmarkError(f"{prompts} holds no prompt")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {rank}/{world}: rank must be in 0..{world - 1}")
     settings = {**sampler.run_settings(bench), **extra}
-    return rows[:limit], _shard_filter(shard), settings, _Resume(settings, overwrite)
+    return rows[:limit], lambda i: i % world == rank, settings, _Resume(settings, overwrite)
 
 
-def _finish(sampler: BenchmarkSampler, jobs: list, write, log, prompts: int, resume: "_Resume",
-            scorer: Callable[[], str]) -> dict:
-    """Runs the jobs, logs the scorer's command line (`scorer()`, after the run) and returns the counts."""
-    made = _run_jobs(sampler, jobs, write, 256, log)
+def _finish(sampler: BenchmarkSampler, jobs: list[Job], write: Callable[[Job, Image.Image], None], log,
+            prompts: int, resume: "_Resume", scorer: Callable[[], str]) -> dict:
+    """Generates `jobs` in batches, hands each image to `write`, then logs the scorer's command line
+    (`scorer()`) and returns the counts."""
+    bs, start = max(1, sampler.settings.batch_size), time.time()
+    for i in range(0, len(jobs), bs):
+        batch = jobs[i:i + bs]
+        sources = torch.stack([load_image(j.source) for j in batch]) if batch[0].source is not None else None
+        for job, image in zip(batch, sampler.generate([j.text for j in batch], [j.seed for j in batch], sources)):
+            write(job, to_pil(image))
+        done = i + len(batch)
+        rate = done / max(time.time() - start, 1e-9)
+        log(f"  {done}/{len(jobs)} images ({rate:.2f}/s, ~{(len(jobs) - done) / max(rate, 1e-9):.0f}s left)")
     log(scorer())
-    return {"prompts": prompts, "generated": made, "kept": resume.kept}
+    return {"prompts": prompts, "generated": len(jobs), "kept": resume.kept}
 
 
 # =================================================================================== GenEval
@@ -264,7 +226,7 @@ def run_geneval(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit
             meta.write_text(line + "\n", encoding="utf-8")
         for k in range(samples):
             if not resume.done(folder / "samples" / f"{k:04d}.png"):
-                jobs.append(Job(f"{index:05d}", k, sample_seed(sampler.settings.seed, index, k), row["prompt"],
+                jobs.append(Job(f"{index:05d}", k, derive_seed(sampler.settings.seed, index, k), row["prompt"],
                                 {"index": index}))
     log(f"GenEval: {len(rows)} prompts x {samples}; {resume.kept} images already there, {len(jobs)} to make")
 
@@ -308,7 +270,7 @@ def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Op
     jobs = []
     for index, (pid, prompt) in enumerate(rows):
         if mine(index) and not resume.done(out / f"{pid}.png"):
-            jobs += [Job(pid, k, sample_seed(sampler.settings.seed, pid, k), prompt, {}) for k in range(samples)]
+            jobs += [Job(pid, k, derive_seed(sampler.settings.seed, pid, k), prompt, {}) for k in range(samples)]
     log(f"DPG-Bench: {len(rows)} prompts x {samples}; {resume.kept} grids already there, "
         f"{len(jobs) // samples} to make")
     tiles: dict[str, dict[int, Image.Image]] = {}
@@ -325,7 +287,7 @@ def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Op
         for k, tile in sorted(parts.items()):
             x, y = GRID_POSITIONS[k]
             grid.paste(tile, (x * side, y * side))
-        seeds = [sample_seed(sampler.settings.seed, job.unit, k) for k in range(samples)]
+        seeds = [derive_seed(sampler.settings.seed, job.unit, k) for k in range(samples)]
         info = {"run": settings, "prompt": job.text, "id": job.unit, "seeds": seeds}
         save_png(grid, out / f"{job.unit}.png", info)
         del tiles[job.unit]
@@ -368,7 +330,7 @@ def run_gedit(sampler: BenchmarkSampler, prompts, out, samples: int = 1, limit: 
     for index, row in enumerate(items):
         target = out / row["task_type"] / row["language"] / f"{row['key']}.png"
         if mine(index) and not resume.done(target):
-            jobs.append(Job(str(target.relative_to(out)), 0, sample_seed(sampler.settings.seed, row["key"], 0),
+            jobs.append(Job(str(target.relative_to(out)), 0, derive_seed(sampler.settings.seed, row["key"], 0),
                             row["instruction"], {"key": row["key"]}, source=row["source"]))
     if samples != 1:
         log("GEdit-Bench scores one edit per item; --samples is ignored")
@@ -426,8 +388,8 @@ RUNNERS = {"geneval": run_geneval, "dpg": run_dpg, "gedit": run_gedit}
 
 
 def _parse_shard(text: Optional[str]) -> tuple[int, int]:
-    if text is None:  # torchrun / accelerate set these: one process per GPU, each its share
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if text is None:  # one process per GPU under torchrun / accelerate, each its share
+        return launcher_rank()
     try:
         rank, world = (int(x) for x in text.split("/"))
     except ValueError:

@@ -19,5 +19,5 @@ from .captions import (TEXT_FIELDS, CaptionFolder, CaptionManifest, EditFolder, 
 from .images import (DESCRIPTION, IMAGE_SIZE, IMAGE_SUFFIXES, RESIZE_RULE, check_image_file, files_under, image_files,
                      is_image_name, load_image, open_rgb, read_crop, to_pil, to_uint8)
 from .report import BadSample, DataError, DataReport, EmptyDatasetError, MissingDependencyError
-from .sampling import GlobalBatchSampler, shard_indices, split_holdout
+from .sampling import GlobalBatchSampler, launcher_rank, shard_indices, split_holdout
 from .sources import ImageDataset, build_image_dataset, jsonl_lines, select_split
