@@ -3,22 +3,16 @@
     python -m trainer.evaluate --vae vae.safetensors --data /data/imagenet/val --out report.json
 
 The folder is read recursively (an ImageNet-val layout with class subfolders, a flat folder of
-JPEGs, or any tree). Every image is read by the trainer's one image rule (trainer/data/images.py:
-EXIF orientation applied, transparency over white, shorter side resized with bicubic, centre crop
-to --resolution), reconstructed with the posterior mode, and compared with its crop. The JSON report
-names every implementation and setting (docs/EVALUATION.md explains each field).
-
-Library use (the trainer's validation calls this):
-
-    result = evaluate_reconstruction(vae, batches, resolution=256, lpips=lpips_module,
-                                     inception=InceptionFeatures(), device="cuda")
-    result["psnr"]["mean"], result["ssim"]["mean"], result["lpips"]["mean"], result["rfid"]
+JPEGs, or any tree). Every image is read by the trainer's one image rule (trainer/data/images.py),
+reconstructed with the posterior mode, and compared with its crop. The JSON report names every
+implementation and setting; docs/EVALUATION.md explains each field and the library use.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -75,41 +69,18 @@ def _batch_tensor(item: torch.Tensor) -> torch.Tensor:
     return item.float() / 255.0 if item.dtype == torch.uint8 else item.float()
 
 
-def _default_device(vae) -> torch.device:
-    if isinstance(vae, nn.Module):
-        for p in vae.parameters():
-            return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_RESOLUTION,
                             lpips: Optional[nn.Module] = None, inception: Optional[nn.Module] = None,
                             device=None, callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
                             ) -> dict[str, Any]:
-    """Reconstruction metrics of `vae` over `images`; per image PSNR, SSIM, LPIPS and rFID over the set.
-
-    vae: anything with `reconstruct(x) -> [B,3,h,w]` in 0..1 (a `PSVAE`: posterior mode, clamped).
-        An nn.Module is put in eval mode for the call and restored afterwards.
-    images: an iterable of target batches `[B,3,H,W]` (or `[3,H,W]`) float in 0..1 or uint8, already
-        at `resolution` x `resolution` (e.g. `ImageFolderReader`).
-    resolution: the evaluation size; inputs of another size are an error. A reconstruction of
-        another size (e.g. a native-grid encoder) is resized to it (bicubic, antialiased, clamped)
-        and `reconstruction_resized` says so.
-    lpips: a `psvae_core.losses.LPIPSLoss` (or any module `(x, y, reduction="none") -> [B]`); None skips LPIPS.
-    inception: a `psvae_core.metrics.InceptionFeatures`; None skips rFID. Originals and
-        reconstructions are rounded to uint8 first (`to_uint8`, like saved PNGs).
-    device: where the images go; default the vae's device. lpips and inception are moved there.
-    callback: called as `callback(start_index, originals, reconstructions)` (CPU float 0..1) after
-        each batch, e.g. to save images or report progress.
-
-    Wrap the call in `torch.autocast` for mixed precision; LPIPS, Inception, PSNR and SSIM compute
-    in float32 regardless. Returns a dict: n_images, resolution, psnr/ssim/lpips ({mean, std (over
-    images, ddof=0), min, max, n_non_finite}; lpips None when skipped), rfid (float or None),
-    fid_reliable, fid_note, per_image ({psnr, ssim, lpips} lists in input order),
-    reconstruction_size, reconstruction_resized.
-    """
-    device = torch.device(device) if device is not None else _default_device(vae)
+    """Per-image PSNR, SSIM and LPIPS and the set's rFID of `vae.reconstruct` over the batches `images`
+    (arguments and result: docs/EVALUATION.md, "Library use"). Inception sees both sides rounded to
+    uint8, as saved PNGs are; `callback(start, originals, reconstructions)` runs after each batch."""
+    if device is None:
+        weight = next(vae.parameters(), None) if isinstance(vae, nn.Module) else None
+        device = "cpu" if weight is None else weight.device
+    device = torch.device(device)
     if lpips is not None:
         lpips = lpips.to(device)
     if inception is not None:
@@ -203,10 +174,8 @@ def _round_robin_by_class(paths: list[Path]) -> list[Path]:
     groups: dict[str, list[Path]] = {}
     for p in paths:
         groups.setdefault(p.parts[0], []).append(p)
-    ordered, lists = [], [groups[k] for k in sorted(groups)]
-    for i in range(max(len(g) for g in lists)):
-        ordered += [g[i] for g in lists if i < len(g)]
-    return ordered
+    rows = itertools.zip_longest(*(groups[k] for k in sorted(groups)))
+    return [p for row in rows for p in row if p is not None]
 
 
 class _Files(torch.utils.data.Dataset):
@@ -325,7 +294,7 @@ def _json_safe(value):
 
 def _parser(prog: str = "python -m trainer.evaluate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description=__doc__.split("\n\nLibrary use")[0],
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", required=True, help="PS-VAE .safetensors file (exported by the trainer)")
     p.add_argument("--data", required=True, help="image folder, searched recursively (ImageNet-val layout or flat)")
@@ -436,32 +405,23 @@ def _load_inception(path: Optional[str]):
     }
 
 
-def _saver(reader: ImageFolderReader, recon_dir: Optional[str], orig_dir: Optional[str]):
-    def save(folder: str, rel: str, image: torch.Tensor):
-        target = Path(folder) / Path(rel).with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        to_pil(image).save(target)
+def _callback(args, reader: ImageFolderReader):
+    """After each batch: the --save-* images, and a progress line on stderr every 10 s."""
+    start = last = time.time()
 
-    def callback(start: int, originals: torch.Tensor, reconstructions: torch.Tensor):
-        for k in range(originals.shape[0]):
-            rel = reader.names[start + k]
-            if recon_dir:
-                save(recon_dir, rel, reconstructions[k])
-            if orig_dir:
-                save(orig_dir, rel, originals[k])
+    def callback(first: int, originals: torch.Tensor, reconstructions: torch.Tensor):
+        nonlocal last
+        for folder, images in ((args.save_reconstructions, reconstructions), (args.save_originals, originals)):
+            for k in range(images.shape[0]) if folder else ():
+                target = Path(folder) / Path(reader.names[first + k]).with_suffix(".png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                to_pil(images[k]).save(target)
+        done, now = first + originals.shape[0], time.time()
+        if now - last >= 10.0:
+            last = now
+            print(f"evaluated {done}/{reader.expected} images ({done / max(now - start, 1e-9):.1f} img/s)",
+                  file=sys.stderr, flush=True)
     return callback
-
-
-class _Progress:
-    def __init__(self, total: int, every_s: float = 10.0):
-        self.total, self.every_s, self.start, self.last = total, every_s, time.time(), time.time()
-
-    def __call__(self, start, originals, reconstructions):
-        done, now = start + originals.shape[0], time.time()
-        if now - self.last >= self.every_s:
-            self.last = now
-            rate = done / max(now - self.start, 1e-9)
-            print(f"evaluated {done}/{self.total} images ({rate:.1f} img/s)", file=sys.stderr, flush=True)
 
 
 def _set_tf32(allow: bool):
@@ -485,7 +445,8 @@ def run(args: argparse.Namespace) -> dict:
     started = time.time()
     _check_args(args)
     device = _device(args.device)
-    reader = _reader(args)
+    workers = args.workers if args.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    reader = ImageFolderReader(args.data, args.resolution, args.batch_size, args.limit, workers)
     vae, vae_info = _load_vae(args.vae, device)
     lpips, lpips_info = (None, None) if args.no_lpips else _load_lpips(args)
     inception, fid_info = (None, None) if args.no_fid else _load_inception(args.inception_weights)
@@ -506,17 +467,9 @@ def _check_args(args) -> None:
         raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def _reader(args) -> ImageFolderReader:
-    workers = args.workers if args.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
-    return ImageFolderReader(args.data, args.resolution, args.batch_size, args.limit, workers)
-
-
 def _evaluate(args, reader: ImageFolderReader, vae, lpips, inception, device) -> tuple[dict, Optional[bool], list]:
     """`evaluate_reconstruction` over the folder, with progress, the image savers and the TF32
     setting of the run -> (result, TF32 in use, notes)."""
-    callbacks = [_Progress(reader.expected)]
-    if args.save_reconstructions or args.save_originals:
-        callbacks.append(_saver(reader, args.save_reconstructions, args.save_originals))
     notes, restore_tf32, tf32 = [], (lambda: None), False
     if device.type == "cuda":
         restore_tf32, tf32, note = _set_tf32(args.allow_tf32)
@@ -524,7 +477,7 @@ def _evaluate(args, reader: ImageFolderReader, vae, lpips, inception, device) ->
     try:
         result = evaluate_reconstruction(
             vae, reader, resolution=args.resolution, lpips=lpips, inception=inception, device=device,
-            callback=lambda *a: [cb(*a) for cb in callbacks])
+            callback=_callback(args, reader))
     except ValueError:
         if not reader.names:
             raise EvaluationError(f"no readable images under {args.data!r}: all {len(reader.skipped)} image "
