@@ -126,3 +126,20 @@ def test_hf_sources_of_both_stage_kinds_share_one_reader(tmp_path):
     assert hf_image({"bytes": None, "path": "a.png"}, "w") == "a.png"
     with pytest.raises(BadSample, match="missing_image: row 3"):
         hf_image(None, "row 3")
+
+
+def test_listing_follows_folder_links_once_and_skips_hidden_and_dangling(tmp_path):
+    """The one listing rule of every reader (trainer.data.files_under): recursive, a linked folder is
+    read once (a link loop ends), hidden names and dangling links are left out, sorted POSIX paths."""
+    from trainer.data import files_under
+
+    root = tmp_path / "data"
+    for rel in ("b.png", "a/z.jpg", "a/c/d.png", ".hidden/x.png", "a/.h.png", "e/f.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "a" / "c" / "up").symlink_to(root / "a")  # a loop
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "g.png").write_bytes(b"x")
+    (root / "gone.png").symlink_to(tmp_path / "missing.png")
+    assert [p.as_posix() for p in files_under(root)] == ["a/c/d.png", "a/z.jpg", "b.png", "e/f.txt", "linked/g.png"]

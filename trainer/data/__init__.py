@@ -20,4 +20,4 @@ from .images import (DESCRIPTION, IMAGE_SIZE, IMAGE_SUFFIXES, RESIZE_RULE, check
                      is_image_name, load_image, open_rgb, read_crop, to_pil, to_uint8)
 from .report import BadSample, DataError, DataReport, EmptyDatasetError, MissingDependencyError
 from .sampling import GlobalBatchSampler, launcher_rank, shard_indices, split_holdout
-from .sources import ImageDataset, build_image_dataset, jsonl_lines, select_split
+from .sources import ImageDataset, build_image_dataset, jsonl_lines

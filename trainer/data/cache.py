@@ -1,16 +1,7 @@
-"""The trainer's one tensor cache: frozen-encoder features (svae / rae, `data.cache_dir`) and PS-VAE
-latents (the generator stages, `data.latent_cache`) alike, and the caption table of tar shards.
-
-A `TensorCache` keeps one tensor per sample key in safetensors shards under a folder named by a hash
-of what determines the tensors: the model's weights fingerprint, what is stored (features or the
-posterior mean), the crop size and resize rule, and the storage dtype. The samples (the image list)
-are the keys. So another model, crop or dtype never reads stale tensors, and two runs with the same
-model and images (svae and rae on one frozen encoder) share one cache. `fill_cache` encodes what is
-missing; `CachedDataset` serves samples with their tensors.
-
-Tar shards are streamed once by `fill_cache_from_tar`: it encodes what the cache lacks and writes
-every (key, caption) into a `TarCaptionTable` (two `StringTable`s) beside the latents, so training
-then runs map-style from the cache and the loop's exact-resume sampler applies unchanged.
+"""The trainer's one tensor cache (docs/GENERATOR_DATA.md §3): frozen-encoder features (svae / rae,
+`data.cache_dir`) and PS-VAE latents (the generator stages, `data.latent_cache`) alike, and the
+caption table of tar shards, so training on shards runs map-style from the cache (with the loop's
+exact-resume sampler) after one pass over them.
 """
 from __future__ import annotations
 
@@ -30,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from psvae_core.checkpoint import fingerprint as vae_fingerprint
+from psvae_core.dtypes import DTYPES
 
 from .captions import PathLike, TarShardStream
 from .images import IMAGE_SIZE, RESIZE_RULE
@@ -60,26 +52,18 @@ def module_fingerprint(module: torch.nn.Module, config: dict) -> str:
 
 
 class TensorCache:
-    """One tensor per sample key, in safetensors shards.
-
-    Layout: `<root>/<cache id>/cache.json` (the identity the id hashes) + `shard-*.safetensors`, each
-    with one tensor "tensors" [N,...] and the N keys (JSON) in its metadata. The identity is `model`
-    (a weights fingerprint), `stores` (LATENT or FEATURES), `size`, the resize rule and the storage
-    dtype. Folders of other identities are left in place (delete them by hand).
-
-    Writes: `add` buffers, full shards are written atomically (temporary name, then rename) under a
-    unique name, so ranks (or two runs) may fill one cache at once; `refresh()` sees the others'.
-    float16 storage halves the disk (CC12M at 96x16x16: ~0.5 TB); values outside its range raise.
-    The in-memory index is 16 bytes a tensor (sorted 64-bit key hashes + shard/row), ~175 MB for
-    CC12M's 10.9M, and is shared copy-on-write by forked DataLoader workers.
-    """
+    """One tensor per sample key, in safetensors shards under `<root>/<cache id>/`, the id a hash of
+    the identity (model fingerprint, what is stored, crop size and rule, dtype; layout:
+    docs/GENERATOR_DATA.md §3). Shards are written atomically under unique names, so ranks may fill
+    one cache at once. The index is 16 bytes a tensor (sorted 64-bit key hashes + shard/row: ~175 MB
+    for CC12M's 10.9M), shared copy-on-write by forked DataLoader workers."""
 
     _MERGE_EVERY = 1 << 18  # recent writes kept in a dict until merged into the sorted index
 
     def __init__(self, root: PathLike, model: str, stores: str, size: int = IMAGE_SIZE,
                  dtype: torch.dtype = torch.float16, shard_size: int = 4096):
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"cache dtype must be float16, bfloat16 or float32, not {dtype}")
+        if dtype not in DTYPES.values():
+            raise ValueError(f"cache dtype must be one of {list(DTYPES)}, not {dtype}")
         self.root, self.size, self.dtype, self.shard_size = Path(root), size, dtype, shard_size
         self.identity = {"format": CACHE_FORMAT, "model": model, "stores": stores, "size": size,
                          "resize": RESIZE_RULE, "dtype": _dtype_name(dtype)}
@@ -231,11 +215,9 @@ def _cache_key(key: str, name: str) -> str:
 def fill_cache(cache: TensorCache, dataset, encode: Callable[[torch.Tensor], torch.Tensor], *,
                batch_size: int = 32, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = logger.info) -> dict:
-    """Encode (`encode(images as the dataset gives them) -> tensors`) every field of the map-style
-    `dataset` (`key(i)`, `fields`, `size`) that `cache` lacks: this rank's indices i with
-    i % world_size == rank. Fields are "image", plus "source" for edit sets; keys are `key` and
-    `key#source`. All ranks must call it (it ends with a barrier, then sees every rank's shards).
-    Tar shards go through `fill_cache_from_tar`. Returns {"encoded", "cached", "total"}."""
+    """Encode what `cache` lacks of this rank's share (i % world_size == rank) of a map-style `dataset`:
+    each of its `fields` ("image", plus "source" of edits, stored as `key#source`). Every rank must
+    call it: it ends with `barrier()`, then sees all ranks' shards. Returns {"encoded", "cached", "total"}."""
     size = getattr(dataset, "size", cache.size)
     if size != cache.size:
         raise ValueError(f"the dataset crops to {size} px but the cache was made for {cache.size} px")
@@ -243,7 +225,7 @@ def fill_cache(cache: TensorCache, dataset, encode: Callable[[torch.Tensor], tor
     mine = range(rank, len(dataset), world_size)
     todo = [i for i in mine if any(_cache_key(dataset.key(i), f) not in cache for f in fields)]
     chunks = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers)
     for chunk, batch in zip(chunks, loader):
         for name in fields:
             cache.add([_cache_key(dataset.key(i), name) for i in chunk], encode(batch[name]).cpu())
@@ -255,22 +237,10 @@ def fill_cache(cache: TensorCache, dataset, encode: Callable[[torch.Tensor], tor
     return stats
 
 
-def _collate(items: list[dict]) -> dict:
-    out = {}
-    for name in items[0]:
-        values = [it[name] for it in items]
-        out[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
-
-
 class CachedDataset(Dataset):
-    """A map-style set with its tensors from a TensorCache: item i holds, for each of the dataset's
-    fields, the cached tensor as float32 under `name` ("image") or `<field>_<name>` ("source"), beside
-    `dataset[i]` (`with_item`: the VAE stages keep the pixels) or just {"key", "text"} (no image is
-    decoded: the generator stages train on latents alone).
-
-    Samples without a cached tensor (their image failed to load while filling) are left out and
-    counted as "not_cached" in `report()`; none cached at all is an error (fill_cache not run)."""
+    """`dataset` with its cached tensors (float32) under `name`, or `<field>_<name>` for "source": beside
+    `dataset[i]` with `with_item` (the VAE stages keep the pixels), else beside {"key", "text"} alone
+    (no image decoded). A sample missing from the cache is left out and counted as "not_cached"."""
 
     def __init__(self, dataset, cache: TensorCache, name: str = "latent", with_item: bool = False):
         self.dataset, self.cache, self.name, self.with_item = dataset, cache, name, with_item

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -20,7 +19,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from .images import IMAGE_SIZE, IMAGE_SUFFIXES, check_image_file, image_files, is_image_name, load_image
+from .images import IMAGE_SIZE, IMAGE_SUFFIXES, check_image_files, image_files, is_image_name, load_image
 from .report import BadSample, DataError, DataReport, EmptyDatasetError
 from .sampling import launcher_rank
 from .sources import HF_MARKERS, hf_image, jsonl_lines, open_hf
@@ -32,7 +31,6 @@ INSTRUCTION_FIELDS = ("instruction", "text", "prompt", "edit")
 NAME_FIELDS = ("name", "key", "id")
 # What a scan-time check (images.check_image_file) means, in this report's words.
 SCAN_REASONS = {"missing": "missing_image", "too_small": "too_small"}
-CHECK_THREADS = 8  # image headers checked at once when a map-style set is built
 MAX_RETRIES = 16  # samples in a row that may fail to load before the set is called broken
 
 PathLike = Union[str, os.PathLike]
@@ -145,11 +143,9 @@ class _MapDataset(Dataset):
             logger.warning("%s", self._report.summary())
 
     def _checked(self, entries: list[Entry]) -> list[Entry]:
-        refs = [(i, f, ref) for i, e in enumerate(entries) for f, ref in e.images.items() if isinstance(ref, Path)]
-        with ThreadPoolExecutor(CHECK_THREADS) as pool:
-            results = list(pool.map(lambda r: check_image_file(r[2], self.min_side), refs))
+        refs = [(i, ref) for i, e in enumerate(entries) for ref in e.images.values() if isinstance(ref, Path)]
         bad: dict[int, tuple[str, Path]] = {}
-        for (i, _, ref), reason in zip(refs, results):
+        for (i, ref), reason in zip(refs, check_image_files([ref for _, ref in refs], self.min_side)):
             if reason is not None and i not in bad:
                 bad[i] = (SCAN_REASONS.get(reason, "unreadable_image"), ref)
         for reason, ref in bad.values():

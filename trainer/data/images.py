@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Union
 
@@ -35,6 +36,8 @@ DESCRIPTION = ("EXIF orientation applied, transparency composited over white, sh
 # What PIL raises for a file that is not a readable image.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
+CHECK_THREADS = 8  # image files checked at once when a source is scanned (the wait is on the disk)
+
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
 
@@ -46,29 +49,13 @@ def files_under(root: Path) -> list[Path]:
     """Every file under `root`, as paths relative to it, sorted by their POSIX form: recursive,
     folder links followed (each real folder once), hidden files and folders skipped."""
     found, seen = [], set()
-
-    def walk(folder: Path, rel: Path):
+    for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:
-            return
-        seen.add(real)
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                is_dir, is_file = entry.is_dir(), entry.is_file()
-            except OSError:
-                continue
-            if is_dir:
-                walk(Path(entry.path), rel / entry.name)
-            elif is_file:
-                found.append(rel / entry.name)
-
-    walk(Path(root), Path())
+        dirs[:] = [] if real in seen else [d for d in dirs if not d.startswith(".")]
+        if real not in seen:
+            seen.add(real)
+            found += [Path(folder, f).relative_to(root) for f in files
+                      if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))]
     return sorted(found, key=lambda p: p.as_posix())
 
 
@@ -94,12 +81,6 @@ def open_rgb(source: ImageSource) -> Image.Image:
         return image.convert("RGB")
 
 
-def crop_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """An RGB PIL image -> its uint8 `[3,size,size]` centre crop."""
-    crop = resize_center_crop(image, size)
-    return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
 def read_crop(source: ImageSource, size: int = IMAGE_SIZE, min_side: int = 0,
               where: Optional[str] = None) -> torch.Tensor:
     """A file path, encoded bytes or PIL image -> uint8 `[3,size,size]` by the rule above.
@@ -115,7 +96,7 @@ def read_crop(source: ImageSource, size: int = IMAGE_SIZE, min_side: int = 0,
         raise BadSample("unreadable_image", where) from None
     if min(image.size) < max(min_side, 1):
         raise BadSample("too_small", where)
-    return crop_tensor(image, size)
+    return torch.from_numpy(np.asarray(resize_center_crop(image, size), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def load_image(source: ImageSource, size: int = IMAGE_SIZE, min_side: int = 0,
@@ -157,3 +138,9 @@ def check_image_file(path: Path, min_side: int = 0, decode: bool = False) -> Opt
     except DECODE_ERRORS:
         return "unreadable"
     return None
+
+
+def check_image_files(paths: list[Path], min_side: int = 0, decode: bool = False) -> list[Optional[str]]:
+    """`check_image_file` of every path, in CHECK_THREADS threads."""
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        return list(pool.map(lambda path: check_image_file(path, min_side, decode), paths))

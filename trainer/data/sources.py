@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import IMAGE_SUFFIXES, check_image_file, files_under, is_image_name, read_crop
+from .images import IMAGE_SUFFIXES, check_image_files, files_under, is_image_name, read_crop
 from .report import BadSample, DataError, DataReport, MissingDependencyError
 
 logger = logging.getLogger(__name__)
@@ -90,22 +90,11 @@ def _manifest_paths(manifest: Path, key: Optional[str], report: DataReport) -> l
     return paths
 
 
-def select_split(ds, split: Optional[str], where, hint: str = "", error: type[Exception] = DataError):
-    """The split `split` (default: "train" if there is one, else the first) of a `datasets.DatasetDict`;
-    any other dataset as it is. A missing split raises `error` ("<where>: no split ...<hint>")."""
-    import datasets
-
-    if not isinstance(ds, datasets.DatasetDict):
-        return ds
-    names = list(ds)
-    split = split or ("train" if "train" in ds else names[0])
-    if split not in ds:
-        raise error(f"{where}: no split {split!r}; it has {names}{hint}")
-    return ds[split]
-
-
-def require_datasets():
-    """The `datasets` module, or MissingDependencyError saying how to get it."""
+def open_hf(path, split: Optional[str], split_setting: str, columns: dict[str, str]):
+    """The rows of a `datasets.save_to_disk` folder or of parquet file(s) (a path, glob or list): the
+    split `split` (default "train" if there is one, else the first; named by the setting
+    `split_setting`); each of `columns` (column -> the setting that names it) must exist. Image
+    columns stay undecoded (bytes): `hf_image` + the image rule read them."""
     try:
         import datasets
     except ImportError:
@@ -113,14 +102,6 @@ def require_datasets():
             "reading Hugging Face `datasets` folders or parquet files needs the `datasets` package (with "
             "pyarrow): `pip install datasets`; or convert the data to an image folder, a jsonl manifest or tar "
             "shards") from None
-    return datasets
-
-
-def open_hf(path, split: Optional[str], split_setting: str, columns: dict[str, str]):
-    """The rows of a `datasets.save_to_disk` folder or of parquet file(s) (a path, glob or list): the
-    split `split` (named by the setting `split_setting`); each of `columns` (column -> the setting that
-    names it) must exist. Image columns stay undecoded (bytes): `hf_image` + the image rule read them."""
-    datasets = require_datasets()
     if not isinstance(path, (list, tuple)) and Path(path).is_dir():
         ds = datasets.load_from_disk(str(path))
     else:
@@ -128,7 +109,11 @@ def open_hf(path, split: Optional[str], split_setting: str, columns: dict[str, s
         if not files:
             raise DataError(f"no parquet file matches {path}")
         ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    ds = select_split(ds, split, path, f" (set {split_setting})")
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or ("train" if "train" in ds else list(ds)[0])
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r}; it has {list(ds)} (set {split_setting})")
+        ds = ds[split]
     for column, setting in columns.items():
         if column not in ds.column_names:
             raise DataError(f"{path}: no column {column!r}; columns are {ds.column_names} (set {setting})")
@@ -223,8 +208,7 @@ def build_image_dataset(source: str, size: int, *, kind: str = "auto", verify: s
     elif kind in ("folder", "manifest"):
         paths = _folder_paths(root, report) if kind == "folder" else _manifest_paths(root, manifest_key, report)
         items = []
-        for path in paths:
-            reason = check_image_file(path, min_size, decode=verify == "full")
+        for path, reason in zip(paths, check_image_files(paths, min_size, decode=verify == "full")):
             if reason:
                 report.skip(too_small if reason == "too_small" else SCAN_REASONS[reason], str(path))
             else:
