@@ -1,19 +1,7 @@
-"""Training-state checkpoints: atomic folders with a completion marker.
-
-    <run>/checkpoints/step_00001000/
-        trainer_state.json      step (also the data position), counters, config hash, batch layout
-        <group>.safetensors     weights of each trained module (model, disc)
-        <group>.ema.safetensors EMA weights
-        <group>.optim.pt        optimiser + LR schedule state (tensors and numbers only)
-        scaler.pt               fp16 grad scaler
-        rng_rank<k>.pt          each process's RNG states
-        COMPLETE                written last
-
-A checkpoint is written into a hidden `.step_XXXXXXXX.tmp` folder by every process, then rank 0
-writes COMPLETE and renames the folder into place, so `latest` never sees a partial one.
-`.pt` files are read with `torch.load(weights_only=True)`: nothing is ever unpickled.
-Before a resume every file of the chosen checkpoint is opened (`verify`); with `latest`, a damaged
-one (truncated or corrupt file, a step that disagrees with its marker) is skipped for the previous one.
+"""Training-state checkpoints: atomic `step_XXXXXXXX/` folders with a COMPLETE marker written last
+(layout, resume rules: docs/TRAINER.md "Exact resume and checkpoints"). `.pt` files are read with
+`torch.load(weights_only=True)`: nothing is ever unpickled. A checkpoint is verified (`verify`)
+before a resume; with `latest` a damaged one is skipped for the previous one.
 """
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
-"""Typed training configs: OmegaConf structured configs built from dataclasses.
-
-A run's config = the stage's schema defaults <- the YAML file <- dotted CLI overrides
-(`optim.lr=2e-4`). Unknown keys and wrong types are errors that name the key; the resolved config
-is written beside the outputs (`config.yaml`) and its hash goes into every export.
-
-The generic sections (`BaseConfig`) belong to the training loop; a stage subclasses `BaseConfig`
-and adds its own sections (the VAE stages add `data`, `model`, `loss`, `gan`).
+"""Typed training configs (OmegaConf structured configs from dataclasses): the stage's schema
+defaults <- the YAML file <- dotted CLI overrides (`optim.lr=2e-4`). Unknown keys, wrong types and
+choices outside a key's Literal are errors that name the key (`_explain`), so no stage writes its own
+`if x not in (...)` check. `BaseConfig` holds the loop's sections; a stage subclasses it.
 """
 from __future__ import annotations
 
@@ -28,9 +24,6 @@ CONFIG_VERSION = 1
 class ConfigError(ValueError):
     """A config problem; the message names the key, the problem and the fix."""
 
-
-# A choice key is typed with a Literal: OmegaConf refuses any other value when the config is merged
-# (`_explain` turns that into a message), so no stage writes its own `if x not in (...)` check.
 
 # --------------------------------------------------------------------------- generic sections
 

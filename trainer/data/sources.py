@@ -1,9 +1,6 @@
-"""Image sources of the autoencoder stages: an image folder, a .jsonl/.csv manifest of paths, or a
-Hugging Face `datasets` folder, scanned once into an `ImageDataset` of uint8 crops.
-
-Files that cannot be images are skipped and counted by reason in a `DataReport` (written to the
-run folder), never silently dropped. Images are read by the package's one rule (images.py).
-"""
+"""Image sources of the autoencoder stages (an image folder, a .jsonl/.csv manifest of paths, or a
+Hugging Face `datasets` folder), scanned once into an `ImageDataset` of uint8 crops; what cannot be
+used is counted by reason in a `DataReport` (docs/TRAINER.md "Data")."""
 from __future__ import annotations
 
 import csv
@@ -205,7 +202,7 @@ def build_image_dataset(source: str, size: int, *, kind: str = "auto", verify: s
                     report.skip(too_small if bad.reason == "too_small" else SCAN_REASONS["unreadable"], f"row {i}")
             items = kept
         dataset = ImageDataset(rows.load, items, size, [f"{root}[{i}]" for i in items])
-    elif kind in ("folder", "manifest"):
+    else:  # folder or manifest (data.kind's schema refuses anything else)
         paths = _folder_paths(root, report) if kind == "folder" else _manifest_paths(root, manifest_key, report)
         items = []
         for path, reason in zip(paths, check_image_files(paths, min_size, decode=verify == "full")):
@@ -214,8 +211,6 @@ def build_image_dataset(source: str, size: int, *, kind: str = "auto", verify: s
             else:
                 items.append(path)
         dataset = ImageDataset(_as_is, items, size, [str(p) for p in items])
-    else:
-        raise DataError(f"data.kind must be auto, folder, manifest or hf; got {kind!r}")
     report.used = len(dataset)
     if report.used == 0:
         raise DataError(f"no usable images in {source}: {report.summary()}. Check the path, the file types "
