@@ -342,8 +342,8 @@ class StringWriter:
 
 
 class TarCaptionTable:
-    """The (key, caption) list of a set of tar shards, stored beside their cached latents, shaped like
-    a map-style caption set (`key(i)`, `text(i)`, `fields`, `source`), so `CachedDataset` serves it."""
+    """The (key, caption) list of tar shards beside their latents, shaped like a map-style caption set
+    (`key(i)`, `text(i)`, `fields`, `source`) for `CachedDataset`."""
 
     fields = ("image",)
 
@@ -367,11 +367,9 @@ def fill_cache_from_tar(stream: TarShardStream, cache: TensorCache, encode: Call
                         *, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                         barrier: Callable[[], None] = lambda: None,
                         log: Callable[[str], None] = logger.info) -> tuple[TarCaptionTable, dict]:
-    """Stream the shards once: encode (`encode(images 0..1) -> raw latents`) what the cache lacks and
-    record every (key, caption) in a table beside the latents. Each rank reads its own shards; rank 0
-    merges the per-rank parts. Later runs (and resumes) reuse the table without reading a shard.
-    Returns the table and {"encoded", "cached", "table"}; all ranks must call it (it has barriers,
-    and ends seeing every rank's latents)."""
+    """Stream the shards once (each rank its share): encode what the cache lacks and record every
+    (key, caption) in a table beside the latents, which later runs reuse without reading a shard.
+    Every rank must call it (barriers). Returns the table and {"encoded", "cached", "table"}."""
     ident = {"shards": [[s, os.path.getsize(s)] for s in stream.shards], "text_fields": list(stream.text_fields),
              "min_side": stream.min_side}
     table_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
