@@ -205,7 +205,8 @@ class PSVAE(nn.Module):
 
     @classmethod
     def from_file(cls, path, device="cpu") -> "PSVAE":
-        """Load an exported VAE file; every problem raises `checkpoint.CheckpointError`."""
+        """Load an exported VAE file straight onto `device` (float32, as built; the latent stats stay
+        exact whatever the weights are cast to later); every problem raises `checkpoint.CheckpointError`."""
         component = checkpoint.load_component(path, expected_kind=CHECKPOINT_KIND, read_tensors=False)
         try:
             config = PSVAEConfig.from_dict(component.config)
@@ -213,10 +214,10 @@ class PSVAE(nn.Module):
                 raise ValueError("it has no encoder.hf_config")
         except (TypeError, ValueError) as err:
             raise checkpoint.CheckpointError(f"{path}: the stored config is not valid ({err}); re-export the file") from err
-        model = checkpoint.build_checked(path, component, lambda: cls(config), names=file_names)
+        model = checkpoint.build_checked(path, component, lambda: cls(config), names=file_names, device=device)
         std = model.latents_std
         if not (std > 0).all():
             raise checkpoint.CheckpointError(f"{path}: its latents_std holds {int((std <= 0).sum())} zero or negative "
                                              "value(s), so every normalised latent would be Inf/NaN; re-export it")
         model.provenance = component.provenance
-        return model.to(device).eval()
+        return model.eval()

@@ -396,12 +396,16 @@ def _check_fits(own: dict, stored: dict, source: str, provenance: Optional[dict]
 
 def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str,
                             names: Optional[Callable[[str], str]] = None,
-                            provenance: Optional[dict] = None) -> None:
-    """Strict load whose error lists what does not fit; stored tensors take the module's dtypes.
+                            provenance: Optional[dict] = None, dtype: Optional[torch.dtype] = None,
+                            assign: bool = False) -> None:
+    """Strict load whose error lists what does not fit; stored tensors take the module's dtypes
+    (floating ones `dtype` when given; a tensor already of its dtype is not copied).
 
     `names` maps a state-dict key to its name in files (e.g. `encoders.file_names`), applied to the
     module's keys and to the file's (which migrates files written under other names); the file's
-    `provenance` lets a name mismatch say which transformers version wrote it."""
+    `provenance` lets a name mismatch say which transformers version wrote it. assign=True makes the
+    given tensors the module's own (`nn.Module.load_state_dict(assign=True)`): no copy, the way
+    to fill a module whose parameters are on the meta device."""
     names = names or (lambda key: key)
     state = module.state_dict()
     live = {names(k): k for k in state}
@@ -409,24 +413,37 @@ def load_state_dict_checked(module: nn.Module, tensors: dict, *, source: str,
     tensors = {names(k): t for k, t in tensors.items()}
     _check_fits({k: list(t.shape) for k, t in own.items()}, {k: list(t.shape) for k, t in tensors.items()},
                 source, provenance)
-    cast = {live[k]: t.to(dtype=own[k].dtype) for k, t in tensors.items()}
+    target = lambda t: dtype if dtype is not None and t.is_floating_point() else t.dtype  # noqa: E731
+    cast = {live[k]: t.to(dtype=target(own[k])) for k, t in tensors.items()}
     try:
-        module.load_state_dict(cast, strict=True)
+        module.load_state_dict(cast, strict=True, assign=assign)
     except RuntimeError as e:
         raise CheckpointError(f"{source}: loading the weights failed ({e}); pick the matching file") from e
 
 
+def _finite(t: torch.Tensor) -> bool:
+    # A finite sum proves every element finite (NaN and Inf propagate) without a mask of the tensor's
+    # size; only a sum that overflows needs the element-wise check.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def build_checked(path, component: Component, build: Callable[[], nn.Module], *,
-                  names: Optional[Callable[[nn.Module], Callable[[str], str]]] = None) -> nn.Module:
-    """`build()` (a model from the stored config) loaded with the component's tensors; every failure
-    is a CheckpointError naming the file.
+                  names: Optional[Callable[[nn.Module], Callable[[str], str]]] = None,
+                  device="cpu", dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """`build()` (a model from the stored config) holding the component's tensors, on `device`
+    (floating tensors in `dtype` when given); every failure is a CheckpointError naming the file.
 
     The model is first built on the meta device (nothing allocated) and its tensor names and shapes
     compared with the file's header: a config that does not fit the weights (absurd sizes included)
     never gets allocated, nor is any tensor data read (a component read with read_tensors=False is
     read only now), and a config that cannot build at all is reported, not raised as whatever it hit.
-    Then it is built for real (encoders keep non-persistent buffers, RoPE frequencies and position
-    ids, that a state dict does not carry) and loaded. Non-finite weights are refused."""
+    Non-finite weights are refused. Then it is built again with its parameters on the meta device
+    (no random init) and its buffers computed as usual (the non-persistent ones a state dict does
+    not carry: RoPE frequencies, position ids), and the file's tensors, memory-mapped and read
+    straight onto `device`, become its parameters: on the CPU, in the file's dtype, they are the
+    mapped file itself (no copy); a dtype change makes the one copy needed."""
+    from accelerate import init_empty_weights
+
     names = names or (lambda module: (lambda key: key))
     try:
         with torch.device("meta"):
@@ -438,15 +455,20 @@ def build_checked(path, component: Component, build: Callable[[], nn.Module], *,
     _check_fits({name(k): list(v.shape) for k, v in skeleton.state_dict().items()},
                 {name(k): shape for k, shape in component.shapes.items()}, str(path), component.provenance)
     del skeleton
-    tensors = component.tensors if component.tensors is not None else _read_tensors(path, "cpu")
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    device = torch.device(device)
+    tensors = component.tensors if component.tensors is not None else _read_tensors(path, device)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not _finite(t)]
     if bad:
         raise _fail(path, _listing("tensor(s) holding NaN/Inf values", sorted(bad)),
                     "the weights are broken (e.g. exported from a diverged run); re-export from an earlier checkpoint")
-    model = build()
-    load_state_dict_checked(model, tensors, source=str(path), names=names(model),
-                            provenance=component.provenance)
-    return model
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    load_state_dict_checked(model, {k: t.to(device) for k, t in tensors.items()}, source=str(path),
+                            names=names(model), provenance=component.provenance, dtype=dtype, assign=True)
+    left = [k for k, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # a module that moves its buffers to its parameters' device at build time: a defect here
+        raise RuntimeError(f"{path}: loading left {_listing('tensor(s) on the meta device', left)}")
+    return model.to(device=device, dtype=dtype)  # the buffers the file does not hold
 
 
 # ---------------------------------------------------------------------------------- identity

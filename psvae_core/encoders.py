@@ -344,4 +344,7 @@ class RepresentationEncoder(nn.Module):
         layers = [copy.deepcopy(layer) for layer in stack[len(stack) - depth:]]
         rope = copy.deepcopy(getattr(self.model, self.spec.rope)) if self.spec.rope else None
         ref = self.final_norm.weight
-        return TokenBlocks(layers, rope, self.patch_size, self.family).to(ref.device, ref.dtype).requires_grad_(True).train()
+        # Parameters on the meta device: a model built for loading (checkpoint.build_checked), whose
+        # buffers (the RoPE frequencies) are real and must stay so.
+        device = None if ref.is_meta else ref.device
+        return TokenBlocks(layers, rope, self.patch_size, self.family).to(device, ref.dtype).requires_grad_(True).train()

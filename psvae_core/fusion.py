@@ -186,7 +186,9 @@ class FusionDiffuser(nn.Module):
                        provenance=provenance, extra_metadata=extra)
 
     @classmethod
-    def from_file(cls, path, device="cpu") -> "FusionDiffuser":
+    def from_file(cls, path, device="cpu", dtype: Optional[torch.dtype] = None) -> "FusionDiffuser":
+        """Load an exported generator file straight onto `device`, its floating tensors in `dtype`
+        (None: float32, as built); every problem raises `checkpoint.CheckpointError`."""
         from .checkpoint import CheckpointError, build_checked, load_component
 
         component = load_component(path, expected_kind=KIND, read_tensors=False)
@@ -201,8 +203,7 @@ class FusionDiffuser(nn.Module):
         except ValueError as e:
             raise CheckpointError(f"{path}: its tokenizer metadata is broken ({e}); re-export the file with the "
                                   "PS-VAE trainer") from None
-        model = build_checked(path, component, lambda: cls(config, tokenizer=tokenizer))
-        return model.to(device)
+        return build_checked(path, component, lambda: cls(config, tokenizer=tokenizer), device=device, dtype=dtype)
 
     @staticmethod
     def parameter_count(config: FusionConfig) -> dict[str, int]:
