@@ -124,8 +124,10 @@ def auto_dtype(device) -> torch.dtype:
 
 def load_generator(path: str, name: str, vae_handle: PSVAEHandle, dtype_choice: str) -> GeneratorHandle:
     who = "PS-VAE Loader (generator_name)"
-    try:
-        model = FusionDiffuser.from_file(path)
+    device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    dtype = choose_dtype(dtype_choice, device, lambda: auto_dtype(device))
+    try:  # straight onto the device the model waits on (the GPU itself with --gpu-only), in its dtype
+        model = FusionDiffuser.from_file(path, device=offload, dtype=dtype)
         provenance = json.loads(checkpoint.read_metadata(path).get("provenance", "{}"))
     except checkpoint.CheckpointError as err:
         raise checkpoint.CheckpointError(f"{who}: {err}") from err
@@ -134,8 +136,6 @@ def load_generator(path: str, name: str, vae_handle: PSVAEHandle, dtype_choice: 
     if model.tokenizer is None:
         raise ValueError(f"{who}: {name} carries no tokenizer, so prompts cannot be read; export the generator "
                          "with its tokenizer (FusionDiffuser.from_pretrained_lm keeps it)")
-    device, offload = mm.get_torch_device(), mm.unet_offload_device()
-    dtype = choose_dtype(dtype_choice, device, lambda: auto_dtype(device))
     handle = GeneratorHandle(model, name, dtype, device, offload, provenance)
     check_pair(handle, vae_handle, "PS-VAE Loader")
     return handle

@@ -90,11 +90,11 @@ class PSVAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, vae_name, generator_name, dtype) -> io.NodeOutput:
         path = model_files.resolve(vae_name, "VAE")
-        try:
-            vae = PSVAE.from_file(path)
+        device, offload = mm.vae_device(), mm.vae_offload_device()
+        try:  # straight onto the device the model waits on (the GPU itself with --gpu-only)
+            vae = PSVAE.from_file(path, device=offload)
         except checkpoint.CheckpointError as err:
             raise checkpoint.CheckpointError(f"PS-VAE Loader (vae_name): {err}") from err
-        device, offload = mm.vae_device(), mm.vae_offload_device()
         # auto: bf16 where the device runs it natively, else fp32 (fp16 only when forced: the conv
         # decoder can overflow in fp16).
         vae_dtype = handles.choose_dtype(dtype, device, lambda: mm.vae_dtype(device, [torch.bfloat16, torch.float32]))
