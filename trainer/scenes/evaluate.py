@@ -230,20 +230,20 @@ def t2i(work: Path, sizes: dict, device) -> tuple[dict, dict]:
         vae = PSVAE.from_file(vae_path(work, name), device=device)
         final_step = json.loads(read_metadata(export)["provenance"])["step"]
         points = [(step, folder) for step, folder in complete_checkpoints(run / "checkpoints") if step < final_step]
+        def geneval(prompts, sampling=SAMPLING):  # (images, scene-GenEval summary) of `gen` on `prompts`
+            images = generate(gen, vae, [p for p, _ in prompts], sampling, batch=sizes["batch"])
+            return images, scorer.summarise(score_images(images, [s for _, s in prompts], sizes["workers"]))
+
         curve = []
         for step, folder in points + [(final_step, None)]:  # the export: the EMA weights at the last step
             gen = load_generator(export, folder, device)
-            images = generate(gen, vae, [p for p, _ in test], SAMPLING, batch=sizes["batch"])
-            summary = scorer.summarise(score_images(images, [s for _, s in test], sizes["workers"]))
+            images, summary = geneval(test)
             curve.append({"step": step, **summary})
             print(f"t2i {name} step {step}: overall {summary['overall']:.3f}", flush=True)
-        seen = generate(gen, vae, [p for p, _ in train], SAMPLING, batch=sizes["batch"])
-        guidance = {SAMPLING["guidance"]: curve[-1]}
-        for scale in GUIDANCE_SWEEP:
-            swept = generate(gen, vae, [p for p, _ in test], {**SAMPLING, "guidance": scale}, batch=sizes["batch"])
-            guidance[scale] = scorer.summarise(score_images(swept, [s for _, s in test], sizes["workers"]))
+        guidance = {SAMPLING["guidance"]: curve[-1],
+                    **{scale: geneval(test, {**SAMPLING, "guidance": scale})[1] for scale in GUIDANCE_SWEEP}}
         results[name] = {"curve": curve, "test": curve[-1], "guidance": dict(sorted(guidance.items())),
-                         "train_prompts": scorer.summarise(score_images(seen, [s for _, s in train], sizes["workers"]))}
+                         "train_prompts": geneval(train)[1]}
         grids[name] = images[::max(1, sizes["prompts_per_category"] // 2)][:12]  # two of each category
     return results, grids
 
@@ -270,15 +270,15 @@ def edits(work: Path, sizes: dict, device) -> tuple[dict, dict]:
     for name in trained_generators(work, "edit", EDIT_VAES):
         vae = PSVAE.from_file(vae_path(work, name), device=device)
         gen = load_generator(generator_run(work, "edit", name) / "export" / "generator.safetensors", None, device)
-        images = generate(gen, vae, [c[1] for c in cases], EDIT_SAMPLING, batch=sizes["batch"], sources=sources)
-        scores = score_images(images, [spec for _, _, spec in cases], sizes["workers"], edit=True)
-        results[name] = edit_summary(scores)
-        results[name]["guidance"] = {EDIT_SAMPLING["guidance"]: results[name]["all_checks"]}
-        for scale in GUIDANCE_SWEEP:
-            swept = generate(gen, vae, [c[1] for c in cases], {**EDIT_SAMPLING, "guidance": scale},
-                             batch=sizes["batch"], sources=sources)
-            swept_scores = score_images(swept, [spec for _, _, spec in cases], sizes["workers"], edit=True)
-            results[name]["guidance"][scale] = edit_summary(swept_scores)["all_checks"]
+
+        def edit_scores(sampling=EDIT_SAMPLING):  # (images, edit_summary) of `gen` on the cases
+            images = generate(gen, vae, [c[1] for c in cases], sampling, batch=sizes["batch"], sources=sources)
+            return images, edit_summary(score_images(images, [spec for _, _, spec in cases], sizes["workers"],
+                                                     edit=True))
+
+        images, results[name] = edit_scores()
+        results[name]["guidance"] = {EDIT_SAMPLING["guidance"]: results[name]["all_checks"], **{
+            scale: edit_scores({**EDIT_SAMPLING, "guidance": scale})[1]["all_checks"] for scale in GUIDANCE_SWEEP}}
         grids[name] = torch.cat([sources[:6], images[:6]])
     return results, grids
 
