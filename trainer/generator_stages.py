@@ -353,20 +353,12 @@ class _GeneratorStage(Stage):
     def _open(self, source: str):
         """A trainer.data source (map-style set or TarShardStream)."""
         d = self.cfg.data
-        common = dict(size=d.image_size, seed=self.cfg.run.seed, min_side=d.min_side)
+        common = dict(format=d.format, size=d.image_size, seed=self.cfg.run.seed, min_side=d.min_side,
+                      check_images=d.check_images)
         if self.task == "edit":
-            if d.format == "auto":
-                return td.open_edit(source, check_images=d.check_images, **common)
-            cls = {"folder": td.EditFolder, "jsonl": td.EditManifest}[d.format]
-            return cls(source, check_images=d.check_images, **common)
-        kind = d.format if d.format != "auto" else td.t2i_format(source)
-        if kind == "tar":
-            return td.TarShardStream(source, d.image_size, tuple(d.text_fields), min_side=d.min_side)
-        if kind == "hf":
-            return td.HFCaptionDataset(source, image_column=d.hf_image_column, text_column=d.hf_text_column,
-                                       split=d.hf_split, **common)
-        cls = {"folder": td.CaptionFolder, "jsonl": td.CaptionManifest}[kind]
-        return cls(source, check_images=d.check_images, **common)
+            return td.open_edit(source, **common)
+        return td.open_t2i(source, text_fields=tuple(d.text_fields), image_column=d.hf_image_column,
+                           text_column=d.hf_text_column, split=d.hf_split, **common)
 
     def _cached(self, dataset, what: str):
         """`dataset` served from the latent cache, filling what is missing first (split by rank)."""

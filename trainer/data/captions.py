@@ -242,8 +242,7 @@ class HFCaptionDataset(_MapDataset):
 
     def __init__(self, path: Union[PathLike, Sequence[PathLike]], image_column: str = "image",
                  text_column: str = "text", split: Optional[str] = None, **kwargs):
-        kwargs.setdefault("check_images", False)  # images live inside the files; checked when loaded
-        super().__init__(str(path), **kwargs)
+        super().__init__(str(path), **kwargs)  # images live inside the files: checked when loaded
         ds = open_hf(path, split, "split", {image_column: "image_column", text_column: "text_column"})
         self._ds, self._image_column, self._text_column = ds, image_column, text_column
         self._texts = ds.select_columns([text_column])
@@ -516,19 +515,26 @@ def t2i_format(source: str) -> str:
     return "folder"
 
 
-def open_t2i(source, **kwargs) -> Union[_MapDataset, TarShardStream]:
-    """A T2I source from a path, by `t2i_format`; a list of shard paths is a TarShardStream."""
-    kind = t2i_format(str(source)) if isinstance(source, (str, os.PathLike)) else "tar"
-    if kind == "tar":
-        return TarShardStream(source, **kwargs)
-    cls = {"jsonl": CaptionManifest, "hf": HFCaptionDataset, "folder": CaptionFolder}[kind]
-    return cls(source if kind == "hf" and _glob.has_magic(str(source)) else Path(source), **kwargs)
+def open_t2i(source, format: str = "auto", *, text_fields: Sequence[str] = TEXT_FIELDS, seed: int = 0,
+             check_images: bool = True, image_column: str = "image", text_column: str = "text",
+             split: Optional[str] = None, **kwargs) -> Union[_MapDataset, TarShardStream]:
+    """A T2I source in `format` ("auto": `t2i_format`; a list of shard paths is tar), each class given the
+    options that apply to it; `kwargs` (size, min_side, ...) go to all."""
+    if format == "auto":
+        format = t2i_format(str(source)) if isinstance(source, (str, os.PathLike)) else "tar"
+    if format == "tar":
+        return TarShardStream(source, text_fields=text_fields, **kwargs)
+    kwargs.update(seed=seed, check_images=check_images)
+    if format == "hf":
+        return HFCaptionDataset(source, image_column, text_column, split, **kwargs)
+    return {"jsonl": CaptionManifest, "folder": CaptionFolder}[format](source, **kwargs)
 
 
-def open_edit(source: PathLike, **kwargs) -> _MapDataset:
-    """An edit source: *.jsonl -> EditManifest; a folder -> EditFolder."""
-    path = Path(source)
-    return EditManifest(path, **kwargs) if path.suffix == ".jsonl" else EditFolder(path, **kwargs)
+def open_edit(source: PathLike, format: str = "auto", **kwargs) -> _MapDataset:
+    """An edit source: "jsonl" (auto: a *.jsonl path) -> EditManifest, "folder" -> EditFolder."""
+    if format == "auto":
+        format = "jsonl" if Path(source).suffix == ".jsonl" else "folder"
+    return {"jsonl": EditManifest, "folder": EditFolder}[format](source, **kwargs)
 
 
 # ================================================================================== dropout
