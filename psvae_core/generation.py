@@ -108,10 +108,12 @@ def generate(model, text, source: Optional[torch.Tensor] = None, *, seed: Seeds 
 
 
 @torch.no_grad()
-def encode_source(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, H, W] in 0..1 -> the normalised source latents an edit starts from (posterior mean)."""
+def encode_source(vae, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Images [B, 3, H, W] in 0..1 -> the normalised source latents an edit starts from (posterior mean);
+    `normalize=False`: the raw posterior mean in the VAE's dtype (what the trainer's latent cache stores)."""
     weight = next(vae.parameters())
-    return vae.normalize_latents(vae.encode(images.to(weight.device, weight.dtype)).mode().float())
+    raw = vae.encode(images.to(weight.device, weight.dtype)).mode()
+    return vae.normalize_latents(raw.float()) if normalize else raw
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 
 from psvae_core.checkpoint import fingerprint as vae_fingerprint
 from psvae_core.dtypes import DTYPES
+from psvae_core.generation import encode_source
 
 from .captions import PathLike, TarShardStream
 from .images import IMAGE_SIZE, RESIZE_RULE
@@ -201,11 +203,7 @@ class TensorCache:
         return state
 
 
-@torch.no_grad()
-def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
-    """The posterior mean of `images` [B,3,H,W] 0..1 (raw: not normalised), on the VAE's device."""
-    weight = next(vae.parameters())
-    return vae.encode(images.to(weight.device, weight.dtype)).mode()
+encode_latents = partial(encode_source, normalize=False)  # (vae, images 0..1) -> what LATENT names
 
 
 def _cache_key(key: str, name: str) -> str:
