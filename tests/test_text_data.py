@@ -41,6 +41,14 @@ def copy_to(src: Path, dst: Path, fmt: str = "PNG") -> Path:
     return dst
 
 
+def caption_folder(photos: dict, root: Path, names=NAMES) -> Path:
+    """`root/<name>.png` with its caption `root/<name>.txt` for each of `names`."""
+    for name in names:
+        copy_to(photos[name], root / f"{name}.png")
+        put(root / f"{name}.txt", caption(name))
+    return root
+
+
 def truncated_jpeg(src: Path) -> bytes:
     buf = io.BytesIO()
     Image.open(src).convert("RGB").save(buf, format="JPEG", quality=90)
@@ -87,10 +95,7 @@ def test_caption_folder_pairs_images_with_captions_and_reports_bad_files(photos,
 
 
 def test_map_order_is_deterministic_from_the_seed(photos, tmp_path):
-    root = tmp_path / "data"
-    for name in NAMES:
-        copy_to(photos[name], root / f"{name}.png")
-        put(root / f"{name}.txt", caption(name))
+    root = caption_folder(photos, tmp_path / "data")
     keys = lambda ds: [ds.key(i) for i in range(len(ds))]  # noqa: E731
     a, b = td.CaptionFolder(root, seed=3), td.CaptionFolder(root, seed=3)
     assert keys(a) == keys(b)
@@ -100,10 +105,7 @@ def test_map_order_is_deterministic_from_the_seed(photos, tmp_path):
 
 
 def test_unreadable_image_found_at_load_time_is_replaced_and_counted(photos, tmp_path):
-    root = tmp_path / "data"
-    for name in ("astronaut", "coffee"):
-        copy_to(photos[name], root / f"{name}.png")
-        put(root / f"{name}.txt", caption(name))
+    root = caption_folder(photos, tmp_path / "data", ("astronaut", "coffee"))
     put(root / "half.jpg", truncated_jpeg(photos["rocket"]))  # passes PIL's verify, fails to decode
     put(root / "half.txt", "a truncated jpeg")
     ds = td.CaptionFolder(root, shuffle=False)
@@ -346,10 +348,7 @@ def tiny_vae():
 
 def test_latent_cache_hits_on_the_second_pass_and_serves_latents(photos, tmp_path, tiny_vae, monkeypatch):
     monkeypatch.setattr(td.TensorCache, "_MERGE_EVERY", 2)  # exercise the merge of recent writes
-    root = tmp_path / "data"
-    for name in NAMES[:4]:
-        copy_to(photos[name], root / f"{name}.png")
-        put(root / f"{name}.txt", caption(name))
+    root = caption_folder(photos, tmp_path / "data", NAMES[:4])
     tiny_vae.save(tmp_path / "vae.safetensors")
     ds = td.CaptionFolder(root)
     cache = td.TensorCache.for_latents(tmp_path / "cache", tmp_path / "vae.safetensors", shard_size=3)
@@ -374,10 +373,7 @@ def test_latent_cache_hits_on_the_second_pass_and_serves_latents(photos, tmp_pat
 
 
 def test_latent_cache_is_invalidated_by_another_vae(photos, tmp_path, tiny_vae):
-    root = tmp_path / "data"
-    for name in NAMES[:2]:
-        copy_to(photos[name], root / f"{name}.png")
-        put(root / f"{name}.txt", caption(name))
+    root = caption_folder(photos, tmp_path / "data", NAMES[:2])
     vae_file = tmp_path / "vae.safetensors"
     tiny_vae.save(vae_file, provenance={"run": 1})
     ds = td.CaptionFolder(root)
