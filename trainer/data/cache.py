@@ -1,8 +1,5 @@
-"""The trainer's one tensor cache (docs/GENERATOR_DATA.md §3): frozen-encoder features (svae / rae,
-`data.cache_dir`) and PS-VAE latents (the generator stages, `data.latent_cache`) alike, and the
-caption table of tar shards, so training on shards runs map-style from the cache (with the loop's
-exact-resume sampler) after one pass over them.
-"""
+"""The trainer's one tensor cache (docs/GENERATOR_DATA.md §3) of frozen-encoder features (svae / rae) and
+PS-VAE latents (generator stages), and the caption table that lets tar shards train map-style from it."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +9,6 @@ import logging
 import os
 import shutil
 import uuid
-from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -22,7 +18,6 @@ import torch
 from torch.utils.data import Dataset
 
 from psvae_core.checkpoint import fingerprint as vae_fingerprint
-from psvae_core.dtypes import DTYPES
 from psvae_core.generation import encode_source
 
 from .captions import PathLike, TarShardStream
@@ -40,6 +35,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
@@ -54,18 +55,13 @@ def module_fingerprint(module: torch.nn.Module, config: dict) -> str:
 
 
 class TensorCache:
-    """One tensor per sample key, in safetensors shards under `<root>/<cache id>/`, the id a hash of
-    the identity (model fingerprint, what is stored, crop size and rule, dtype; layout:
-    docs/GENERATOR_DATA.md §3). Shards are written atomically under unique names, so ranks may fill
-    one cache at once. The index is 16 bytes a tensor (sorted 64-bit key hashes + shard/row: ~175 MB
-    for CC12M's 10.9M), shared copy-on-write by forked DataLoader workers."""
+    """One tensor per sample key in safetensors shards under `<root>/<hash of the identity>/` (layout, ranks,
+    index: docs/GENERATOR_DATA.md §3); the index arrays are shared copy-on-write by forked DataLoader workers."""
 
     _MERGE_EVERY = 1 << 18  # recent writes kept in a dict until merged into the sorted index
 
     def __init__(self, root: PathLike, model: str, stores: str, size: int = IMAGE_SIZE,
                  dtype: torch.dtype = torch.float16, shard_size: int = 4096):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"cache dtype must be one of {list(DTYPES)}, not {dtype}")
         self.root, self.size, self.dtype, self.shard_size = Path(root), size, dtype, shard_size
         self.identity = {"format": CACHE_FORMAT, "model": model, "stores": stores, "size": size,
                          "resize": RESIZE_RULE, "dtype": _dtype_name(dtype)}
@@ -85,15 +81,15 @@ class TensorCache:
         """The latents of the VAE file `vae_file` (its fingerprint: re-saving the same weights keeps it)."""
         return cls(root, vae_fingerprint(vae_file), LATENT, size, dtype, **kwargs)
 
-    def __repr__(self):
-        return f"TensorCache({self.folder}, {len(self)} {self.identity['stores']})"
-
     # -- index
     def refresh(self) -> None:
         """Re-read the shard list (after other processes wrote theirs)."""
         from safetensors import safe_open
 
-        self._check_folder()
+        info = self.folder / "cache.json"
+        if info.is_file() and json.loads(info.read_text()) != self.identity:
+            raise DataError(f"{self.folder} holds tensors of another model or preprocessing than its name says; "
+                            "delete the folder")
         shards, hashes, where = [], [], []
         for shard in sorted(self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else []:
             with safe_open(str(shard), framework="pt") as f:
@@ -123,12 +119,6 @@ class TensorCache:
             return int(self._where[i, 0]), int(self._where[i, 1])
         return self._recent.get(h)
 
-    def _check_folder(self) -> None:
-        info = self.folder / "cache.json"
-        if info.is_file() and json.loads(info.read_text()) != self.identity:
-            raise DataError(f"{self.folder} holds tensors of another model or preprocessing than its name says; "
-                            "delete the folder")
-
     def __len__(self) -> int:
         return len(self._hashes) + len(self._recent) + len(self._pending)
 
@@ -156,8 +146,6 @@ class TensorCache:
 
     # -- write
     def add(self, keys: Sequence[str], tensors: torch.Tensor) -> None:
-        if len(keys) != tensors.shape[0]:
-            raise ValueError(f"{len(keys)} keys for {tensors.shape[0]} tensors")
         stored = tensors.detach().to("cpu", self.dtype)
         if not torch.isfinite(stored).all():
             bad = [k for k, row in zip(keys, stored) if not torch.isfinite(row).all()]
@@ -179,11 +167,8 @@ class TensorCache:
 
         keys = list(self._pending)[:count]
         self.folder.mkdir(parents=True, exist_ok=True)
-        info = self.folder / "cache.json"
-        if not info.is_file():
-            tmp = info.with_name(f".cache.json.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_text(json.dumps(self.identity, indent=2, sort_keys=True))
-            os.replace(tmp, info)
+        if not (self.folder / "cache.json").is_file():
+            _write_atomic(self.folder / "cache.json", json.dumps(self.identity, indent=2, sort_keys=True))
         name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
         tmp = self.folder / f".{name}.tmp"
         save_file({"tensors": torch.stack([self._pending[k] for k in keys]).contiguous()}, str(tmp),
@@ -282,15 +267,11 @@ class StringTable:
     def __init__(self, prefix: Path):
         self.prefix, self._blob, self._offsets = prefix, None, None
 
-    @staticmethod
-    def files(prefix: Path) -> tuple[Path, Path]:
-        return prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx.npy")
-
     def _open(self):
         if self._offsets is None:
-            blob, idx = self.files(self.prefix)
-            self._offsets = np.load(idx, mmap_mode="r")
-            self._blob = np.memmap(blob, dtype=np.uint8, mode="r") if self._offsets[-1] > 0 else np.zeros(0, np.uint8)
+            self._offsets = np.load(f"{self.prefix}.idx.npy", mmap_mode="r")
+            empty = self._offsets[-1] == 0  # numpy cannot map an empty file
+            self._blob = np.zeros(0, np.uint8) if empty else np.memmap(f"{self.prefix}.bin", np.uint8, mode="r")
 
     def __len__(self):
         self._open()
@@ -298,8 +279,7 @@ class StringTable:
 
     def __getitem__(self, i: int) -> str:
         self._open()
-        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
-        return bytes(self._blob[a:b]).decode("utf-8")
+        return bytes(self._blob[int(self._offsets[i]):int(self._offsets[i + 1])]).decode("utf-8")
 
     def __getstate__(self):
         return {"prefix": self.prefix, "_blob": None, "_offsets": None}
@@ -309,11 +289,9 @@ class StringWriter:
     """Appends strings to a `StringTable`'s files (temporary names until `close`)."""
 
     def __init__(self, prefix: Path):
-        self.prefix = prefix
-        self.blob_path, self.idx_path = StringTable.files(prefix)
-        self._tmp = self.blob_path.with_name("." + self.blob_path.name + ".tmp")
+        self.prefix, self.offsets = prefix, [0]
+        self._tmp = prefix.with_name(f".{prefix.name}.bin.tmp")
         self._file = open(self._tmp, "wb")
-        self.offsets = [0]
 
     def add(self, text: str) -> None:
         data = text.encode("utf-8")
@@ -322,21 +300,19 @@ class StringWriter:
 
     def append_table(self, prefix: Path) -> None:
         """Append every string of the table at `prefix`, then delete its files."""
-        blob, idx = StringTable.files(prefix)
-        offsets = np.load(idx)
-        with open(blob, "rb") as f:
+        offsets = np.load(f"{prefix}.idx.npy")
+        with open(f"{prefix}.bin", "rb") as f:
             shutil.copyfileobj(f, self._file)
-        base = self.offsets[-1]
-        self.offsets.extend((offsets[1:] + base).tolist())
-        blob.unlink()
-        idx.unlink()
+        self.offsets.extend((offsets[1:] + self.offsets[-1]).tolist())
+        os.remove(f"{prefix}.bin")
+        os.remove(f"{prefix}.idx.npy")
 
     def close(self) -> None:
         self._file.close()
-        tmp_idx = self.idx_path.with_name("." + self.idx_path.name + ".tmp.npy")
+        tmp_idx = self.prefix.with_name(f".{self.prefix.name}.idx.tmp.npy")
         np.save(tmp_idx, np.asarray(self.offsets, dtype=np.int64))
-        os.replace(self._tmp, self.blob_path)
-        os.replace(tmp_idx, self.idx_path)
+        os.replace(self._tmp, f"{self.prefix}.bin")
+        os.replace(tmp_idx, f"{self.prefix}.idx.npy")
 
 
 class TarCaptionTable:
@@ -346,8 +322,7 @@ class TarCaptionTable:
     fields = ("image",)
 
     def __init__(self, prefix: Path, source: str):
-        self.keys = StringTable(prefix.with_name(prefix.name + ".keys"))
-        self.texts = StringTable(prefix.with_name(prefix.name + ".texts"))
+        self.keys, self.texts = StringTable(Path(f"{prefix}.keys")), StringTable(Path(f"{prefix}.texts"))
         self.source = source
 
     def __len__(self):
@@ -370,25 +345,22 @@ def fill_cache_from_tar(stream: TarShardStream, cache: TensorCache, encode: Call
     Every rank must call it (barriers). Returns the table and {"encoded", "cached", "table"}."""
     ident = {"shards": [[s, os.path.getsize(s)] for s in stream.shards], "text_fields": list(stream.text_fields),
              "min_side": stream.min_side}
-    table_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    prefix = cache.folder / f"captions-{table_id}"
-    done = prefix.with_name(prefix.name + ".json")
-    source = stream.source
+    prefix = cache.folder / f"captions-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]}"
+    done = Path(f"{prefix}.json")
     if done.is_file():
-        info = json.loads(done.read_text())
-        log(f"latent cache: reusing {info['count']} tar samples of {prefix}")
-        return TarCaptionTable(prefix, source), {"encoded": 0, "cached": info["count"], "table": str(prefix)}
+        count = json.loads(done.read_text())["count"]
+        log(f"latent cache: reusing {count} tar samples of {prefix}")
+        return TarCaptionTable(prefix, stream.source), {"encoded": 0, "cached": count, "table": str(prefix)}
     cache.folder.mkdir(parents=True, exist_ok=True)
-    part = prefix.with_name(f"{prefix.name}.part{rank}-of-{world_size}")
-    keys, texts = StringWriter(part.with_name(part.name + ".keys")), StringWriter(part.with_name(part.name + ".texts"))
+    part = f"{prefix}.part{rank}-of-{world_size}"
+    keys, texts = StringWriter(Path(f"{part}.keys")), StringWriter(Path(f"{part}.texts"))
     mine = copy.copy(stream)
     mine.rank, mine.world_size = rank, world_size
     items = mine if num_workers == 0 else torch.utils.data.DataLoader(mine, batch_size=None, num_workers=num_workers)
-    stats, batch = Counter(), []
+    cached, batch = 0, []
 
     def encode_batch():
         cache.add([it["key"] for it in batch], encode(torch.stack([it["image"] for it in batch])).cpu())
-        stats["encoded"] += len(batch)
         batch.clear()
 
     try:
@@ -396,7 +368,7 @@ def fill_cache_from_tar(stream: TarShardStream, cache: TensorCache, encode: Call
             keys.add(item["key"])
             texts.add(item["text"])
             if item["key"] in cache:
-                stats["cached"] += 1
+                cached += 1
                 continue
             batch.append(item)
             if len(batch) == batch_size:
@@ -408,19 +380,16 @@ def fill_cache_from_tar(stream: TarShardStream, cache: TensorCache, encode: Call
         raise DataError(f"tar shards: {bad}") from None
     keys.close()
     texts.close()
-    log(f"latent cache: {stats['encoded']} tar samples encoded, {stats['cached']} already cached (rank {rank})")
+    encoded = len(keys.offsets) - 1 - cached
+    log(f"latent cache: {encoded} tar samples encoded, {cached} already cached (rank {rank})")
     barrier()
     if rank == 0:
-        count = 0
-        for field_name in ("keys", "texts"):
-            out = StringWriter(prefix.with_name(f"{prefix.name}.{field_name}"))
+        for name in ("keys", "texts"):
+            out = StringWriter(Path(f"{prefix}.{name}"))
             for r in range(world_size):
-                out.append_table(prefix.with_name(f"{prefix.name}.part{r}-of-{world_size}.{field_name}"))
+                out.append_table(Path(f"{prefix}.part{r}-of-{world_size}.{name}"))
             out.close()
-            count = len(out.offsets) - 1
-        tmp = done.with_name("." + done.name + ".tmp")
-        tmp.write_text(json.dumps({"count": count, **ident}) + "\n")
-        os.replace(tmp, done)  # written last: marks the table complete
+        _write_atomic(done, json.dumps({"count": len(out.offsets) - 1, **ident}) + "\n")  # last: marks it complete
     barrier()
     cache.refresh()  # every rank's latents
-    return TarCaptionTable(prefix, source), {"encoded": stats["encoded"], "cached": stats["cached"], "table": str(prefix)}
+    return TarCaptionTable(prefix, stream.source), {"encoded": encoded, "cached": cached, "table": str(prefix)}

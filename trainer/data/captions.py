@@ -1,9 +1,5 @@
-"""Caption and edit sources of the generator stages (docs/GENERATOR_DATA.md: formats, report reasons).
-
-A sample is {"key", "image": [3,S,S] float32 0..1, "text"}; an edit sample adds its "source", so
-one training step serves both. Images are read by the package's one rule (images.py). A skipped
-sample is counted by reason in `report()`; a source with nothing usable raises EmptyDatasetError.
-"""
+"""Caption and edit sources of the generator stages: samples, formats, report reasons and order as
+docs/GENERATOR_DATA.md §1-2 describes them."""
 from __future__ import annotations
 
 import glob as _glob
@@ -22,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset
 from .images import IMAGE_SIZE, IMAGE_SUFFIXES, check_image_files, image_files, is_image_name, load_image
 from .report import BadSample, DataError, DataReport, EmptyDatasetError
 from .sampling import launcher_rank
-from .sources import HF_MARKERS, hf_image, jsonl_lines, open_hf
+from .sources import HF_MARKERS, hf_image, jsonl_lines, open_hf, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +66,6 @@ def _first(row: dict, keys: Sequence[str]):
     return None
 
 
-def _resolve(base: Path, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
-
-
 # ================================================================================== map-style sets
 
 @dataclass
@@ -107,7 +98,7 @@ def _manifest_entries(manifest: Path, report: DataReport, images: dict, text: tu
             report.skip("duplicate_key", where)
             continue
         seen.add(key)
-        entries.append(Entry(key, caption, {name: _resolve(manifest.parent, v) for name, v in values.items()}))
+        entries.append(Entry(key, caption, {name: resolve(manifest.parent, v) for name, v in values.items()}))
     return entries
 
 
@@ -134,11 +125,8 @@ class _MapDataset(Dataset):
         self._report.used = len(entries)
         if not entries:
             raise self._report.empty_error(hint)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(int(self.seed))
-            self.order = torch.randperm(len(entries), generator=g).tolist()
-        else:
-            self.order = list(range(len(entries)))
+        g = torch.Generator().manual_seed(int(self.seed))
+        self.order = torch.randperm(len(entries), generator=g).tolist() if self.shuffle else list(range(len(entries)))
         if self._report.skipped:
             logger.warning("%s", self._report.summary())
 
@@ -171,19 +159,15 @@ class _MapDataset(Dataset):
     def _load_image(self, ref, entry: Entry) -> torch.Tensor:
         return load_image(ref, self.size, self.min_side)
 
-    def load(self, index: int) -> dict:
-        """The sample at `index`; raises BadSample (no replacement)."""
-        entry = self.entry(index)
-        return {"key": entry.key, **{name: self._load_image(entry.images[name], entry) for name in self.fields},
-                "text": self.text(index)}
-
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
         for attempt in range(MAX_RETRIES + 1):
             i = (index + attempt) % len(self)
+            entry = self.entry(i)
             try:
-                return self.load(i)
+                return {"key": entry.key, **{name: self._load_image(entry.images[name], entry) for name in self.fields},
+                        "text": self.text(i)}
             except BadSample as bad:
                 # Found only now (e.g. a truncated JPEG, which PIL's verify does not catch). In a
                 # DataLoader worker this count stays in the worker, so it is logged too.
@@ -285,8 +269,7 @@ class EditFolder(_MapDataset):
                     self._report.skip("bad_manifest_line", f"{instructions}:{n}")
                 else:  # "a.png" and "a" both name the pair a
                     table[name.removesuffix(Path(name).suffix) if is_image_name(name) else name] = text
-        sources = self._by_name(src_root)
-        targets = self._by_name(tgt_root)
+        sources, targets = self._by_name(src_root), self._by_name(tgt_root)
         entries = []
         for name in sorted(set(sources) | set(targets)):
             self._report.found += 1
@@ -344,11 +327,10 @@ def expand_braces(pattern: str) -> list[str]:
     body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
     rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
     if rng:
-        lo, hi = rng.group(1), rng.group(2)
+        lo, hi = rng.groups()
         width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
-        a, b = int(lo), int(hi)
-        step = 1 if b >= a else -1
-        options = [str(i).zfill(width) for i in range(a, b + step, step)]
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
     else:
         options = body.split(",")
     return [s for option in options for s in expand_braces(head + option + tail)]
@@ -357,12 +339,11 @@ def expand_braces(pattern: str) -> list[str]:
 def expand_shards(shards: Union[PathLike, Sequence[PathLike]]) -> list[str]:
     """Shard paths from a brace pattern, a glob, a list of either, or a text file listing them (.txt)."""
     patterns = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
-    out: list[str] = []
-    missing: list[str] = []
+    out, missing = [], []
     for pattern in map(str, patterns):
         if pattern.endswith(".txt") and Path(pattern).is_file():
             listed = [ln.strip() for ln in Path(pattern).read_text().splitlines() if ln.strip()]
-            out += expand_shards([str(_resolve(Path(pattern).parent, x)) for x in listed])
+            out += expand_shards([str(resolve(Path(pattern).parent, x)) for x in listed])
             continue
         for path in expand_braces(os.path.expanduser(pattern)):
             if _glob.has_magic(path):
@@ -383,13 +364,6 @@ def expand_shards(shards: Union[PathLike, Sequence[PathLike]]) -> list[str]:
     return out
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is the path up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
 def iter_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) for each run of consecutive members sharing a key, streaming the file.
     A truncated or unreadable tar ends with BadSample("bad_shard") after its readable samples."""
@@ -397,17 +371,17 @@ def iter_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")  # webdataset's rule: the key ends at the name's first dot
+                if not member.isfile() or not stem or not ext:
                     continue
-                k, ext = _split_member(member.name)
-                if k.rpartition("/")[2] == "" or not ext:
-                    continue
+                k = f"{folder}/{stem}" if folder else stem
                 if k != key and group:
                     yield key, group
                     group = {}
                 key = k
                 data = tar.extractfile(member)
-                group[ext] = data.read() if data is not None else b""
+                group[ext.lower()] = data.read() if data is not None else b""
     except (tarfile.TarError, OSError, EOFError) as err:
         if group:
             yield key, group
@@ -441,7 +415,7 @@ class TarShardStream(IterableDataset):
 
     def _reader(self) -> tuple[int, int]:
         rank, world = launcher_rank()
-        rank, world = (rank if self.rank is None else self.rank), (world if self.world_size is None else self.world_size)
+        rank, world = rank if self.rank is None else self.rank, world if self.world_size is None else self.world_size
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * workers + worker, world * workers

@@ -1,15 +1,6 @@
-"""The one image rule of the trainer: how a file (or bytes, or a PIL image) becomes a tensor.
-
-Every stage, the evaluation and the demo read images here:
-- the accepted file types are `IMAGE_SUFFIXES` (one set for folders, manifests and tar members);
-- EXIF orientation is applied (a phone photo stored sideways is read upright);
-- transparency is composited over white (the rule of `psvae_core.images.to_model_images`);
-- the shorter side is resized to `size` (bicubic) and the centre `size` x `size` crop is kept
-  (`psvae_core.images.resize_center_crop`); models resize to their own input size themselves.
-
-`read_crop` returns uint8 `[3,S,S]` (what DataLoader workers ship), `load_image` float32 0..1;
-`to_pil` is the way back, for every image the trainer saves.
-"""
+"""The one image rule of the trainer (docs/GENERATOR_DATA.md §1): a file, bytes or PIL image becomes a
+uint8 `[3,S,S]` crop (`read_crop`, what DataLoader workers ship) or float32 0..1 (`load_image`);
+`to_pil` is the way back, for every image the trainer saves."""
 from __future__ import annotations
 
 import io
@@ -36,7 +27,7 @@ DESCRIPTION = ("EXIF orientation applied, transparency composited over white, sh
 # What PIL raises for a file that is not a readable image.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-CHECK_THREADS = 8  # image files checked at once when a source is scanned (the wait is on the disk)
+CHECK_THREADS = 8  # image files checked at once when a source is scanned
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -83,10 +74,7 @@ def open_rgb(source: ImageSource) -> Image.Image:
 
 def read_crop(source: ImageSource, size: int = IMAGE_SIZE, min_side: int = 0,
               where: Optional[str] = None) -> torch.Tensor:
-    """A file path, encoded bytes or PIL image -> uint8 `[3,size,size]` by the rule above.
-
-    Raises BadSample("missing_image" | "unreadable_image" | "too_small") instead of a PIL error.
-    """
+    """uint8 `[3,size,size]`; raises BadSample("missing_image" | "unreadable_image" | "too_small")."""
     where = where or (str(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
     try:
         image = open_rgb(source)
@@ -141,6 +129,5 @@ def check_image_file(path: Path, min_side: int = 0, decode: bool = False) -> Opt
 
 
 def check_image_files(paths: list[Path], min_side: int = 0, decode: bool = False) -> list[Optional[str]]:
-    """`check_image_file` of every path, in CHECK_THREADS threads."""
-    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:  # the wait is on the disk
         return list(pool.map(lambda path: check_image_file(path, min_side, decode), paths))

@@ -23,15 +23,9 @@ def split_holdout(n: int, count: int, seed: int, what: str = "samples") -> tuple
 
 
 class GlobalBatchSampler:
-    """Infinite micro-batches of this process, cut from one seeded global order.
-
-    Epoch e is a permutation seeded by (seed, e), cut into optimiser steps of
-    `batch_size * world_size * accum` samples (an incomplete tail is dropped so every process stays
-    in step). Inside a step, micro-batch m of process r is the `batch_size` slice starting at
-    (m * world_size + r) * batch_size. The samples of a step therefore depend only on the step and
-    the global batch, not on how processes and accumulation split it, and resuming at step s is
-    `start_step=s` whatever layout wrote the checkpoint.
-    """
+    """Infinite micro-batches of this process, cut from one seeded global order per epoch (an incomplete
+    last step dropped); resuming at step s is `start_step=s` whatever split of the global batch wrote the
+    checkpoint (docs/TRAINER.md "Exact resume and checkpoints")."""
 
     def __init__(self, num_items: int, batch_size: int, world_size: int, rank: int, seed: int,
                  accum: int = 1, start_step: int = 0):

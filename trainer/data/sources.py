@@ -26,16 +26,18 @@ SCAN_REASONS = {"missing": "missing file", "empty": "empty file", "not_image": "
                 "unreadable": "unreadable or truncated"}
 
 
-# --------------------------------------------------------------------------- sources
-
 def detect_kind(source: Path) -> str:
     if source.is_file() and source.suffix.lower() in MANIFEST_SUFFIXES:
         return "manifest"
-    if source.is_dir() and any((source / m).is_file() for m in HF_MARKERS):
-        return "hf"
-    if source.is_dir():
-        return "folder"
-    raise DataError(f"data source {source} is neither a folder nor a .jsonl/.csv manifest")
+    if not source.is_dir():
+        raise DataError(f"data source {source} is neither a folder nor a .jsonl/.csv manifest")
+    return "hf" if any((source / m).is_file() for m in HF_MARKERS) else "folder"
+
+
+def resolve(base: Path, value: str) -> Path:
+    """A path from a manifest: relative to the manifest's folder `base` unless absolute (`~` expanded)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
 
 
 def _folder_paths(root: Path, report: DataReport) -> list[Path]:
@@ -81,8 +83,7 @@ def _manifest_paths(manifest: Path, key: Optional[str], report: DataReport) -> l
         if value is None:
             raise DataError(f"{manifest}: row {n} has none of the keys {list(keys)}; name the column with "
                             f"data.manifest_key")
-        path = Path(value).expanduser()
-        paths.append(path if path.is_absolute() else manifest.parent / path)
+        paths.append(resolve(manifest.parent, value))
     report.found = len(paths)
     return paths
 
