@@ -41,7 +41,7 @@ def _read_text(path: Path) -> Optional[str]:
         return ""
 
 
-def _read_jsonl(path: Path, report: DataReport) -> list[tuple[int, dict]]:
+def _read_jsonl(path: Path, report: DataReport) -> Iterator[tuple[int, dict]]:
     """(line number, row) per JSON object line; other lines are counted as bad_manifest_line."""
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
@@ -49,13 +49,11 @@ def _read_jsonl(path: Path, report: DataReport) -> list[tuple[int, dict]]:
     def bad(n: int):
         report.found += 1
         report.skip("bad_manifest_line", f"{path}:{n}")
-    rows = []
     for n, _line, row in jsonl_lines(path, bad=bad):
         if isinstance(row, dict):
-            rows.append((n, row))
+            yield n, row
         else:
             bad(n)
-    return rows
 
 
 def _first(row: dict, keys: Sequence[str]):
@@ -77,28 +75,21 @@ class Entry:
     images: dict
 
 
-def _manifest_entries(manifest: Path, report: DataReport, images: dict, text: tuple) -> list:
-    """The `Entry`s of a jsonl manifest. `images`: entry field -> (json key, skip reason when missing),
-    checked in order; `text`: (json key, skip reason). Key = the line's "key"/"id", else its "image"."""
+def _manifest_entries(manifest: Path, report: DataReport, columns: dict) -> list:
+    """The `Entry`s of a jsonl manifest. `columns`: entry field (image fields, then "text") -> (json key,
+    skip reason when missing), checked in order. Key = the line's "key"/"id", else its "image"."""
     entries, seen = [], set()
     for n, row in _read_jsonl(manifest, report):
         report.found += 1
-        where = f"{manifest}:{n}"
-        values = {name: _first(row, (key,)) for name, (key, _) in images.items()}
-        missing = next((reason for name, (_, reason) in images.items() if values[name] is None), None)
-        if missing is not None:
-            report.skip(missing, where)
-            continue
-        caption = _first(row, (text[0],))
-        if caption is None:
-            report.skip(text[1], where)
-            continue
+        values = {name: _first(row, (key,)) for name, (key, _) in columns.items()}
+        missing = next((reason for name, (_, reason) in columns.items() if values[name] is None), None)
         key = _first(row, ("key", "id")) or values["image"]
-        if key in seen:
-            report.skip("duplicate_key", where)
+        if missing is not None or key in seen:
+            report.skip(missing or "duplicate_key", f"{manifest}:{n}")
             continue
         seen.add(key)
-        entries.append(Entry(key, caption, {name: resolve(manifest.parent, v) for name, v in values.items()}))
+        text = values.pop("text")
+        entries.append(Entry(key, text, {name: resolve(manifest.parent, v) for name, v in values.items()}))
     return entries
 
 
@@ -213,8 +204,8 @@ class CaptionManifest(_MapDataset):
     def __init__(self, manifest: PathLike, **kwargs):
         manifest = Path(manifest)
         super().__init__(str(manifest), **kwargs)
-        entries = _manifest_entries(manifest, self._report, {"image": ("image", "missing_image")},
-                                    ("text", "missing_caption"))
+        entries = _manifest_entries(manifest, self._report, {"image": ("image", "missing_image"),
+                                                             "text": ("text", "missing_caption")})
         self._finish(entries, f'Each line of {manifest} needs {{"image": path, "text": caption}}.')
 
 
@@ -309,8 +300,8 @@ class EditManifest(_MapDataset):
         manifest = Path(manifest)
         super().__init__(str(manifest), **kwargs)
         entries = _manifest_entries(manifest, self._report, {"source": ("source", "missing_source"),
-                                                             "image": ("target", "missing_target")},
-                                    ("instruction", "missing_instruction"))
+                                                             "image": ("target", "missing_target"),
+                                                             "text": ("instruction", "missing_instruction")})
         self._finish(entries, f'Each line of {manifest} needs {{"source", "target", "instruction"}}.')
 
 
@@ -362,36 +353,6 @@ def expand_shards(shards: Union[PathLike, Sequence[PathLike]]) -> list[str]:
     if not out:
         raise EmptyDatasetError(f"no tar shard matches {patterns}")
     return out
-
-
-def iter_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each run of consecutive members sharing a key, streaming the file.
-    A truncated or unreadable tar ends with BadSample("bad_shard") after its readable samples."""
-    key, group = None, {}
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                folder, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")  # webdataset's rule: the key ends at the name's first dot
-                if not member.isfile() or not stem or not ext:
-                    continue
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and group:
-                    yield key, group
-                    group = {}
-                key = k
-                data = tar.extractfile(member)
-                group[ext.lower()] = data.read() if data is not None else b""
-    except (tarfile.TarError, OSError, EOFError) as err:
-        if group:
-            yield key, group
-        raise BadSample("bad_shard", f"{path} ({type(err).__name__}: {err})") from None
-    if group:
-        yield key, group
-    # tarfile reads a header cut short as the end of the archive; a whole tar is 512-byte blocks.
-    if os.path.getsize(path) % 512:
-        raise BadSample("bad_shard", f"{path} (truncated: {os.path.getsize(path)} bytes is not a whole number "
-                                     "of 512-byte tar blocks)")
 
 
 class TarShardStream(IterableDataset):
@@ -447,13 +408,34 @@ class TarShardStream(IterableDataset):
             raise self._report.empty_error("Each sample needs {key}.jpg/png/webp and {key}.txt or {key}.json "
                                              f"(with one of {list(self.text_fields)}).")
 
-    def _groups(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """`iter_tar_groups(shard)`; a damaged shard ends early and is counted as bad_shard."""
+    def _groups(self, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """(key, {ext: bytes}) for each run of consecutive members sharing a key, streaming the file; a
+        truncated or unreadable tar ends after its readable samples and is counted as bad_shard."""
+        key, group, problem = None, {}, None
         try:
-            yield from iter_tar_groups(shard)
-        except BadSample as bad:
-            self._report.skip(bad.reason, bad.where)
-            logger.warning("%s; its remaining samples are skipped", bad.where)
+            with tarfile.open(path, mode="r|*") as tar:
+                for member in tar:
+                    folder, _, base = member.name.rpartition("/")
+                    stem, _, ext = base.partition(".")  # webdataset's rule: the key ends at the name's first dot
+                    if not member.isfile() or not stem or not ext:
+                        continue
+                    k = f"{folder}/{stem}" if folder else stem
+                    if k != key and group:
+                        yield key, group
+                        group = {}
+                    key = k
+                    data = tar.extractfile(member)
+                    group[ext.lower()] = data.read() if data is not None else b""
+        except (tarfile.TarError, OSError, EOFError) as err:
+            problem = f"{type(err).__name__}: {err}"
+        if group:
+            yield key, group
+        # tarfile reads a header cut short as the end of the archive; a whole tar is 512-byte blocks.
+        if problem is None and os.path.getsize(path) % 512:
+            problem = f"truncated: {os.path.getsize(path)} bytes is not a whole number of 512-byte tar blocks"
+        if problem is not None:
+            self._report.skip("bad_shard", f"{path} ({problem})")
+            logger.warning("%s (%s); its remaining samples are skipped", path, problem)
 
     def _decode(self, key: str, group: dict[str, bytes]) -> dict:
         image_ext = next((e for e in group if f".{e}" in IMAGE_SUFFIXES), None)
