@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import tarfile
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -277,17 +278,12 @@ class EditFolder(_MapDataset):
         self._finish(entries, f"Put pairs as {src_root}/NAME.png + {tgt_root}/NAME.png with instructions in {where}.")
 
     def _by_name(self, folder: Path) -> dict[str, Path]:
-        found: dict[str, list[Path]] = {}
+        found = defaultdict(list)
         for path in image_files(folder):
-            found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
-        out = {}
-        for name, paths in found.items():
-            if len(paths) > 1:  # a.png and a.jpg: which one is meant is unknowable
-                for p in paths:
-                    self._report.skip("ambiguous_name", p)
-            else:
-                out[name] = paths[0]
-        return out
+            found[path.relative_to(folder).with_suffix("").as_posix()].append(path)
+        for path in (p for paths in found.values() if len(paths) > 1 for p in paths):
+            self._report.skip("ambiguous_name", path)  # a.png and a.jpg: which one is meant is unknowable
+        return {name: paths[0] for name, paths in found.items() if len(paths) == 1}
 
 
 class EditManifest(_MapDataset):
