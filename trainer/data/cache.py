@@ -67,13 +67,9 @@ class TensorCache:
                          "resize": RESIZE_RULE, "dtype": _dtype_name(dtype)}
         self.cache_id = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]
         self.folder = self.root / self.cache_id
-        self._shards: list[str] = []
-        self._hashes = np.zeros(0, dtype=np.uint64)
-        self._where = np.zeros((0, 2), dtype=np.int64)  # (shard number, row) per sorted hash
-        self._recent: dict[int, tuple[int, int]] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._handles: dict[tuple[int, str], Any] = {}
-        self.refresh()
+        self.refresh()  # the index: shard names, sorted key hashes and their (shard number, row)
 
     @classmethod
     def for_latents(cls, root: PathLike, vae_file: PathLike, size: int = IMAGE_SIZE,
@@ -91,10 +87,9 @@ class TensorCache:
             raise DataError(f"{self.folder} holds tensors of another model or preprocessing than its name says; "
                             "delete the folder")
         shards, hashes, where = [], [], []
-        for shard in sorted(self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else []:
+        for number, shard in enumerate(sorted(self.folder.glob("shard-*.safetensors"))):  # none: no folder yet
             with safe_open(str(shard), framework="pt") as f:
                 keys = json.loads((f.metadata() or {}).get("keys", "[]"))
-            number = len(shards)
             shards.append(shard.name)
             hashes += [_key_hash(k) for k in keys]
             where += [(number, row) for row in range(len(keys))]

@@ -106,8 +106,6 @@ class _MapDataset(Dataset):
         self.source, self.size, self.seed, self.shuffle = source, size, seed, shuffle
         self.check_images, self.min_side = check_images, min_side
         self._report = DataReport(source, self.kind)
-        self.entries: list[Entry] = []
-        self.order: list[int] = []
 
     def _finish(self, entries: list[Entry], hint: str) -> None:
         if self.check_images and entries:
@@ -142,11 +140,7 @@ class _MapDataset(Dataset):
         return self.entry(index).key
 
     def text(self, index: int) -> str:
-        entry = self.entry(index)
-        return entry.text if entry.text is not None else self._load_text(entry)
-
-    def _load_text(self, entry: Entry) -> str:
-        raise BadSample("missing_caption", entry.key)
+        return self.entry(index).text
 
     def _load_image(self, ref, entry: Entry) -> torch.Tensor:
         return load_image(ref, self.size, self.min_side)
@@ -225,7 +219,8 @@ class HFCaptionDataset(_MapDataset):
         self._report.found = len(ds)
         self._finish([Entry(str(i), None, {"image": i}) for i in range(len(ds))], f"{path} has no rows.")
 
-    def _load_text(self, entry: Entry) -> str:
+    def text(self, index: int) -> str:  # read lazily, like the image
+        entry = self.entry(index)
         value = self._texts[entry.images["image"]][self._text_column]
         if not isinstance(value, str) or not value.strip():
             raise BadSample("missing_caption", f"{self.source}#{entry.key}")
