@@ -1,12 +1,5 @@
-"""The trainer's data: every stage, the evaluation and the demo read images through this package.
-
-    report.py    DataError (the one error type), DataReport (what a source held and what was kept)
-    images.py    the one image rule: suffixes, EXIF orientation, alpha over white, resize + centre crop
-    sources.py   image sources of the autoencoder stages (docs/TRAINER.md "Data")
-    captions.py  caption and edit sources of the generator stages (docs/GENERATOR_DATA.md §1-2)
-    cache.py     the keyed tensor cache, the tar caption table (docs/GENERATOR_DATA.md §3)
-    sampling.py  the resumable global sampler, evaluation shards, the `data.val_count` hold-out rule
-"""
+"""The trainer's data: every stage, the evaluation and the demo read images through this package (each
+module's docstring says its part; docs/TRAINER.md "Data" and docs/GENERATOR_DATA.md the formats)."""
 from psvae_core.checkpoint import fingerprint as vae_fingerprint
 
 from .cache import (FEATURES, LATENT, CachedDataset, TarCaptionTable, TensorCache, encode_latents, fill_cache,

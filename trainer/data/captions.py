@@ -377,8 +377,6 @@ class TarShardStream(IterableDataset):
 
     def iter_partition(self, reader: int, readers: int) -> Iterator[dict]:
         """The samples of reader `reader` of `readers` (= rank * num_workers + worker) in one pass."""
-        if not 0 <= reader < readers:
-            raise ValueError(f"reader {reader} is not in 0..{readers - 1}")
         by_shard = len(self.shards) >= readers
         shards = self.shards[reader::readers] if by_shard else self.shards
         groups = ((Path(shard).name, key, group) for shard in shards for key, group in self._groups(shard))

@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -42,16 +43,12 @@ def resolve(base: Path, value: str) -> Path:
 
 def _folder_paths(root: Path, report: DataReport) -> list[Path]:
     sidecars = {".txt", ".json", ".jsonl", ".csv", ".caption"}  # captions/metadata beside images are not skipped files
-    paths = []
-    for path in (root / rel for rel in files_under(root)):
-        if path.suffix.lower() in sidecars:
-            continue
-        report.found += 1
-        if is_image_name(path):
-            paths.append(path)
-        else:
+    paths = [root / rel for rel in files_under(root) if rel.suffix.lower() not in sidecars]
+    report.found += len(paths)
+    for path in paths:
+        if not is_image_name(path):
             report.skip("not an image file type", str(path))
-    return paths
+    return [path for path in paths if is_image_name(path)]
 
 
 def jsonl_lines(path, error: type[Exception] = DataError,
@@ -130,18 +127,9 @@ def hf_image(value, where: str):
     return value
 
 
-class _HFItems:
-    """Rows of a `datasets.load_from_disk` folder, read lazily (each worker opens its own)."""
-
-    def __init__(self, folder: Path, column: str, split: Optional[str]):
-        self.ds = open_hf(folder, split, "data.hf_split", {column: "data.hf_column"})
-        self.folder, self.column = folder, column
-
-    def __len__(self):
-        return len(self.ds)
-
-    def load(self, i: int):
-        return hf_image(self.ds[i][self.column], f"{self.folder}[{i}]")
+def _hf_row(ds, column: str, folder: Path, i: int):
+    """Row i's image, read lazily (a module function: DataLoader workers get it pickled)."""
+    return hf_image(ds[i][column], f"{folder}[{i}]")
 
 
 def _as_is(item):
@@ -190,19 +178,19 @@ def build_image_dataset(source: str, size: int, *, kind: str = "auto", verify: s
     report = DataReport(str(source), kind)
     too_small = f"smaller than {min_size} px"
     if kind == "hf":
-        rows = _HFItems(root, hf_column, hf_split)
-        report.found = len(rows)
-        items = list(range(len(rows)))
+        rows = open_hf(root, hf_split, "data.hf_split", {hf_column: "data.hf_column"})
+        load, items = partial(_hf_row, rows, hf_column, root), list(range(len(rows)))
+        report.found = len(items)
         if verify == "full":
             kept = []
             for i in items:
                 try:
-                    read_crop(rows.load(i), size, min_size)
+                    read_crop(load(i), size, min_size)
                     kept.append(i)
                 except BadSample as bad:
                     report.skip(too_small if bad.reason == "too_small" else SCAN_REASONS["unreadable"], f"row {i}")
             items = kept
-        dataset = ImageDataset(rows.load, items, size, [f"{root}[{i}]" for i in items])
+        dataset = ImageDataset(load, items, size, [f"{root}[{i}]" for i in items])
     else:  # folder or manifest (data.kind's schema refuses anything else)
         paths = _folder_paths(root, report) if kind == "folder" else _manifest_paths(root, manifest_key, report)
         items = []
