@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from psvae_core.checkpoint import fingerprint as vae_fingerprint
@@ -80,8 +82,6 @@ class TensorCache:
     # -- index
     def refresh(self) -> None:
         """Re-read the shard list (after other processes wrote theirs)."""
-        from safetensors import safe_open
-
         info = self.folder / "cache.json"
         if info.is_file() and json.loads(info.read_text()) != self.identity:
             raise DataError(f"{self.folder} holds tensors of another model or preprocessing than its name says; "
@@ -122,8 +122,6 @@ class TensorCache:
 
     # -- read
     def _handle(self, shard: str):
-        from safetensors import safe_open
-
         slot = (os.getpid(), shard)  # a DataLoader worker opens its own
         if slot not in self._handles:
             self._handles[slot] = safe_open(str(self.folder / shard), framework="pt")
@@ -150,17 +148,15 @@ class TensorCache:
             if key not in self:
                 self._pending[key] = row.clone()
         while len(self._pending) >= self.shard_size:
-            self._write(self.shard_size)
+            self._write()
 
     def flush(self) -> None:
         """Write every buffered tensor (shards of at most `shard_size`)."""
         while self._pending:
-            self._write(self.shard_size)
+            self._write()
 
-    def _write(self, count: int) -> None:
-        from safetensors.torch import save_file
-
-        keys = list(self._pending)[:count]
+    def _write(self) -> None:
+        keys = list(self._pending)[:self.shard_size]
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / "cache.json").is_file():
             _write_atomic(self.folder / "cache.json", json.dumps(self.identity, indent=2, sort_keys=True))

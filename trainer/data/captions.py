@@ -413,8 +413,7 @@ class TarShardStream(IterableDataset):
                         yield key, group
                         group = {}
                     key = k
-                    data = tar.extractfile(member)
-                    group[ext.lower()] = data.read() if data is not None else b""
+                    group[ext.lower()] = tar.extractfile(member).read()  # a file member: never None
         except (tarfile.TarError, OSError, EOFError) as err:
             problem = f"{type(err).__name__}: {err}"
         if group:
