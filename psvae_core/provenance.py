@@ -16,6 +16,7 @@ it (`vae_mismatch`). A generator learns *normalised* latents, so the latent stat
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import math
 import os
 from dataclasses import dataclass
@@ -127,3 +128,11 @@ def file_sha256(path) -> str:
                 h.update(chunk)
         _SHA256[key] = h.hexdigest()
     return _SHA256[key]
+
+
+def package_version(dist: str) -> str:
+    """The installed version of the distribution `dist` (for reports and provenance), or "not installed"."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

