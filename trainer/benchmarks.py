@@ -109,13 +109,13 @@ class BenchmarkSampler:
 
 @dataclass
 class Job:
-    """One image to make: where it goes (unit = one output file or folder), and from what."""
+    """One image to make: its file (a DPG-Bench grid's for its tiles), what the PNG records beside the
+    run settings, and its inputs."""
 
-    unit: str
-    sample: int
+    path: Path
     seed: int
     text: str
-    meta: dict
+    info: dict
     source: Optional[Path] = None
 
 
@@ -140,14 +140,30 @@ def png_info(path: Path) -> Optional[dict]:
         return None
 
 
-class _Resume:
-    """Decides which outputs exist and were made with this run's settings."""
+class _Run:
+    """One benchmark run: the first `limit` of its prompt `rows` (none is an error), this shard's share,
+    the settings every PNG records (+ `extra`), the resume check and the generation loop."""
 
-    def __init__(self, settings: dict, overwrite: bool):
-        self.settings, self.overwrite = settings, overwrite
+    def __init__(self, sampler: BenchmarkSampler, bench: str, rows: list, prompts, limit: Optional[int] = None,
+                 shard: tuple[int, int] = (0, 1), overwrite: bool = False, log: Callable[[str], None] = print,
+                 **extra):
+        if not rows:
+            raise BenchmarkError(f"{prompts} holds no prompt")
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard {rank}/{world}: rank must be in 0..{world - 1}")
+        self.sampler, self.rows, self.shard, self.overwrite, self.log = sampler, rows[:limit], shard, overwrite, log
+        self.settings = {**sampler.run_settings(bench), **extra}
         self.kept = 0
 
+    def mine(self, index: int) -> bool:
+        return index % self.shard[1] == self.shard[0]
+
+    def seed(self, *key) -> int:
+        return derive_seed(self.sampler.settings.seed, *key)
+
     def done(self, path: Path) -> bool:
+        """Whether `path` exists and was made with this run's settings (other settings are an error)."""
         if self.overwrite or not path.is_file():
             return False
         info = png_info(path)
@@ -156,42 +172,31 @@ class _Resume:
             return False
         made = info.get("run", {})
         if made != self.settings:
-            diff = {k: (made.get(k), v) for k, v in self.settings.items() if made.get(k) != v}
-            changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
+            changes = ", ".join(f"{k}: {made.get(k)} -> {v}" for k, v in self.settings.items() if made.get(k) != v)
             raise BenchmarkError(f"{path} was made with other settings ({changes}); "
                                  "use another --out, or --overwrite to replace the outputs")
         self.kept += 1
         return True
 
+    def save(self, job: Job, image: Image.Image) -> None:
+        save_png(image, job.path, {"run": self.settings, **job.info})
 
-def _start(sampler: BenchmarkSampler, bench: str, rows: list, prompts, limit: Optional[int],
-           shard: tuple[int, int], overwrite: bool, **extra) -> tuple[list, Callable[[int], bool], dict, "_Resume"]:
-    """The first `limit` of the `rows` read from `prompts` (none is an error), this shard's filter, the
-    run settings (+ `extra`) and the resume check of a benchmark run."""
-    if not rows:
-        raise BenchmarkError(f"{prompts} holds no prompt")
-    rank, world = shard
-    if not 0 <= rank < world:
-        raise ValueError(f"shard {rank}/{world}: rank must be in 0..{world - 1}")
-    settings = {**sampler.run_settings(bench), **extra}
-    return rows[:limit], lambda i: i % world == rank, settings, _Resume(settings, overwrite)
-
-
-def _finish(sampler: BenchmarkSampler, jobs: list[Job], write: Callable[[Job, Image.Image], None], log,
-            prompts: int, resume: "_Resume", scorer: Callable[[], str]) -> dict:
-    """Generates `jobs` in batches, hands each image to `write`, then logs the scorer's command line
-    (`scorer()`) and returns the counts."""
-    bs, start = max(1, sampler.settings.batch_size), time.time()
-    for i in range(0, len(jobs), bs):
-        batch = jobs[i:i + bs]
-        sources = torch.stack([load_image(j.source) for j in batch]) if batch[0].source is not None else None
-        for job, image in zip(batch, sampler.generate([j.text for j in batch], [j.seed for j in batch], sources)):
-            write(job, to_pil(image))
-        done = i + len(batch)
-        rate = done / max(time.time() - start, 1e-9)
-        log(f"  {done}/{len(jobs)} images ({rate:.2f}/s, ~{(len(jobs) - done) / max(rate, 1e-9):.0f}s left)")
-    log(scorer())
-    return {"prompts": prompts, "generated": len(jobs), "kept": resume.kept}
+    def generate(self, jobs: list[Job], scorer: Callable[[], str],
+                 write: Optional[Callable[[Job, Image.Image], None]] = None) -> dict:
+        """Generates `jobs` in batches, hands each image to `write` (default: `save`), then logs the scorer's
+        command line (`scorer()`) and returns the counts."""
+        sampler, write = self.sampler, write or self.save
+        bs, start = max(1, sampler.settings.batch_size), time.time()
+        for i in range(0, len(jobs), bs):
+            batch = jobs[i:i + bs]
+            sources = torch.stack([load_image(j.source) for j in batch]) if batch[0].source is not None else None
+            for job, image in zip(batch, sampler.generate([j.text for j in batch], [j.seed for j in batch], sources)):
+                write(job, to_pil(image))
+            done = i + len(batch)
+            rate = done / max(time.time() - start, 1e-9)
+            self.log(f"  {done}/{len(jobs)} images ({rate:.2f}/s, ~{(len(jobs) - done) / max(rate, 1e-9):.0f}s left)")
+        self.log(scorer())
+        return {"prompts": len(self.rows), "generated": len(jobs), "kept": self.kept}
 
 
 # =================================================================================== GenEval
@@ -206,35 +211,29 @@ def read_geneval_prompts(path) -> list[tuple[str, dict]]:
     return out
 
 
-def run_geneval(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Optional[int] = None,
-                shard: tuple[int, int] = (0, 1), overwrite: bool = False, log=print) -> dict:
-    """`<out>/<index:05d>/metadata.jsonl` (the prompt's line) + `samples/<k:04d>.png`, k < samples."""
-    out = Path(out)
-    rows, mine, settings, resume = _start(sampler, "geneval", read_geneval_prompts(prompts), prompts, limit, shard,
-                                          overwrite)
+def run_geneval(sampler: BenchmarkSampler, prompts, out, samples: int = 4, **options) -> dict:
+    """`<out>/<index:05d>/metadata.jsonl` (the prompt's line) + `samples/<k:04d>.png`, k < samples;
+    `options`: `_Run`'s limit, shard, overwrite, log."""
+    out, run = Path(out), _Run(sampler, "geneval", read_geneval_prompts(prompts), prompts, **options)
     jobs = []
-    for index, (line, row) in enumerate(rows):
-        if not mine(index):
+    for index, (line, row) in enumerate(run.rows):
+        if not run.mine(index):
             continue
         folder = out / f"{index:05d}"
         meta = folder / "metadata.jsonl"
-        if meta.is_file() and meta.read_text(encoding="utf-8").strip() != line and not overwrite:
+        if meta.is_file() and meta.read_text(encoding="utf-8").strip() != line and not run.overwrite:
             raise BenchmarkError(f"{meta} holds another prompt than line {index + 1} of {prompts}; "
                                  "the outputs come from another prompt file: use another --out")
-        if overwrite or not meta.is_file():
+        if run.overwrite or not meta.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             meta.write_text(line + "\n", encoding="utf-8")
         for k in range(samples):
-            if not resume.done(folder / "samples" / f"{k:04d}.png"):
-                jobs.append(Job(f"{index:05d}", k, derive_seed(sampler.settings.seed, index, k), row["prompt"],
-                                {"index": index}))
-    log(f"GenEval: {len(rows)} prompts x {samples}; {resume.kept} images already there, {len(jobs)} to make")
-
-    def write(job: Job, image: Image.Image):
-        info = {"run": settings, "prompt": job.text, "index": job.meta["index"], "sample": job.sample, "seed": job.seed}
-        save_png(image, out / job.unit / "samples" / f"{job.sample:04d}.png", info)
-
-    return _finish(sampler, jobs, write, log, len(rows), resume, lambda: scorer_command("geneval", out))
+            path, seed = folder / "samples" / f"{k:04d}.png", run.seed(index, k)
+            if not run.done(path):
+                jobs.append(Job(path, seed, row["prompt"], {"prompt": row["prompt"], "index": index, "sample": k,
+                                                            "seed": seed}))
+    run.log(f"GenEval: {len(run.rows)} prompts x {samples}; {run.kept} images already there, {len(jobs)} to make")
+    return run.generate(jobs, lambda: scorer_command("geneval", out))
 
 
 # =================================================================================== DPG-Bench
@@ -258,42 +257,35 @@ def read_dpg_prompts(folder) -> list[tuple[str, str]]:
     return out
 
 
-def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, limit: Optional[int] = None,
-            shard: tuple[int, int] = (0, 1), overwrite: bool = False, log=print) -> dict:
+def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, **options) -> dict:
     """`<out>/<id>.png`: the `samples` (<= 4) images as a 2x2 grid (tile = the decoded size). Nothing
-    else is written into `out`: the scorer reads every file there as an image."""
+    else is written into `out`: the scorer reads every file there as an image. `options`: as run_geneval's."""
     if not 1 <= samples <= 4:
         raise ValueError("DPG-Bench grids hold 1 to 4 samples")
-    out = Path(out)
-    rows, mine, settings, resume = _start(sampler, "dpg", read_dpg_prompts(prompts), prompts, limit, shard, overwrite,
-                                          samples=samples)
+    out, run = Path(out), _Run(sampler, "dpg", read_dpg_prompts(prompts), prompts, samples=samples, **options)
     jobs = []
-    for index, (pid, prompt) in enumerate(rows):
-        if mine(index) and not resume.done(out / f"{pid}.png"):
-            jobs += [Job(pid, k, derive_seed(sampler.settings.seed, pid, k), prompt, {}) for k in range(samples)]
-    log(f"DPG-Bench: {len(rows)} prompts x {samples}; {resume.kept} grids already there, "
-        f"{len(jobs) // samples} to make")
-    tiles: dict[str, dict[int, Image.Image]] = {}
-    tile_size = {}
+    for index, (pid, prompt) in enumerate(run.rows):
+        if run.mine(index) and not run.done(out / f"{pid}.png"):
+            seeds = [run.seed(pid, k) for k in range(samples)]
+            jobs += [Job(out / f"{pid}.png", seed, prompt, {"prompt": prompt, "id": pid, "seeds": seeds})
+                     for seed in seeds]
+    run.log(f"DPG-Bench: {len(run.rows)} prompts x {samples}; {run.kept} grids already there, "
+            f"{len(jobs) // samples} to make")
+    tiles: dict[Path, list[Image.Image]] = {}  # a grid's tiles so far (its jobs come in sample order)
+    tile_px = [256]  # the scorer's --resolution: the decoded size once known
 
     def write(job: Job, image: Image.Image):
-        parts = tiles.setdefault(job.unit, {})
-        parts[job.sample] = image
+        parts = tiles.setdefault(job.path, [])
+        parts.append(image)
         if len(parts) < samples:
             return
-        side = image.width
-        tile_size["px"] = side
+        side = tile_px[0] = image.width
         grid = Image.new("RGB", (side * 2, side * 2) if samples > 1 else (side, side))
-        for k, tile in sorted(parts.items()):
-            x, y = GRID_POSITIONS[k]
+        for (x, y), tile in zip(GRID_POSITIONS, tiles.pop(job.path)):
             grid.paste(tile, (x * side, y * side))
-        seeds = [derive_seed(sampler.settings.seed, job.unit, k) for k in range(samples)]
-        info = {"run": settings, "prompt": job.text, "id": job.unit, "seeds": seeds}
-        save_png(grid, out / f"{job.unit}.png", info)
-        del tiles[job.unit]
+        run.save(job, grid)
 
-    return _finish(sampler, jobs, write, log, len(rows), resume,
-                   lambda: scorer_command("dpg", out, resolution=tile_size.get("px", 256), samples=samples))
+    return run.generate(jobs, lambda: scorer_command("dpg", out, resolution=tile_px[0], samples=samples), write)
 
 
 # =================================================================================== GEdit-Bench
@@ -320,27 +312,20 @@ def read_gedit_items(path) -> list[dict]:
     return items
 
 
-def run_gedit(sampler: BenchmarkSampler, prompts, out, samples: int = 1, limit: Optional[int] = None,
-              shard: tuple[int, int] = (0, 1), overwrite: bool = False, log=print) -> dict:
-    """`<out>/<task_type>/<language>/<key>.png`, one edit per item (the source is centre-cropped to 256)."""
-    out = Path(out)
-    items, mine, settings, resume = _start(sampler, "gedit", read_gedit_items(prompts), prompts, limit, shard,
-                                           overwrite)
+def run_gedit(sampler: BenchmarkSampler, prompts, out, samples: int = 1, **options) -> dict:
+    """`<out>/<task_type>/<language>/<key>.png`, one edit per item (the source is centre-cropped to 256);
+    `options`: as run_geneval's."""
+    out, run = Path(out), _Run(sampler, "gedit", read_gedit_items(prompts), prompts, **options)
     jobs = []
-    for index, row in enumerate(items):
-        target = out / row["task_type"] / row["language"] / f"{row['key']}.png"
-        if mine(index) and not resume.done(target):
-            jobs.append(Job(str(target.relative_to(out)), 0, derive_seed(sampler.settings.seed, row["key"], 0),
-                            row["instruction"], {"key": row["key"]}, source=row["source"]))
+    for index, row in enumerate(run.rows):
+        path, seed = out / row["task_type"] / row["language"] / f"{row['key']}.png", run.seed(row["key"], 0)
+        if run.mine(index) and not run.done(path):
+            jobs.append(Job(path, seed, row["instruction"], {"instruction": row["instruction"], "key": row["key"],
+                                                             "seed": seed}, source=row["source"]))
     if samples != 1:
-        log("GEdit-Bench scores one edit per item; --samples is ignored")
-    log(f"GEdit-Bench: {len(items)} edits; {resume.kept} already there, {len(jobs)} to make")
-
-    def write(job: Job, image: Image.Image):
-        info = {"run": settings, "instruction": job.text, "key": job.meta["key"], "seed": job.seed}
-        save_png(image, out / job.unit, info)
-
-    return _finish(sampler, jobs, write, log, len(items), resume, lambda: scorer_command("gedit", out))
+        run.log("GEdit-Bench scores one edit per item; --samples is ignored")
+    run.log(f"GEdit-Bench: {len(run.rows)} edits; {run.kept} already there, {len(jobs)} to make")
+    return run.generate(jobs, lambda: scorer_command("gedit", out))
 
 
 # =================================================================================== scorers
