@@ -1,4 +1,4 @@
-"""Reconstruction metrics shared by the demo, trainer evaluation and benchmarks.
+"""Reconstruction metrics shared by the demo, trainer evaluation and validation, and benchmarks.
 
 Every reported number should carry its implementation and settings (docs/EVALUATION.md: the FID
 implementation alone changes rFID by ~2x); `METRIC_IMPLEMENTATIONS` holds the text for reports.
@@ -10,8 +10,9 @@ import importlib.util
 import math
 import os
 import warnings
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -270,3 +271,100 @@ def fid_reliability(n: int) -> tuple[bool, str]:
             f"and depends on N. Use it to compare runs with the same images and N, never with paper "
             f"rFID-{PAPER_RFID_IMAGES // 1000}k numbers.")
     return False, note
+
+
+# ---------------------------------------------------------------------------------------------
+# All four over an iterable of image batches
+# ---------------------------------------------------------------------------------------------
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    bad = int((~np.isfinite(v)).sum())
+    return {"mean": float(v.mean()), "std": float("nan") if bad else float(v.std()),
+            "min": float(v.min()), "max": float(v.max()), "n_non_finite": bad}
+
+
+def _batch_tensor(item: torch.Tensor) -> torch.Tensor:
+    """One batch of the input -> [B,3,H,W] float 0..1 (uint8 is scaled)."""
+    if not isinstance(item, torch.Tensor):
+        raise ValueError(f"evaluate_reconstruction: expected image tensors, got {type(item).__name__}")
+    if item.dim() == 3:
+        item = item[None]
+    if item.dim() != 4 or item.shape[1] != 3:
+        raise ValueError(f"evaluate_reconstruction: expected [B,3,H,W] batches, got {tuple(item.shape)}")
+    return item.float() / 255.0 if item.dtype == torch.uint8 else item.float()
+
+
+@torch.no_grad()
+def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = 256, lpips: Optional[nn.Module] = None,
+                            inception: Optional[nn.Module] = None, device=None,
+                            callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
+                            ) -> dict[str, Any]:
+    """Per-image PSNR, SSIM and LPIPS and the set's rFID of `vae.reconstruct` over the batches `images`
+    (arguments and result: docs/EVALUATION.md, "Library use"). Inception sees both sides rounded to
+    uint8, as saved PNGs are; `callback(start, originals, reconstructions)` runs after each batch."""
+    is_module = isinstance(vae, nn.Module)
+    if device is None:
+        weight = next(vae.parameters(), None) if is_module else None
+        device = "cpu" if weight is None else weight.device
+    device = torch.device(device)
+    lpips, inception = (None if m is None else m.to(device) for m in (lpips, inception))
+    was_training = is_module and vae.training
+    if is_module:
+        vae.eval()
+    per: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+    real, fake = FeatureMoments(), FeatureMoments()
+    recon_size, resized = None, False
+    try:
+        for batch in map(_batch_tensor, images):
+            if tuple(batch.shape[-2:]) != (resolution, resolution):
+                raise ValueError(f"evaluate_reconstruction: batches must be {resolution}x{resolution} "
+                                 f"(the evaluation resolution), got {tuple(batch.shape[-2:])}; resize and crop "
+                                 f"them first (e.g. psvae_core.images.resize_center_crop)")
+            x = batch.to(device).clamp(0.0, 1.0)
+            recon = vae.reconstruct(x).float()
+            if recon.dim() != 4 or recon.shape[:2] != x.shape[:2]:
+                raise ValueError(f"evaluate_reconstruction: reconstruct() returned {tuple(recon.shape)} "
+                                 f"for input {tuple(x.shape)}")
+            recon_size = list(recon.shape[-2:])
+            if recon.shape[-2:] != x.shape[-2:]:
+                resized = True
+                recon = F.interpolate(recon, size=x.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
+            recon = recon.clamp(0.0, 1.0)
+            per["psnr"] += psnr(recon, x).tolist()
+            per["ssim"] += ssim(recon, x).tolist()
+            if lpips is not None:
+                per["lpips"] += lpips(recon, x, reduction="none").reshape(-1).tolist()
+            if inception is not None:  # round(255*x)/255: the uint8 pixels of a saved PNG
+                real.add(inception((x * 255.0).round() / 255.0))
+                fake.add(inception((recon * 255.0).round() / 255.0))
+            if callback is not None:
+                callback(len(per["psnr"]) - x.shape[0], x.cpu(), recon.cpu())
+    finally:
+        if was_training:
+            vae.train()
+    n = len(per["psnr"])
+    if n == 0:
+        raise ValueError("evaluate_reconstruction: no images were given")
+    rfid = reliable = note = None
+    if inception is not None:
+        reliable, note = fid_reliability(n)
+        if n >= 2:
+            rfid = fid_between(real, fake)
+        else:
+            note = "rFID needs at least 2 images; not computed"
+    if lpips is None:
+        per["lpips"] = None
+    return {"n_images": n, "resolution": resolution, **{k: None if v is None else _summary(v) for k, v in per.items()},
+            "rfid": rfid, "fid_reliable": reliable, "fid_note": note, "fid_feature_dim": real.dim,
+            "per_image": per, "reconstruction_size": recon_size, "reconstruction_resized": resized}
+
+
+def scalar_metrics(result: dict) -> dict[str, float]:
+    """The headline numbers of an `evaluate_reconstruction` result, for loggers."""
+    out = {"psnr": result["psnr"]["mean"], "ssim": result["ssim"]["mean"]}
+    if result.get("lpips") is not None:
+        out["lpips"] = result["lpips"]["mean"]
+    if result.get("rfid") is not None:
+        out["rfid"] = result["rfid"]
+    return out

@@ -24,6 +24,7 @@ from psvae_core.config import PRESETS
 from psvae_core.images import resize_center_crop
 from psvae_core.metrics import InceptionFeatures, feature_stats, fid_from_features
 from trainer import evaluate
+from trainer.data import to_uint8
 from test_trainer_helpers import write_sample_photos
 from trainer.samples import sample_photos
 
@@ -297,7 +298,7 @@ def test_cli_end_to_end_on_imagenet_val_layout(tmp_path, vae_file, capsys):
     np.testing.assert_allclose([r["psnr"] for r in rows], _psnr_ref(recon, crops), atol=1e-4)
     np.testing.assert_allclose([r["ssim"] for r in rows], _ssim_ref(recon, crops), atol=1e-4)
     saved = np.asarray(Image.open(recon_dir / Path(rows[0]["file"]).with_suffix(".png")))
-    assert np.abs(saved.astype(int) - evaluate.to_uint8(recon[0]).permute(1, 2, 0).numpy()).max() <= 1
+    assert np.abs(saved.astype(int) - to_uint8(recon[0]).permute(1, 2, 0).numpy()).max() <= 1
     assert "rFID" in capsys.readouterr().out
 
 

@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.utils import make_grid
 
@@ -29,7 +30,6 @@ from psvae_core.autoencoder import PSVAE
 
 from .config import load_config
 from .data import read_crop, to_pil
-from .evaluate import evaluate_reconstruction
 from .loop import train
 from .rng import seed_everything
 from .samples import sample_photos
@@ -40,12 +40,15 @@ HELD_OUT = ("chelsea", "coffee", "motorcycle_right")  # the cat, the cup and one
 SIZE = 256
 
 
-def _stage_report(vae: PSVAE, train_x: torch.Tensor, held_x: torch.Tensor) -> dict:
-    out = {}
-    for split, x in (("train", train_x), ("held_out", held_x)):
-        r = evaluate_reconstruction(vae, [x], resolution=SIZE)
-        out[split] = {"psnr": round(r["psnr"]["mean"], 3), "ssim": round(r["ssim"]["mean"], 4)}
-    return out
+def _score(vae: PSVAE, x: torch.Tensor, n_train: int) -> tuple[dict, dict, torch.Tensor]:
+    """`metrics.evaluate_reconstruction` of the photos `x` (training ones first) -> (mean PSNR/SSIM per split,
+    per-image PSNR/SSIM, the reconstructions)."""
+    recons = []
+    per = metrics.evaluate_reconstruction(vae, [x], resolution=SIZE, callback=lambda _, __, y: recons.append(y))["per_image"]
+    means = {split: {"psnr": round(float(np.mean(per["psnr"][rows])), 3),
+                     "ssim": round(float(np.mean(per["ssim"][rows])), 4)}
+             for split, rows in (("train", slice(0, n_train)), ("held_out", slice(n_train, None)))}
+    return means, per, recons[0]
 
 
 def main(argv=None) -> dict:
@@ -62,60 +65,56 @@ def main(argv=None) -> dict:
 
     photos = sample_photos(SIZE)
     names = [n for n in photos if n not in HELD_OUT] + [n for n in HELD_OUT if n in photos]
-    for split, keep in (("train", lambda n: n not in HELD_OUT), ("held_out", lambda n: n in HELD_OUT)):
-        folder = out / "photos" / split
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for name in names:
-            if keep(name):
-                photos[name].save(folder / f"{name}.png")
-    # Scored on the files the runs train on, read by the trainer's one image rule.
-    x = torch.stack([read_crop(out / "photos" / ("held_out" if n in HELD_OUT else "train") / f"{n}.png", SIZE)
-                     for n in names]).float() / 255
     n_train = len(names) - len(HELD_OUT)
-    train_x, held_x = x[:n_train], x[n_train:]
+    files = [out / "photos" / ("held_out" if n in HELD_OUT else "train") / f"{n}.png" for n in names]
+    for folder in ("train", "held_out"):
+        shutil.rmtree(out / "photos" / folder, ignore_errors=True)
+        (out / "photos" / folder).mkdir(parents=True)
+    for name, file in zip(names, files):
+        photos[name].save(file)
+    # Scored on the files the runs train on, read by the trainer's one image rule.
+    x = torch.stack([read_crop(file, SIZE) for file in files]).float() / 255
 
     common = [f"data.source={out / 'photos' / 'train'}", f"data.val_source={out / 'photos' / 'held_out'}",
               f"run.output_dir={out / 'runs'}", f"run.seed={args.seed}"]
-    cfg1 = load_config(SVAEStage.config_class, "svae", str(CONFIGS / "svae_demo.yaml"),
-                       common + ([f"train.max_steps={args.svae_steps}"] if args.svae_steps else []))
-    seed_everything(args.seed)  # the same initial weights the svae run starts from
-    untrained = PSVAE(model_config(cfg1.model, "psvae")).eval()
+    steps = {"svae": args.svae_steps, "psvae": args.psvae_steps}
     report: dict = {"photos": {"train": names[:n_train], "held_out": names[n_train:]}, "stages": {},
                     "seconds": {}}
-    report["stages"]["untrained"] = _stage_report(untrained, train_x, held_x)
-    recon_rows = [untrained.reconstruct(x).float()]
+    recon_rows, per_image = [], {}
 
-    t = time.time()
-    summary1 = train(SVAEStage, cfg1)
-    report["seconds"]["svae"] = round(time.time() - t, 1)
-    svae = PSVAE.from_file(summary1["export"])
-    report["stages"]["svae"] = _stage_report(svae, train_x, held_x)
-    recon_rows.append(svae.reconstruct(x).float())
+    def config(stage, *overrides):
+        return load_config(stage.config_class, stage.name, str(CONFIGS / f"{stage.name}_demo.yaml"),
+                           [*common, *overrides, *([f"train.max_steps={steps[stage.name]}"] if steps[stage.name] else [])])
 
-    cfg2 = load_config(PSVAEStage.config_class, "psvae", str(CONFIGS / "psvae_demo.yaml"),
-                       common + [f"model.init_from={summary1['export']}"]
-                       + ([f"train.max_steps={args.psvae_steps}"] if args.psvae_steps else []))
-    t = time.time()
-    summary2 = train(PSVAEStage, cfg2)
-    report["seconds"]["psvae"] = round(time.time() - t, 1)
-    vae = PSVAE.from_file(summary2["export"])
-    report["stages"]["psvae"] = _stage_report(vae, train_x, held_x)
-    final = vae.reconstruct(x).float()
-    recon_rows.append(final)
+    def score(name: str, vae: PSVAE):
+        report["stages"][name], per_image[name], recon = _score(vae, x, n_train)
+        recon_rows.append(recon)
+
+    def run_stage(stage, cfg) -> dict:
+        t = time.time()
+        summary = train(stage, cfg)
+        report["seconds"][stage.name] = round(time.time() - t, 1)
+        score(stage.name, PSVAE.from_file(summary["export"]))
+        return summary
+
+    cfg1 = config(SVAEStage)
+    seed_everything(args.seed)  # the same initial weights the svae run starts from
+    score("untrained", PSVAE(model_config(cfg1.model, "psvae")).eval())
+    summary1 = run_stage(SVAEStage, cfg1)
+    summary2 = run_stage(PSVAEStage, config(PSVAEStage, f"model.init_from={summary1['export']}"))
+    per = per_image["psvae"]
 
     (out / "reconstructions").mkdir(exist_ok=True)
-    for name, image in zip(names, final):
+    for name, image in zip(names, recon_rows[-1]):
         to_pil(image).save(out / "reconstructions" / f"{name}.png")
     grid = make_grid(torch.cat([x, *recon_rows]), nrow=len(names), padding=2)
     to_pil(grid).save(out / "comparison.png")
     shutil.copyfile(summary2["export"], out / "vae.safetensors")
 
-    psnr, ssim = metrics.psnr(final, x), metrics.ssim(final, x)
     report.update({
         "images": {n: {"psnr": round(p, 3), "ssim": round(s, 4), "held_out": n in HELD_OUT}
-                   for n, p, s in zip(names, psnr.tolist(), ssim.tolist())},
-        "mean": {"psnr": round(psnr.mean().item(), 3), "ssim": round(ssim.mean().item(), 4)},
+                   for n, p, s in zip(names, per["psnr"], per["ssim"])},
+        "mean": {"psnr": round(float(np.mean(per["psnr"])), 3), "ssim": round(float(np.mean(per["ssim"])), 4)},
         "resolution": [SIZE, SIZE],
         "comparison_rows": ["originals", "untrained", "after svae", "after psvae"],
         "runs": {"svae": summary1["run_dir"], "psvae": summary2["run_dir"]},

