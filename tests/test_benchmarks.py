@@ -216,3 +216,11 @@ def test_benchmark_images_are_the_library_generation_of_their_seeds(sampler):
     torch.testing.assert_close(images[1:], alone, atol=1e-5, rtol=0)
     latents = generation.generate(sampler.generator, ["a photo of a cat"], seed=11, steps=2)
     torch.testing.assert_close(images[:1], generation.decode(sampler.vae, latents), atol=1e-5, rtol=0)
+
+
+def test_cli_bad_shard_is_a_usage_error(model_files, geneval_prompts, tmp_path, capsys):
+    vae, gen = model_files
+    with pytest.raises(SystemExit) as exit_info:
+        bm.main(["geneval", "--vae", str(vae), "--generator", str(gen), "--prompts", str(geneval_prompts),
+                 "--out", str(tmp_path / "out"), "--shard", "one-of-eight"])
+    assert exit_info.value.code == 2 and "--shard takes RANK/WORLD" in capsys.readouterr().err

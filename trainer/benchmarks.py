@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -132,14 +132,6 @@ def save_png(image: Image.Image, path: Path, info: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def png_info(path: Path) -> Optional[dict]:
-    try:
-        with Image.open(path) as image:
-            return json.loads(image.info.get(PNG_KEY, "null"))
-    except (OSError, ValueError):
-        return None
-
-
 class _Run:
     """One benchmark run: the first `limit` of its prompt `rows` (none is an error), this shard's share,
     the settings every PNG records (+ `extra`), the resume check and the generation loop."""
@@ -166,7 +158,11 @@ class _Run:
         """Whether `path` exists and was made with this run's settings (other settings are an error)."""
         if self.overwrite or not path.is_file():
             return False
-        info = png_info(path)
+        try:
+            with Image.open(path) as image:
+                info = json.loads(image.info.get(PNG_KEY, "null"))
+        except (OSError, ValueError):
+            info = None
         if info is None:  # unreadable (a crash outside our atomic write?): make it again
             logger.warning("%s is unreadable; regenerating it", path)
             return False
@@ -349,11 +345,9 @@ def scorer_command(benchmark: str, out, resolution: int = 256, samples: int = 4)
             f"--pic-num {samples} --vqa-model mplug --res-path <RESULTS_DIR>/dpg_results.txt\n"
             "  (give --res-path outside the image folder: the scorer reads every file in it as an image)")
     if benchmark == "gedit":
-        if out.name == "fullset":
-            method, results = out.parent.name, str(out.parent.parent)
-        else:
-            method, results = "<METHOD>", "<RESULTS>"
-        note = "" if out.name == "fullset" else (
+        fullset = out.name == "fullset"
+        method, results = (out.parent.name, str(out.parent.parent)) if fullset else ("<METHOD>", "<RESULTS>")
+        note = "" if fullset else (
             f"\n  (the scorer reads <RESULTS>/<METHOD>/fullset/<task_type>/<language>/<key>.png: generate with "
             f"--out <RESULTS>/<METHOD>/fullset, or link {out} there)")
         return (
@@ -372,9 +366,7 @@ def scorer_command(benchmark: str, out, resolution: int = 256, samples: int = 4)
 RUNNERS = {"geneval": run_geneval, "dpg": run_dpg, "gedit": run_gedit}
 
 
-def _parse_shard(text: Optional[str]) -> tuple[int, int]:
-    if text is None:  # one process per GPU under torchrun / accelerate, each its share
-        return launcher_rank()
+def _parse_shard(text: str) -> tuple[int, int]:
     try:
         rank, world = (int(x) for x in text.split("/"))
     except ValueError:
@@ -401,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="generator precision")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shard", default=None, help="RANK/WORLD: this process's share of the prompts "
-                        "(default: $RANK/$WORLD_SIZE, else all)")
+    parser.add_argument("--shard", type=_parse_shard, default=None,
+                        help="RANK/WORLD: this process's share of the prompts (default: $RANK/$WORLD_SIZE, else all)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate outputs that already exist")
     return parser
 
@@ -413,11 +405,10 @@ def main(argv=None) -> dict:
     samples = args.samples if args.samples is not None else (1 if args.benchmark == "gedit" else 4)
     if samples < 1:
         raise SystemExit("--samples must be >= 1")
-    settings = SamplingSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, image_cfg=args.image_cfg,
-                                batch_size=args.batch_size, seed=args.seed)
+    settings = SamplingSettings(**{f.name: getattr(args, f.name) for f in fields(SamplingSettings)})
     sampler = BenchmarkSampler.from_files(args.vae, args.generator, settings, device=args.device,
                                           dtype=DTYPES[args.dtype])
-    shard = _parse_shard(args.shard)
+    shard = args.shard or launcher_rank()  # one process per GPU under torchrun / accelerate, each its share
     try:
         return RUNNERS[args.benchmark](sampler, args.prompts, args.out, samples=samples, limit=args.limit,
                                        shard=shard, overwrite=args.overwrite)
