@@ -246,6 +246,14 @@ def test_folder_reader_layouts_limit_and_skips(tmp_path):
     assert reader.layout == "flat" and sum(b.shape[0] for b in reader) == 3
 
 
+def test_folder_reader_stops_at_the_limit(tmp_path):
+    """Files after the --limit-th readable image are neither read nor reported as skipped."""
+    write_sample_photos(tmp_path, size=32, names=CLI_PHOTOS[:2])
+    (tmp_path / "zz_broken.png").write_bytes(b"not an image")
+    reader = evaluate.ImageFolderReader(tmp_path, resolution=16, batch_size=4, limit=2)
+    assert sum(b.shape[0] for b in reader) == 2 and reader.skipped == []
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI end to end
 # ---------------------------------------------------------------------------------------------
