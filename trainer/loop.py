@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import (DistributedDataParallelKwargs, broadcast_object_list, gather_object,
+                              send_to_device)
 from torch.utils.data import DataLoader
 
 from psvae_core.compile import compile_blocks
@@ -95,9 +97,6 @@ def _worker_init(_):
 
 class Loop:
     def __init__(self, stage_cls: type[Stage], cfg):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
         self.cfg = cfg
         cuda = torch.cuda.is_available()
         # On CPU accelerate only forms a gloo process group with cpu=True; mixed precision is then our
@@ -159,35 +158,18 @@ class Loop:
                 print(text, flush=True)
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return t
-        t = t.detach().clone() if not t.requires_grad else t.clone()
-        dist.all_reduce(t)
-        return t / self.world
-
-    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
+        return self.acc.reduce(t, "mean")
 
     def _any(self, flag) -> bool:
         """Whether `flag` (a bool, or a bool tensor on the device) is true on any process."""
-        t = torch.as_tensor(flag, device=self.device).float().reshape(1)
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return bool(self.acc.reduce(torch.as_tensor(flag, device=self.device).float().reshape(1), "max").item() > 0)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        # Not accelerator.autocast: on CPU accelerate runs without mixed precision (see __init__).
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def _to_device(self, batch):
-        if isinstance(batch, dict):
-            return {k: self._to_device(v) for k, v in batch.items()}
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=True)
-        return batch
+        return send_to_device(batch, self.device, non_blocking=True)
 
     def _loader(self, dataset, step: int) -> DataLoader:
         t = self.cfg.train
@@ -208,14 +190,14 @@ class Loop:
         return group.raw
 
     # ------------------------------------------------------------------ checkpoint I/O
-    def _save(self, step: int, counters: dict) -> None:
+    def _save(self, step: int) -> None:
         try:
-            self._write_checkpoint(step, counters)
+            self._write_checkpoint(step)
         except OSError as err:  # the previous complete checkpoint stays as it is
             shutil.rmtree(ckpt.tmp_dir(self.ckpt_root, step), ignore_errors=True)
             raise ckpt.output_error(self.ckpt_root, err, f"writing checkpoint {ckpt.step_dir_name(step)}") from None
 
-    def _write_checkpoint(self, step: int, counters: dict) -> None:
+    def _write_checkpoint(self, step: int) -> None:
         root = self.ckpt_root
         if self.main:
             ckpt.begin(root, step)
@@ -238,7 +220,7 @@ class Loop:
             if self.scaler is not None:
                 ckpt.save_object(tmp / "scaler.pt", self.scaler.state_dict())
             ckpt.write_json(tmp / "trainer_state.json", {
-                "step": step, **counters, "stage": self.cfg.stage,
+                "step": step, **self.counters, "stage": self.cfg.stage,
                 "world_size": self.world, "batch_size": self.cfg.train.batch_size,
                 "grad_accum": self.cfg.train.grad_accum, "global_batch": self.global_batch,
                 "config_hash": self.hash, "trainer_version": __version__})
@@ -267,21 +249,14 @@ class Loop:
             self.log(f"note: the config differs from the one {folder.name} was written with (see its config.yaml)")
         return state
 
-    def _load_weights(self, folder: Path, specs: list[Trainable]) -> None:
-        for spec in specs:
-            tensors = ckpt.load_tensors(folder / f"{spec.name}.safetensors")
-            spec.module.load_state_dict(tensors, strict=True)
-
     def _load_rest(self, folder: Path, state: dict) -> None:
         for g in self.groups.values():
             blob = ckpt.load_object(folder / f"{g.name}.optim.pt")
             sharding.load_optimizer_state(g.raw, g.optimizer, blob["optimizer"])
             g.scheduler.load_state_dict(blob["scheduler"])
             if g.ema is not None:
-                shadow = ckpt.load_tensors(folder / f"{g.name}.ema.safetensors")
-                meta = ckpt.read_json(folder / f"{g.name}.ema.json")
-                g.ema.load_state_dict({"shadow": {k: v.to(self.device) for k, v in shadow.items()},
-                                       "num_updates": meta["num_updates"]})
+                g.ema.load_state_dict({"shadow": ckpt.load_tensors(folder / f"{g.name}.ema.safetensors"),
+                                       "num_updates": ckpt.read_json(folder / f"{g.name}.ema.json")["num_updates"]})
         if self.scaler is not None and (folder / "scaler.pt").is_file():
             self.scaler.load_state_dict(ckpt.load_object(folder / "scaler.pt"))
         rng_file = folder / f"rng_rank{self.rank}.pt"
@@ -299,7 +274,8 @@ class Loop:
         state = None
         if self.resume_dir is not None:
             state = self._read_state(self.resume_dir)
-            self._load_weights(self.resume_dir, specs)
+            for spec in specs:
+                spec.module.load_state_dict(ckpt.load_tensors(self.resume_dir / f"{spec.name}.safetensors"), strict=True)
         self.groups: dict[str, _Group] = {}
         for spec in specs:
             spec.module.to(self.device)
@@ -413,12 +389,7 @@ class Loop:
         nonfinite = ~torch.stack([finite[n] for n in names]) if names else torch.zeros(0, dtype=torch.bool)
         if not self._any(nonfinite.any()):
             return []
-        bad = {n for n, flag in zip(names, nonfinite.tolist()) if flag}
-        if self.world > 1:
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, sorted(bad))
-            bad = set().union(*map(set, gathered))
-        return sorted(bad)
+        return sorted(set(gather_object([n for n, flag in zip(names, nonfinite.tolist()) if flag])))
 
     def _clip(self, active: set) -> dict[str, float]:
         """Unscale (fp16) and clip each stepped group's gradients; returns their norms before clipping."""
@@ -427,8 +398,7 @@ class Loop:
             g = self.groups[name]
             if self.scaler is not None:
                 self.scaler.unscale_(g.optimizer)
-            clip = g.spec.optim.grad_clip
-            clip = clip if clip > 0 else float("inf")
+            clip = g.spec.optim.grad_clip or float("inf")  # 0 disables clipping
             if self.sharded:  # the norm of sharded gradients is itself sharded until gathered
                 norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(g.params, clip))
             else:
@@ -495,12 +465,9 @@ class Loop:
                 metrics = self.stage.evaluate(model, batch)
             for k, v in metrics.items():
                 sums[k] += float(v.float().sum())
-        names = [sorted(sums)]
-        if self.world > 1:
-            dist.broadcast_object_list(names, src=0)
-        totals = torch.tensor([sums.get(k, 0.0) for k in names[0]], dtype=torch.float64, device=self.device)
-        totals = self._reduce_sum(totals)
-        return {k: float(v) / n for k, v in zip(names[0], totals.tolist())}
+        names = broadcast_object_list([sorted(sums)])[0]
+        totals = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64, device=self.device)
+        return {k: float(v) / n for k, v in zip(names, self.acc.reduce(totals, "sum").tolist())}
 
     @torch.no_grad()
     def preview(self) -> None:
@@ -544,39 +511,29 @@ class Loop:
         batches = iter(self._loader(self.train_ds, self.step))
         last_saved = self.step if self.resume_dir is not None else -1
         summary: dict = {"run_dir": str(self.run_dir), "start_step": self.step}
-        window_start, window_steps = time.perf_counter(), 0
-        self.data_wait = 0.0  # seconds spent waiting for batches in this log window
+        # The log window: its start, its steps, and the seconds spent in it waiting for batches.
+        self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
         try:
             if self.main and self.step == 0:
                 self.log(f"training '{cfg.stage}' for {cfg.train.max_steps} steps, global batch "
                          f"{self.global_batch} ({self.world} process(es)) -> {self.run_dir} "
                          f"({ckpt.free_space(self.run_dir)} free)")
             while self.step < cfg.train.max_steps:
-                losses, logs, bad = self._train_step(batches)
+                losses, logs, _ = self._train_step(batches)
                 if cfg.train.compile and self.step == summary["start_step"] + 1:  # compiling happens in the first call
-                    self.log(f"torch.compile: the first step took {time.perf_counter() - window_start:.1f} s "
+                    self.log(f"torch.compile: the first step took {time.perf_counter() - self.window_start:.1f} s "
                              f"(compilation and data loader start-up included)")
-                window_steps += 1
+                self.window_steps += 1
                 step = self.step
                 if step % cfg.log.every == 0 or step == cfg.train.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    mean = {k: float(self.reduce_mean(v)) for k, v in losses.items()}
-                    logs = {k: float(v) for k, v in logs.items()}
-                    lr = self.main_group.scheduler.get_last_lr()[0]
-                    ips = window_steps * self.global_batch / max(elapsed, 1e-9)
-                    speed = {"images_per_s": ips, "data_wait_share": self.data_wait / max(elapsed, 1e-9)}
-                    memory = {"gpu_peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
-                    self.tracker.log("train", step, {**mean, **logs, "lr": lr, **speed, **memory, **self.counters})
-                    main_loss = sum(v for k, v in mean.items() if k.startswith(self.main_group.name + "/"))
-                    self.tracker.progress(step, {"loss": main_loss, "lr": lr, "img/s": ips})
-                    window_start, window_steps, self.data_wait = time.perf_counter(), 0, 0.0
+                    self._log_train(step, losses, logs)
                 if cfg.log.images_every and step % cfg.log.images_every == 0 and (self.main or self.sharded):
                     self.preview()
                 if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.max_steps:
                     self._log_validation(step)
                 stop = self._any(bool(flag.get("signal"))) if self.world > 1 else bool(flag.get("signal"))
                 if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop:
-                    self._save(step, self.counters)
+                    self._save(step)
                     last_saved = step
                 if stop:
                     signum = flag.get("signal") or signal.SIGTERM
@@ -585,7 +542,7 @@ class Loop:
                     summary.update(stopped=True, step=step, exit_code=128 + int(signum))
                     return summary
             if last_saved != self.step:
-                self._save(self.step, self.counters)
+                self._save(self.step)
             summary["validation"] = self._log_validation(self.step)
             summary["export"] = str(self.export() or "")
             summary.update(step=self.step, stopped=False, exit_code=0, **self.counters)
@@ -594,6 +551,20 @@ class Loop:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.tracker.close()
+
+    def _log_train(self, step: int, losses: dict, logs: dict) -> None:
+        """A metrics row (losses averaged over processes, speed of the window) and the bar; a new window."""
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        mean = {k: float(self.reduce_mean(v)) for k, v in losses.items()}
+        lr = self.main_group.scheduler.get_last_lr()[0]
+        ips = self.window_steps * self.global_batch / elapsed
+        speed = {"images_per_s": ips, "data_wait_share": self.data_wait / elapsed}
+        memory = {"gpu_peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+        logs = {k: float(v) for k, v in logs.items()}
+        self.tracker.log("train", step, {**mean, **logs, "lr": lr, **speed, **memory, **self.counters})
+        main_loss = sum(v for k, v in mean.items() if k.startswith(self.main_group.name + "/"))
+        self.tracker.progress(step, {"loss": main_loss, "lr": lr, "img/s": ips})
+        self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
 
     def _log_validation(self, step: int) -> dict:
         metrics = self.validate()
