@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -60,12 +60,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = _NAME.match(path.name)
-        if match and (path / MARKER).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / MARKER).is_file())
 
 
 def resolve_resume(resume: Optional[str], root: Path, log: Callable[[str], None] = print) -> Optional[Path]:
@@ -99,9 +94,16 @@ def resolve_resume(resume: Optional[str], root: Path, log: Callable[[str], None]
     return path
 
 
-def _damaged(file: Path, err: Exception) -> ResumeError:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return ResumeError(f"checkpoint {file.parent.name} is damaged: {file.name} cannot be read ({reason})")
+def _read(path: Path, reader: Callable[[Path], Any]):
+    """`reader(path)`; a missing or unreadable file is a ResumeError naming it (safetensors, zip and
+    JSON errors name no file)."""
+    if not path.is_file():
+        raise ResumeError(f"checkpoint {path.parent.name} is damaged: {path.name} is missing; pick another one")
+    try:
+        return reader(path)
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ResumeError(f"checkpoint {path.parent.name} is damaged: {path.name} cannot be read ({reason})") from None
 
 
 def verify(folder: Path) -> None:
@@ -112,17 +114,11 @@ def verify(folder: Path) -> None:
     if not isinstance(step, int) or state.get("step") != step:
         raise ResumeError(f"checkpoint {folder.name} is damaged: trainer_state.json says step {state.get('step')!r}, "
                           f"its {MARKER} marker step {step!r}")
+    readers = {".safetensors": lambda f: safe_open(str(f), "pt"), ".json": _json_object,
+               ".pt": lambda f: torch.load(f, map_location="cpu", weights_only=True, mmap=True)}
     for file in sorted(folder.iterdir()):
-        try:
-            if file.suffix == ".safetensors":
-                with safe_open(str(file), "pt"):
-                    pass
-            elif file.suffix == ".pt":
-                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            elif file.suffix == ".json":
-                json.loads(file.read_text())
-        except Exception as err:  # safetensors, zip and JSON errors: each names no file
-            raise _damaged(file, err) from None
+        if file.suffix in readers:
+            _read(file, readers[file.suffix])
 
 
 def tmp_dir(root: Path, step: int) -> Path:
@@ -132,8 +128,7 @@ def tmp_dir(root: Path, step: int) -> Path:
 def begin(root: Path, step: int) -> Path:
     """Rank 0: a fresh temporary folder for step `step`."""
     tmp = tmp_dir(root, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 
@@ -163,17 +158,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path))
 
 
-def _missing(path: Path) -> ResumeError:
-    return ResumeError(f"checkpoint {path.parent.name} is damaged: {path.name} is missing; pick another one")
-
-
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise _missing(path)
-    try:
-        return load_file(str(path))
-    except Exception as err:
-        raise _damaged(path, err) from None
+    return _read(path, lambda p: load_file(str(p)))
 
 
 def save_object(path: Path, obj) -> None:
@@ -182,25 +168,19 @@ def save_object(path: Path, obj) -> None:
 
 
 def load_object(path: Path):
-    if not path.is_file():
-        raise _missing(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise _damaged(path, err) from None
+    return _read(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise _missing(path)
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise _damaged(path, err) from None
+def _json_object(path: Path) -> dict:
+    data = json.loads(path.read_text())
     if not isinstance(data, dict):
-        raise _damaged(path, ValueError("not a JSON object"))
+        raise ValueError("not a JSON object")
     return data
+
+
+def read_json(path: Path) -> dict:
+    return _read(path, _json_object)
