@@ -33,9 +33,6 @@ class EMA:
         torch._foreach_lerp_(shadows, weights, 1.0 - d)
         self.num_updates += 1
 
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "num_updates": self.num_updates}
-
     def full_shadow(self) -> dict[str, torch.Tensor]:
         """The whole averaged tensors; under FSDP the shadows are shards and every process must call this."""
         return {name: full_tensor(v) for name, v in self.shadow.items()}

@@ -31,13 +31,8 @@ def micro_rows(batch_size: int, rank: int, world_size: int, micro: int) -> slice
 
 def step_noise(local_shape, rank: int, world_size: int, micro: int, accum: int, device, *seed_parts,
                uniform: bool = False) -> torch.Tensor:
-    """This process's rows of one noise tensor covering a whole optimiser step.
-
-    The step's global batch has `local_shape[0] * world_size * accum` rows, ordered micro-batch by
-    micro-batch and, inside one, process by process (the sampler's order). Drawn from a generator
-    seeded by `seed_parts`, so it is the same whatever the process layout or accumulation split.
-    Standard normal, or uniform on [0, 1) with `uniform=True`.
-    """
+    """This process's rows (`micro_rows`) of one noise tensor covering a whole optimiser step's global
+    batch, drawn from a generator seeded by `seed_parts`: standard normal, or uniform on [0, 1)."""
     b = local_shape[0]
     g = torch.Generator(device=device).manual_seed(derive_seed(*seed_parts))
     draw = torch.rand if uniform else torch.randn

@@ -94,11 +94,6 @@ def materialize(template: nn.Module, sharded: nn.Module, overrides: dict[str, to
     for name, value in overrides.items():
         state[name] = value.to(state[name].dtype)
     plain = copy.deepcopy(template)
-    device = _device_of(sharded)
+    device = local(next(sharded.parameters())).device
     plain.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
     return plain.to(device)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters())
-    return p.to_local().device if isinstance(p, DTensor) else p.device

@@ -1,23 +1,6 @@
-"""The contract between the generic training loop (`loop.py`) and a stage, and the stage registry.
-
-A stage says WHAT is trained (datasets, modules, losses, validation, export); the loop says HOW
-(processes, precision, accumulation, clipping, EMA, checkpoints, logging, NaN guard, signals).
-
-    @register
-    class MyStage(Stage):
-        name = "mystage"
-        config_class = MyConfig            # a subclass of config.BaseConfig
-
-        def datasets(self): ...            # (train, held_out or None): map-style datasets
-        def build(self): ...               # [Trainable("model", module, ...), Trainable("disc", ...)]
-        def training_step(self, models, batch, step, micro): ...   # -> StepResult
-        def evaluate(self, model, batch): ...                      # -> {metric: per-sample [B] tensor}
-        def preview(self, model, batch): ...                       # -> images [N,3,H,W] for a grid
-        def export(self, model, folder, provenance): ...           # -> exported file
-
-`models[name]` is the wrapped (DDP/FSDP) module to call in training; `models.raw(name)` the
-plain one. Loss terms are returned already weighted; the loop sums each group's terms, so the
-log shows every term and the NaN guard can name the one that broke.
+"""The contract between the generic training loop (`loop.py`) and a stage, and the stage registry
+(docs/TRAINER.md "Stages and the loop"). A stage says WHAT is trained (datasets, modules, losses,
+validation, export); the loop says HOW (processes, precision, accumulation, checkpoints, ...).
 """
 from __future__ import annotations
 
@@ -34,33 +17,29 @@ from psvae_core.dtypes import DTYPES
 
 @dataclass
 class Trainable:
-    """One optimiser's worth of parameters.
-
-    optim: an `OptimSection`-shaped config (lr, betas, weight_decay, eps, grad_clip, schedule,
-        warmup_steps, min_lr_ratio).
-    lr_scales: parameter-name prefix -> LR multiplier (e.g. {"vae.encoder.": 0.1}); names are
-        those of `module.named_parameters()`.
-    ema: keep an EMA of this module (used for validation and export).
-    """
+    """One optimiser's worth of parameters."""
 
     name: str
     module: nn.Module
-    optim: Any
+    optim: Any  # an `OptimSection`-shaped config
+    # parameter-name prefix (of `module.named_parameters()`) -> LR multiplier, e.g. {"vae.encoder.": 0.1}
     lr_scales: dict = field(default_factory=dict)
-    ema: bool = False
+    ema: bool = False  # keep an EMA of this module (used for validation and export)
 
 
 @dataclass
 class StepResult:
-    """losses: group name -> {term: weighted scalar loss}; a group absent this step is not stepped.
-    logs: extra scalars to log (detached), e.g. the adaptive GAN weight."""
+    """losses: group name -> {term: weighted scalar loss} (the loop sums each group's terms, so the log
+    shows every term and the NaN guard names the one that broke); a group absent this step is not
+    stepped. logs: extra scalars to log (detached), e.g. the adaptive GAN weight."""
 
     losses: dict[str, dict[str, torch.Tensor]]
     logs: dict[str, Any] = field(default_factory=dict)
 
 
 class Models:
-    """Name -> trained module as the loop wrapped it, plus access to the plain module."""
+    """`models[name]`: the module as the loop wrapped it (DDP/FSDP), to call in training;
+    `models.raw(name)`: the plain one."""
 
     def __init__(self, wrapped: dict[str, nn.Module], unwrap):
         self._wrapped, self._unwrap = wrapped, unwrap

@@ -43,8 +43,7 @@ class Tracker:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: bool,
                  total_steps: int, start_step: int):
         self.enabled = enabled
-        self.writer = self.bar = None
-        self.jsonl = None
+        self.writer = self.bar = self.jsonl = None
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
