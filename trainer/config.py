@@ -133,12 +133,8 @@ class BaseConfig:
 # --------------------------------------------------------------------------- loading
 
 def _valid_keys(schema: DictConfig, full_key: str) -> list[str]:
-    node = schema
-    for part in full_key.split(".")[:-1]:
-        try:
-            node = node[part]
-        except Exception:
-            return []
+    parent = full_key.rpartition(".")[0]
+    node = OmegaConf.select(schema, parent) if parent else schema
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
 
 

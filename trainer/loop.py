@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (DistributedDataParallelKwargs, broadcast_object_list, gather_object,
                               send_to_device)
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.utils.data import DataLoader
 
 from psvae_core.compile import compile_blocks
@@ -266,16 +267,16 @@ class Loop:
     # ------------------------------------------------------------------ setup
     def _setup(self):
         cfg = self.cfg
-        train_ds, self.val_ds = self.stage.datasets()
-        self.train_ds = train_ds
-        GlobalBatchSampler(len(train_ds), cfg.train.batch_size, self.world, self.rank, cfg.run.seed,
+        self.train_ds, self.val_ds = self.stage.datasets()
+        GlobalBatchSampler(len(self.train_ds), cfg.train.batch_size, self.world, self.rank, cfg.run.seed,
                            cfg.train.grad_accum)  # size check
         specs = self.stage.build()
         state = None
         if self.resume_dir is not None:
             state = self._read_state(self.resume_dir)
             for spec in specs:
-                spec.module.load_state_dict(ckpt.load_tensors(self.resume_dir / f"{spec.name}.safetensors"), strict=True)
+                weights = ckpt.load_tensors(self.resume_dir / f"{spec.name}.safetensors")
+                spec.module.load_state_dict(weights, strict=True)
         self.groups: dict[str, _Group] = {}
         for spec in specs:
             spec.module.to(self.device)
@@ -307,11 +308,7 @@ class Loop:
         self.main_group = self.groups[specs[0].name]
         self.scaler = None
         if cfg.precision.mixed == "fp16":
-            if self.sharded:
-                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-                self.scaler = ShardedGradScaler()
-            else:
-                self.scaler = torch.amp.GradScaler(self.device.type)
+            self.scaler = ShardedGradScaler() if self.sharded else torch.amp.GradScaler(self.device.type)
         self.step = 0
         self.counters = {"nan_steps": 0, "nan_consecutive": 0, "scaler_skips": 0}
         if state is not None:
