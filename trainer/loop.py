@@ -218,7 +218,7 @@ class Loop:
                 ckpt.save_object(tmp / f"{g.name}.optim.pt", {"optimizer": optimizer,
                                                               "scheduler": g.scheduler.state_dict()})
         if self.main:
-            if self.scaler is not None:
+            if self.scaler.is_enabled():
                 ckpt.save_object(tmp / "scaler.pt", self.scaler.state_dict())
             ckpt.write_json(tmp / "trainer_state.json", {
                 "step": step, **self.counters, "stage": self.cfg.stage,
@@ -258,7 +258,7 @@ class Loop:
             if g.ema is not None:
                 g.ema.load_state_dict({"shadow": ckpt.load_tensors(folder / f"{g.name}.ema.safetensors"),
                                        "num_updates": ckpt.read_json(folder / f"{g.name}.ema.json")["num_updates"]})
-        if self.scaler is not None and (folder / "scaler.pt").is_file():
+        if self.scaler.is_enabled() and (folder / "scaler.pt").is_file():
             self.scaler.load_state_dict(ckpt.load_object(folder / "scaler.pt"))
         rng_file = folder / f"rng_rank{self.rank}.pt"
         if state["world_size"] == self.world and rng_file.is_file():
@@ -306,9 +306,10 @@ class Loop:
         unwrap = (lambda m: m) if self.sharded else self.acc.unwrap_model
         self.models = Models({n: g.wrapped for n, g in self.groups.items()}, unwrap)
         self.main_group = self.groups[specs[0].name]
-        self.scaler = None
-        if cfg.precision.mixed == "fp16":
-            self.scaler = ShardedGradScaler() if self.sharded else torch.amp.GradScaler(self.device.type)
+        # Without fp16 a disabled scaler: scale, unscale_ and update do nothing, step only steps.
+        fp16 = cfg.precision.mixed == "fp16"
+        self.scaler = (ShardedGradScaler(enabled=fp16) if self.sharded
+                       else torch.amp.GradScaler(self.device.type, enabled=fp16))
         self.step = 0
         self.counters = {"nan_steps": 0, "nan_consecutive": 0, "scaler_skips": 0}
         if state is not None:
@@ -364,8 +365,7 @@ class Loop:
                         sums[name] = sums.get(name, 0.0) + value.detach() / accum
                         total = value if total is None else total + value
                 if total is not None:
-                    loss = total / accum
-                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                    self.scaler.scale(total / accum).backward()
             for k, v in result.logs.items():
                 logs[k] = v.detach() if isinstance(v, torch.Tensor) else v
         return sums, logs, active, finite
@@ -393,8 +393,7 @@ class Loop:
         grad_norms = {}
         for name in sorted(active):
             g = self.groups[name]
-            if self.scaler is not None:
-                self.scaler.unscale_(g.optimizer)
+            self.scaler.unscale_(g.optimizer)
             clip = g.spec.optim.grad_clip or float("inf")  # 0 disables clipping
             if self.sharded:  # the norm of sharded gradients is itself sharded until gathered
                 norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(g.params, clip))
@@ -409,15 +408,13 @@ class Loop:
         names = sorted(grad_norms)
         finite = torch.stack([grad_norms[k].float() for k in names]).isfinite().tolist() if names else []
         nonfinite = [k for k, ok in zip(names, finite) if not ok]
-        if nonfinite and self.scaler is None:
+        if nonfinite and not self.scaler.is_enabled():
             return nonfinite
         if nonfinite:
             self.counters["scaler_skips"] += 1
         for name in sorted(active):
-            g = self.groups[name]
-            (self.scaler.step(g.optimizer) if self.scaler is not None else g.optimizer.step())
-        if self.scaler is not None:
-            self.scaler.update()
+            self.scaler.step(self.groups[name].optimizer)
+        self.scaler.update()
         return []
 
     def _advance_schedules(self) -> None:
