@@ -49,11 +49,9 @@ def main(argv=None) -> int:
 
 
 def _leave_process_group() -> None:
-    # Gloo's worker threads free a collective's tensors after it completes and need the GIL for it;
-    # if they are still alive when the interpreter shuts down, they abort the process ("terminate
-    # called without an active exception") after a run that finished cleanly. Leave the group and
-    # collect the training loop's reference cycles (DDP holds the group) while Python still runs:
-    # the group's destructor joins its threads with the GIL released.
+    # Gloo threads alive at interpreter exit abort the process (docs/TRAINER.md "Several processes"):
+    # leave the group and collect the loop's reference cycles (DDP holds the group) while Python
+    # still runs, so the group's destructor joins its threads with the GIL released.
     import gc
 
     import torch.distributed as dist

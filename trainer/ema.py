@@ -10,11 +10,8 @@ from .sharding import full_tensor, like, local
 
 
 class EMA:
-    """Shadow copies of the trainable float parameters; buffers are copied as they are.
-
-    decay_at(n) = min(decay, (1 + n) / (10 + n)) with warm-up, so the average is not dominated by
-    the initial weights in short runs. `num_updates` is part of the saved state.
-    """
+    """Shadow copies of the trainable float parameters; buffers are copied as they are. With warm-up
+    the decay is min(decay, (1 + n) / (10 + n)), so short runs are not dominated by the initial weights."""
 
     def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
         self.decay, self.warmup, self.num_updates = decay, warmup, 0

@@ -1,13 +1,7 @@
 """The one training loop. It knows nothing about autoencoders: a `Stage` supplies datasets,
 modules and losses (stage.py); this file supplies processes, precision, accumulation, clipping,
 EMA, checkpoints, logging, the NaN guard, validation, previews, signals and the final export.
-
-Invariants that make resume exact and N processes equal one:
-- the data position is the optimiser step; the sampler derives every micro-batch of every process
-  from it and the global batch (any split into processes x batch x accumulation sees the same data);
-- training noise is drawn per optimiser step (all its micro-batches) from counter-derived seeds (rng.py);
-- everything else (weights, EMA, both optimisers, LR schedules, grad scaler, RNGs of every
-  process, counters) is saved in the checkpoint and restored before the first step.
+What makes a resume exact and N processes equal one: docs/TRAINER.md "Exact resume and checkpoints".
 """
 from __future__ import annotations
 
@@ -183,12 +177,10 @@ class Loop:
     def eval_model(self, group: _Group, use_ema: bool):
         """The module used for validation/preview/export: an EMA copy, or the plain module. Sharded,
         a whole copy rebuilt on every process (all processes must call this)."""
+        ema = group.ema if use_ema else None
         if self.sharded:
-            overrides = group.ema.full_shadow() if use_ema and group.ema is not None else {}
-            return sharding.materialize(group.template, group.raw, overrides).eval()
-        if use_ema and group.ema is not None:
-            return group.ema.copy_of(group.raw).eval()
-        return group.raw
+            return sharding.materialize(group.template, group.raw, ema.full_shadow() if ema else {}).eval()
+        return ema.copy_of(group.raw).eval() if ema else group.raw
 
     # ------------------------------------------------------------------ checkpoint I/O
     def _save(self, step: int) -> None:
@@ -284,10 +276,8 @@ class Loop:
                 count = compile_blocks(spec.module, cfg.train.compile_mode)
                 self.log(f"torch.compile ({cfg.train.compile_mode}) of {count} blocks of '{spec.name}'")
             template = None
-            # One fused AdamW kernel for all parameters: on CUDA, and for FSDP's DTensor shards on any
-            # device (DTensor runs the fused op on each shard). Not sharded with fp16: torch 2.14's
-            # ShardedGradScaler hands the fused step a found_inf of shape [1], which it refuses
-            # (docs/TRAINER.md, FSDP); torch then picks foreach (CUDA) or the for-loop (CPU).
+            # One fused AdamW kernel: on CUDA, and on FSDP's shards on any device; not sharded with fp16
+            # (torch 2.14's ShardedGradScaler breaks it: docs/TRAINER.md "Several processes").
             fused = self.device.type == "cuda" or (self.sharded and cfg.precision.mixed != "fp16")
             if self.sharded:
                 template = sharding.meta_template(spec.module)
@@ -320,12 +310,9 @@ class Loop:
 
     # ------------------------------------------------------------------ one optimiser step
     def _train_step(self, batches) -> tuple[dict, dict, list[str]]:
-        """Accumulate the micro-batches, agree on non-finite losses over processes, clip, step, advance
-        the schedules, update the EMA. Returns the mean losses, the logs (tensors stay on the device
-        until a log step reads them) and the non-finite terms.
-
-        Two host syncs a step, both because the host decides whether to step: whether any process
-        saw a non-finite loss, and whether a gradient norm is non-finite."""
+        """Accumulate, agree on non-finite losses, clip, step, advance the schedules, update the EMA.
+        Returns the mean losses, the logs (on the device until a log step reads them) and the
+        non-finite terms. Two host syncs, both to decide whether to step: any non-finite loss, grad norm."""
         sums, logs, active, finite = self._accumulate(batches)
         bad = self._agree_on_nonfinite(finite)
         grad_norms = {}

@@ -1,11 +1,6 @@
-"""Randomness: seeds derived from counters, and the per-process RNG states saved in checkpoints.
-
-Training noise (posterior samples, decoder-input noise, flow times and noise, CFG dropout) is drawn
-from generators seeded by (seed, purpose, step) for the whole global batch of an optimiser step and
-then sliced to this process's rows of this micro-batch (`micro_rows`, the sampler's order). So it
-depends only on counters, never on how many processes share the batch, how it is split for
-accumulation, or whether the run was resumed. The global RNGs (python, numpy, torch, CUDA) are still
-saved per process for anything outside that scheme (e.g. dropout in a user's model).
+"""Randomness: seeds derived from counters, so training noise depends on neither the process layout,
+the accumulation split nor a resume (docs/TRAINER.md "Exact resume and checkpoints"), and the global
+RNG states saved per process for anything outside that scheme (e.g. dropout in a user's model).
 """
 from __future__ import annotations
 

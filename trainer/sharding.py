@@ -1,16 +1,7 @@
-"""How the loop spreads a trained module over processes, and how its state comes back whole.
-
-Two layouts:
-- replicated (one process, or DDP through accelerate): every process holds the whole module;
-- sharded (FSDP2, `torch.distributed.fsdp.fully_shard`): parameters, gradients, optimiser and EMA
-  state are split over the processes; a stage's blocks (`Stage.shard_units`: the generator's LM
-  decoder layers and DDT head blocks) are their own units, so their weights are gathered one block
-  at a time, each block's all-gather started while the block before it computes; the rest is
-  gathered with the root.
-
-Checkpoints hold full tensors in both layouts (optimiser state keyed by parameter name through
-`torch.distributed.checkpoint.state_dict`), so a run saved sharded on two GPUs resumes replicated on
-one and the other way round. Every function here that takes a module is called by every process.
+"""How the loop spreads a trained module over processes (replicated: one process or DDP; sharded:
+FSDP2 over `Stage.shard_units`), and how its state comes back whole for checkpoints, which hold full
+tensors in both layouts (docs/TRAINER.md "Several processes"). Every function here that takes a
+module is called by every process.
 """
 from __future__ import annotations
 
