@@ -69,9 +69,8 @@ def resolve_resume(resume: Optional[str], root: Path, log: Callable[[str], None]
     if resume is None:
         return None
     if resume == "latest":
-        found = complete_checkpoints(root)
         damaged = []
-        for _, folder in reversed(found):
+        for _, folder in reversed(complete_checkpoints(root)):
             try:
                 verify(folder)
             except ResumeError as err:

@@ -1,6 +1,7 @@
 """Run logging on rank 0: metrics.jsonl (always), TensorBoard (optional), a tqdm bar (optional)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,19 +45,21 @@ class Tracker:
                  total_steps: int, start_step: int):
         self.enabled = enabled
         self.writer = self.bar = self.jsonl = None
+        self._open = contextlib.ExitStack()  # closes what was opened, the last first
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
         _drop_rows_after(path, start_step)
-        self.jsonl = open(path, "a", encoding="utf-8")
+        self.jsonl = self._open.enter_context(open(path, "a", encoding="utf-8"))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = self._open.enter_context(SummaryWriter(str(run_dir / "tensorboard")))
         if progress:
             from tqdm.auto import tqdm
             # A bar redraws in place on a terminal; in a log file it prints a line per update.
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+            self.bar = self._open.enter_context(tqdm(total=total_steps, initial=start_step, desc="train",
+                                                     dynamic_ncols=True, file=sys.stderr,
+                                                     mininterval=1.0 if sys.stderr.isatty() else 30.0))
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -90,12 +93,6 @@ class Tracker:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        self.jsonl.close()
+        self._open.close()
         self.enabled = False
 
