@@ -7,8 +7,11 @@ signal N after a clean checkpoint.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
+
+import torch.distributed as dist
 
 from . import vae_stages  # noqa: F401  (registers svae, psvae, rae)
 from . import generator_stages  # noqa: F401  (registers t2i, edit)
@@ -37,12 +40,10 @@ def main(argv=None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         summary = train(stage, cfg)
-    except (ConfigError, DataError, ResumeError, OutputError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ResumeError, OutputError, CheckpointError, FileNotFoundError,
+            TrainingHalted) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingHalted as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(err, TrainingHalted) else 2
     finally:
         _leave_process_group()
     return int(summary.get("exit_code", 0))
@@ -52,10 +53,6 @@ def _leave_process_group() -> None:
     # Gloo threads alive at interpreter exit abort the process (docs/TRAINER.md "Several processes"):
     # leave the group and collect the loop's reference cycles (DDP holds the group) while Python
     # still runs, so the group's destructor joins its threads with the GIL released.
-    import gc
-
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         gc.collect()

@@ -13,6 +13,7 @@ import signal
 import time
 import warnings
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -46,8 +47,7 @@ def lr_factor(step: int, optim, max_steps: int) -> float:
         return (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
         return 1.0
-    span = max(1, max_steps - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -131,8 +131,8 @@ class Loop:
         self.acc.wait_for_everyone()
         seed_everything(cfg.run.seed)
         self.ctx = Context(run_dir=self.run_dir, device=self.device, rank=self.rank, world_size=self.world,
-                           seed=cfg.run.seed, autocast_dtype=self.amp_dtype, reduce_mean=self.reduce_mean,
-                           log=self.log)
+                           seed=cfg.run.seed, autocast_dtype=self.amp_dtype,
+                           reduce_mean=partial(self.acc.reduce, reduction="mean"), log=self.log)
         self.stage = stage_cls(cfg, self.ctx)
         if launcher_mp and launcher_mp != cfg.precision.mixed:
             self.log(f"note: the launcher asked for mixed precision {launcher_mp!r}; the config's "
@@ -151,9 +151,6 @@ class Loop:
                 tracker.message(text)
             else:
                 print(text, flush=True)
-
-    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(t, "mean")
 
     def _any(self, flag) -> bool:
         """Whether `flag` (a bool, or a bool tensor on the device) is true on any process."""
@@ -315,9 +312,8 @@ class Loop:
         non-finite terms. Two host syncs, both to decide whether to step: any non-finite loss, grad norm."""
         sums, logs, active, finite = self._accumulate(batches)
         bad = self._agree_on_nonfinite(finite)
-        grad_norms = {}
+        grad_norms = {} if bad else self._clip(active)
         if not bad:
-            grad_norms = self._clip(active)
             bad = self._optimizer_step(active, grad_norms)
         self._advance_schedules()
         if bad:
@@ -353,8 +349,7 @@ class Loop:
                         total = value if total is None else total + value
                 if total is not None:
                     self.scaler.scale(total / accum).backward()
-            for k, v in result.logs.items():
-                logs[k] = v.detach() if isinstance(v, torch.Tensor) else v
+            logs.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in result.logs.items()})
         return sums, logs, active, finite
 
     def _gradient_sync(self, sync: bool):
@@ -440,8 +435,7 @@ class Loop:
         sums: dict[str, float] = defaultdict(float)
         bs = cfg.train.batch_size
         for i in range(0, len(mine), bs):
-            items = [self.val_ds[j] for j in mine[i:i + bs]]
-            batch = self._to_device(self.stage.collate(items))
+            batch = self._to_device(self.stage.collate([self.val_ds[j] for j in mine[i:i + bs]]))
             with self.autocast():
                 metrics = self.stage.evaluate(model, batch)
             for k, v in metrics.items():
@@ -536,7 +530,7 @@ class Loop:
     def _log_train(self, step: int, losses: dict, logs: dict) -> None:
         """A metrics row (losses averaged over processes, speed of the window) and the bar; a new window."""
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        mean = {k: float(self.reduce_mean(v)) for k, v in losses.items()}
+        mean = {k: float(self.acc.reduce(v, "mean")) for k, v in losses.items()}
         lr = self.main_group.scheduler.get_last_lr()[0]
         ips = self.window_steps * self.global_batch / elapsed
         speed = {"images_per_s": ips, "data_wait_share": self.data_wait / elapsed}
