@@ -107,8 +107,7 @@ class Loop:
         if self.sharded and not stage_cls.shard_units:
             raise ConfigError(f"the '{cfg.stage}' stage does not support FSDP (train.fsdp / accelerate launch "
                               f"--use_fsdp); it trains with DDP: set train.fsdp=false and launch with --multi_gpu")
-        self.device = self.acc.device
-        self.main = self.rank == 0
+        self.device, self.main = self.acc.device, self.rank == 0
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.ckpt_root = self.run_dir / "checkpoints"
         if cuda and cfg.precision.tf32:
@@ -181,45 +180,42 @@ class Loop:
 
     # ------------------------------------------------------------------ checkpoint I/O
     def _save(self, step: int) -> None:
-        try:
-            self._write_checkpoint(step)
-        except OSError as err:  # the previous complete checkpoint stays as it is
-            shutil.rmtree(ckpt.tmp_dir(self.ckpt_root, step), ignore_errors=True)
-            raise ckpt.output_error(self.ckpt_root, err, f"writing checkpoint {ckpt.step_dir_name(step)}") from None
-
-    def _write_checkpoint(self, step: int) -> None:
         root = self.ckpt_root
-        if self.main:
-            ckpt.begin(root, step)
-        self.acc.wait_for_everyone()
         tmp = ckpt.tmp_dir(root, step)
-        ckpt.save_object(tmp / f"rng_rank{self.rank}.pt", capture_rng_state())
-        # Every process takes part in gathering full tensors (copies when replicated, gathers when sharded).
-        for g in self.groups.values():
-            weights = sharding.model_state(g.raw)
-            shadow = g.ema.full_shadow() if g.ema is not None else None
-            optimizer = sharding.optimizer_state(g.raw, g.optimizer)
+        try:
             if self.main:
-                ckpt.save_tensors(tmp / f"{g.name}.safetensors", weights)
-                if shadow is not None:
-                    ckpt.save_tensors(tmp / f"{g.name}.ema.safetensors", shadow)
-                    ckpt.write_json(tmp / f"{g.name}.ema.json", {"num_updates": g.ema.num_updates})
-                ckpt.save_object(tmp / f"{g.name}.optim.pt", {"optimizer": optimizer,
-                                                              "scheduler": g.scheduler.state_dict()})
-        if self.main:
-            if self.scaler.is_enabled():
-                ckpt.save_object(tmp / "scaler.pt", self.scaler.state_dict())
-            ckpt.write_json(tmp / "trainer_state.json", {
-                "step": step, **self.counters, "stage": self.cfg.stage,
-                "world_size": self.world, "batch_size": self.cfg.train.batch_size,
-                "grad_accum": self.cfg.train.grad_accum, "global_batch": self.global_batch,
-                "config_hash": self.hash, "trainer_version": __version__})
-            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-        self.acc.wait_for_everyone()
-        if self.main:
-            final = ckpt.commit(root, step, self.cfg.checkpoint.keep_last)
-            self.log(f"saved checkpoint {final}")
-        self.acc.wait_for_everyone()
+                ckpt.begin(root, step)
+            self.acc.wait_for_everyone()
+            ckpt.save_object(tmp / f"rng_rank{self.rank}.pt", capture_rng_state())
+            # Every process takes part in gathering full tensors (copies when replicated, gathers when sharded).
+            for g in self.groups.values():
+                weights = sharding.model_state(g.raw)
+                shadow = g.ema.full_shadow() if g.ema is not None else None
+                optimizer = sharding.optimizer_state(g.raw, g.optimizer)
+                if self.main:
+                    ckpt.save_tensors(tmp / f"{g.name}.safetensors", weights)
+                    if shadow is not None:
+                        ckpt.save_tensors(tmp / f"{g.name}.ema.safetensors", shadow)
+                        ckpt.write_json(tmp / f"{g.name}.ema.json", {"num_updates": g.ema.num_updates})
+                    ckpt.save_object(tmp / f"{g.name}.optim.pt", {"optimizer": optimizer,
+                                                                  "scheduler": g.scheduler.state_dict()})
+            if self.main:
+                if self.scaler.is_enabled():
+                    ckpt.save_object(tmp / "scaler.pt", self.scaler.state_dict())
+                ckpt.write_json(tmp / "trainer_state.json", {
+                    "step": step, **self.counters, "stage": self.cfg.stage,
+                    "world_size": self.world, "batch_size": self.cfg.train.batch_size,
+                    "grad_accum": self.cfg.train.grad_accum, "global_batch": self.global_batch,
+                    "config_hash": self.hash, "trainer_version": __version__})
+                (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            self.acc.wait_for_everyone()
+            if self.main:
+                final = ckpt.commit(root, step, self.cfg.checkpoint.keep_last)
+                self.log(f"saved checkpoint {final}")
+            self.acc.wait_for_everyone()
+        except OSError as err:  # the previous complete checkpoint stays as it is
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.output_error(root, err, f"writing checkpoint {ckpt.step_dir_name(step)}") from None
 
     def _read_state(self, folder: Path) -> dict:
         state = ckpt.read_json(folder / "trainer_state.json")
@@ -260,9 +256,8 @@ class Loop:
         GlobalBatchSampler(len(self.train_ds), cfg.train.batch_size, self.world, self.rank, cfg.run.seed,
                            cfg.train.grad_accum)  # size check
         specs = self.stage.build()
-        state = None
-        if self.resume_dir is not None:
-            state = self._read_state(self.resume_dir)
+        state = self._read_state(self.resume_dir) if self.resume_dir is not None else None
+        if state is not None:
             for spec in specs:
                 weights = ckpt.load_tensors(self.resume_dir / f"{spec.name}.safetensors")
                 spec.module.load_state_dict(weights, strict=True)
@@ -377,11 +372,8 @@ class Loop:
             g = self.groups[name]
             self.scaler.unscale_(g.optimizer)
             clip = g.spec.optim.grad_clip or float("inf")  # 0 disables clipping
-            if self.sharded:  # the norm of sharded gradients is itself sharded until gathered
-                norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(g.params, clip))
-            else:
-                norm = self.acc.clip_grad_norm_(g.params, clip)
-            grad_norms[f"grad_norm/{name}"] = norm.detach()
+            norm = torch.nn.utils.clip_grad_norm_(g.params, clip)  # sharded: itself a shard until gathered
+            grad_norms[f"grad_norm/{name}"] = sharding.full_tensor(norm).detach()
         return grad_norms
 
     def _optimizer_step(self, active: set, grad_norms: dict) -> list[str]:
