@@ -174,9 +174,8 @@ def load_config(schema_cls, stage: str, path: Optional[str], overrides: list[str
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        file_stage = loaded.get("stage")
-        if file_stage is not None and file_stage != stage:
-            raise ConfigError(f"{path} is a config for stage '{file_stage}' but you ran stage '{stage}'")
+        if loaded.get("stage") not in (None, stage):
+            raise ConfigError(f"{path} is a config for stage '{loaded.stage}' but you ran stage '{stage}'")
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as err:

@@ -76,9 +76,8 @@ class Context:
 class Stage:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
-    # Module classes that are their own FSDP unit (their forward must be what runs them, best once a
-    # step and in module order: each unit prefetches the next); empty: the stage trains with DDP only
-    # and FSDP is refused.
+    # Module classes that are their own FSDP unit (run by their forward, best once a step in module
+    # order: each prefetches the next); empty: DDP only, FSDP is refused.
     shard_units: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, cfg, ctx: Context):

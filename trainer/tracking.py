@@ -64,8 +64,7 @@ class Tracker:
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        row = {"kind": kind, "step": step, "time": round(time.time(), 3)}
-        row.update({k: _plain(v) for k, v in values.items()})
+        row = {"kind": kind, "step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in values.items()}}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
