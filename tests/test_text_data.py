@@ -438,5 +438,3 @@ def test_dropout_masks_rates_and_independence():
     b = td.dropout_masks(64, 0.5, 0.5, torch.Generator().manual_seed(7))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert td.dropout_masks(8, 0.0, 1.0)[0].all() and not td.dropout_masks(8, 0.0, 1.0)[1].any()
-    with pytest.raises(ValueError, match="p_text"):
-        td.dropout_masks(4, 1.5, 0.0)

@@ -45,10 +45,6 @@ class EvaluationError(Exception):
     """A user error (missing folder, no images, bad weights file): the message says what to fix."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Folder reader
-# ---------------------------------------------------------------------------------------------
-
 def _layout(paths: list[Path]) -> tuple[str, int]:
     depths = {len(p.parts) for p in paths}
     if depths == {2}:
@@ -57,11 +53,8 @@ def _layout(paths: list[Path]) -> tuple[str, int]:
 
 
 def _round_robin_by_class(paths: list[Path]) -> list[Path]:
-    groups: dict[str, list[Path]] = {}
-    for p in paths:
-        groups.setdefault(p.parts[0], []).append(p)
-    rows = itertools.zip_longest(*(groups[k] for k in sorted(groups)))
-    return [p for row in rows for p in row if p is not None]
+    classes = sorted((list(g) for _, g in itertools.groupby(paths, lambda p: p.parts[0])), key=lambda g: g[0].parts[0])
+    return [p for row in itertools.zip_longest(*classes) for p in row if p is not None]
 
 
 class _Files(torch.utils.data.Dataset):
@@ -133,10 +126,6 @@ class ImageFolderReader:
         if pending:
             yield torch.stack(pending)
 
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
 
 def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "psvae_core": psvae_core.__version__,
@@ -270,10 +259,8 @@ def _callback(args, reader: ImageFolderReader):
 
 @contextlib.contextmanager
 def _tf32(device: torch.device, allow: bool, notes: list[str]):
-    """Sets cuDNN-convolution and matmul TF32 on CUDA for the run; yields whether it is in use.
-
-    Uses the legacy flags, which every supported torch has; torch >= 2.9 refuses to read them once
-    a program has set the new `fp32_precision` API, and then the settings are left as they are (None)."""
+    """cuDNN and matmul TF32 set on CUDA for the run; yields whether it is in use (None: left as the program
+    set them through torch's newer `fp32_precision` API, after which the legacy flags cannot be read)."""
     if device.type != "cuda":
         yield False
         return

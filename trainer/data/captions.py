@@ -65,8 +65,6 @@ def _first(row: dict, keys: Sequence[str]):
     return None
 
 
-# ================================================================================== map-style sets
-
 @dataclass
 class Entry:
     """One sample before loading: key, text, and image references by field ("image", "source")."""
@@ -296,8 +294,6 @@ class EditManifest(_MapDataset):
         self._finish(entries, f'Each line of {manifest} needs {{"source", "target", "instruction"}}.')
 
 
-# ================================================================================== tar shards
-
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -365,15 +361,12 @@ class TarShardStream(IterableDataset):
     def report(self) -> dict:
         return self._report.to_dict()
 
-    def _reader(self) -> tuple[int, int]:
+    def __iter__(self) -> Iterator[dict]:
         rank, world = launcher_rank()
         rank, world = rank if self.rank is None else self.rank, world if self.world_size is None else self.world_size
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * workers + worker, world * workers
-
-    def __iter__(self) -> Iterator[dict]:
-        return self.iter_partition(*self._reader())
+        return self.iter_partition(rank * workers + worker, world * workers)
 
     def iter_partition(self, reader: int, readers: int) -> Iterator[dict]:
         """The samples of reader `reader` of `readers` (= rank * num_workers + worker) in one pass."""
@@ -443,8 +436,6 @@ class TarShardStream(IterableDataset):
         return {"key": key, "text": text, "image": load_image(group[image_ext], self.size, self.min_side, where=key)}
 
 
-# ================================================================================== choosing a source
-
 def t2i_format(source: str) -> str:
     """The format `open_t2i` picks for `source`: "tar" (*.tar, brace or glob of tars), "jsonl",
     "hf" (*.parquet, a glob, or a `datasets` folder) or "folder"."""
@@ -481,15 +472,11 @@ def open_edit(source: PathLike, format: str = "auto", **kwargs) -> _MapDataset:
     return {"jsonl": EditManifest, "folder": EditFolder}[format](source, **kwargs)
 
 
-# ================================================================================== dropout
-
 def dropout_masks(batch_size: int, p_text: float, p_image: float = 0.0,
                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep_text, keep_image): bool [batch_size], True = keep, each dropped with its own probability,
-    independently (caption dropout for CFG; for edits, the text / source dropout of dual guidance)."""
-    for name, p in (("p_text", p_text), ("p_image", p_image)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    independently (caption dropout for CFG; for edits, the text / source dropout of dual guidance); the
+    config schema keeps both in [0, 1]."""
     device = generator.device if generator is not None else "cpu"
     u = torch.rand(2, batch_size, generator=generator, device=device)
     return u[0] >= p_text, u[1] >= p_image
