@@ -34,6 +34,7 @@ from psvae_core.dtypes import DTYPES
 from psvae_core.fusion import FusionDiffuser
 
 from .data import DataError, jsonl_lines, launcher_rank, load_image, to_pil
+from .data.sources import resolve
 from .rng import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ def model_id(path) -> str:
     config, provenance), so any re-export gives a new id without hashing gigabytes."""
     return hashlib.sha256(json.dumps(read_header(path), sort_keys=True).encode()).hexdigest()[:16]
 
-
-# =================================================================================== sampling
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -104,8 +103,6 @@ class BenchmarkSampler:
             out["image_cfg"] = s.image_cfg
         return out
 
-
-# =================================================================================== work items
 
 @dataclass
 class Job:
@@ -195,8 +192,6 @@ class _Run:
         return {"prompts": len(self.rows), "generated": len(jobs), "kept": self.kept}
 
 
-# =================================================================================== GenEval
-
 def read_geneval_prompts(path) -> list[tuple[str, dict]]:
     """(raw line, parsed) per non-empty line of GenEval's evaluation_metadata(.jsonl / _long.jsonl)."""
     out = []
@@ -231,8 +226,6 @@ def run_geneval(sampler: BenchmarkSampler, prompts, out, samples: int = 4, **opt
     run.log(f"GenEval: {len(run.rows)} prompts x {samples}; {run.kept} images already there, {len(jobs)} to make")
     return run.generate(jobs, lambda: scorer_command("geneval", out))
 
-
-# =================================================================================== DPG-Bench
 
 GRID_POSITIONS = ((0, 0), (1, 0), (0, 1), (1, 1))  # the scorer's crop order: TL, TR, BL, BR
 
@@ -284,8 +277,6 @@ def run_dpg(sampler: BenchmarkSampler, prompts, out, samples: int = 4, **options
     return run.generate(jobs, lambda: scorer_command("dpg", out, resolution=tile_px[0], samples=samples), write)
 
 
-# =================================================================================== GEdit-Bench
-
 def read_gedit_items(path) -> list[dict]:
     """Lines `{"key", "source", "instruction", "task_type", "language"}` ("instruction_language" is
     accepted for "language"); source paths relative to the file."""
@@ -300,8 +291,7 @@ def read_gedit_items(path) -> list[dict]:
         for k in ("key", "task_type", "language"):
             if "/" in str(row[k]) or str(row[k]) in (".", ".."):
                 raise BenchmarkError(f"{path}:{n}: {k} {row[k]!r} cannot be a file name")
-        source = Path(row["source"]).expanduser()
-        row["source"] = source if source.is_absolute() else path.parent / source
+        row["source"] = resolve(path.parent, row["source"])
         if not row["source"].is_file():
             raise BenchmarkError(f"{path}:{n}: source image {row['source']} does not exist")
         items.append(row)
@@ -323,8 +313,6 @@ def run_gedit(sampler: BenchmarkSampler, prompts, out, samples: int = 1, **optio
     run.log(f"GEdit-Bench: {len(run.rows)} edits; {run.kept} already there, {len(jobs)} to make")
     return run.generate(jobs, lambda: scorer_command("gedit", out))
 
-
-# =================================================================================== scorers
 
 def scorer_command(benchmark: str, out, resolution: int = 256, samples: int = 4) -> str:
     """The scorer's command line as a template: <ANGLE> parts are the user's to fill."""
@@ -360,8 +348,6 @@ def scorer_command(benchmark: str, out, resolution: int = 256, samples: int = 4)
             "triplets: point it at the same files.")
     raise ValueError(f"unknown benchmark {benchmark!r}; known: {BENCHMARKS}")
 
-
-# =================================================================================== CLI
 
 RUNNERS = {"geneval": run_geneval, "dpg": run_dpg, "gedit": run_gedit}
 

@@ -249,8 +249,6 @@ class CachedDataset(Dataset):
         return item
 
 
-# ================================================================================== tar caption tables
-
 class StringTable:
     """Many strings in two files: `<prefix>.bin` (utf-8, concatenated) and `<prefix>.idx.npy`
     (int64 offsets, n + 1), memory-mapped on read (shared by DataLoader workers, no Python objects)."""
