@@ -312,16 +312,11 @@ class TarCaptionTable:
 
     def __init__(self, prefix: Path, source: str):
         self.keys, self.texts = StringTable(Path(f"{prefix}.keys")), StringTable(Path(f"{prefix}.texts"))
+        self.key, self.text = self.keys.__getitem__, self.texts.__getitem__  # key(i), text(i) of a map-style set
         self.source = source
 
     def __len__(self):
         return len(self.keys)
-
-    def key(self, i: int) -> str:
-        return self.keys[i]
-
-    def text(self, i: int) -> str:
-        return self.texts[i]
 
 
 @torch.no_grad()

@@ -38,16 +38,13 @@ class GlobalBatchSampler:
         self.num_items, self.batch_size, self.world_size, self.rank = num_items, batch_size, world_size, rank
         self.seed, self.accum, self.start_step = seed, accum, start_step
 
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "data-order", epoch))
-        return torch.randperm(self.num_items, generator=g)
-
     def __iter__(self):
         step, epoch, order = self.start_step, None, None
         while True:
             e, k = divmod(step, self.per_epoch)
             if e != epoch:
-                epoch, order = e, self.epoch_order(e)
+                g = torch.Generator().manual_seed(derive_seed(self.seed, "data-order", e))
+                epoch, order = e, torch.randperm(self.num_items, generator=g)
             step_order = order[k * self.step_batch:(k + 1) * self.step_batch]
             for micro in range(self.accum):
                 yield step_order[micro_rows(self.batch_size, self.rank, self.world_size, micro)].tolist()
