@@ -120,12 +120,11 @@ class _MapDataset(Dataset):
 
     def _checked(self, entries: list[Entry]) -> list[Entry]:
         refs = [(i, ref) for i, e in enumerate(entries) for ref in e.images.values() if isinstance(ref, Path)]
-        bad: dict[int, tuple[str, Path]] = {}
+        bad = set()  # an entry is skipped once, for its first bad image
         for (i, ref), reason in zip(refs, check_image_files([ref for _, ref in refs], self.min_side)):
             if reason is not None and i not in bad:
-                bad[i] = (SCAN_REASONS.get(reason, "unreadable_image"), ref)
-        for reason, ref in bad.values():
-            self._report.skip(reason, ref)
+                bad.add(i)
+                self._report.skip(SCAN_REASONS.get(reason, "unreadable_image"), ref)
         return [e for i, e in enumerate(entries) if i not in bad]
 
     def __len__(self) -> int:
