@@ -72,14 +72,9 @@ class _Files(torch.utils.data.Dataset):
 
 
 class ImageFolderReader:
-    """Iterates uint8 batches `[B,3,r,r]` of the images under `root`, read by the trainer's one image
-    rule (`trainer.data.read_crop`: EXIF orientation, alpha over white, shorter side resized, centre crop).
-
-    Order: sorted relative paths. With `limit` on an ImageNet-val class layout (every image one
-    folder deep) the files are taken round-robin over the sorted class folders, so a subset is
-    class-balanced. Unreadable files are skipped (`skipped`: [(relative path, reason)]) and, with
-    `limit`, replaced by the next ones. After iterating, `names` lists the images evaluated, in order.
-    """
+    """uint8 batches `[B,3,r,r]` of the images under `root` by `trainer.data.read_crop`, in the order and with
+    the skips docs/EVALUATION.md gives (`--limit`); after iterating, `names` lists the images evaluated and
+    `skipped` the [(relative path, reason)] of unreadable files."""
 
     def __init__(self, root, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
                  limit: Optional[int] = None, workers: int = 0):

@@ -132,10 +132,6 @@ def _hf_row(ds, column: str, folder: Path, i: int):
     return hf_image(ds[i][column], f"{folder}[{i}]")
 
 
-def _as_is(item):
-    return item
-
-
 class ImageDataset(Dataset):
     """`size` x `size` uint8 RGB crops `[3,S,S]` of one source, plus their index; `names[i]` says
     where item i comes from (its path, or "<folder>[row]") and is its key in a cache."""
@@ -199,7 +195,7 @@ def build_image_dataset(source: str, size: int, *, kind: str = "auto", verify: s
                 report.skip(too_small if reason == "too_small" else SCAN_REASONS[reason], str(path))
             else:
                 items.append(path)
-        dataset = ImageDataset(_as_is, items, size, [str(p) for p in items])
+        dataset = ImageDataset(Path, items, size, [str(p) for p in items])  # Path(path): the item as it is
     report.used = len(dataset)
     if report.used == 0:
         raise DataError(f"no usable images in {source}: {report.summary()}. Check the path, the file types "
