@@ -120,6 +120,9 @@ class ImageFolderReader:
                 break
         if pending:
             yield torch.stack(pending)
+        if not self.names:  # the files exist (checked when built), so every one failed to load
+            raise EvaluationError(f"no readable images under {str(self.root)!r}: all {len(self.skipped)} image file(s) "
+                                  f"failed to load (first: {self.skipped[0][0]}: {self.skipped[0][1]})")
 
 
 def _versions() -> dict[str, str]:
@@ -287,16 +290,8 @@ def run(args: argparse.Namespace) -> dict:
     inception, fid_info = (None, None) if args.no_fid else _load_inception(args.inception_weights)
     notes: list[str] = []
     with _tf32(device, args.allow_tf32, notes) as tf32:
-        try:
-            result = evaluate_reconstruction(vae, reader, resolution=args.resolution, lpips=lpips,
-                                             inception=inception, device=device, callback=_callback(args, reader))
-        except ValueError:
-            if not reader.names:
-                raise EvaluationError(
-                    f"no readable images under {args.data!r}: all {len(reader.skipped)} image file(s) failed to "
-                    f"load (first: {reader.skipped[0][0]}: {reader.skipped[0][1]})"
-                    if reader.skipped else f"no images evaluated under {args.data!r}") from None
-            raise
+        result = evaluate_reconstruction(vae, reader, resolution=args.resolution, lpips=lpips,
+                                         inception=inception, device=device, callback=_callback(args, reader))
     wall = time.time() - started
     notes += _warnings(args, reader, result, lpips_info)
     report = _report(args, reader, result, device, tf32, wall,

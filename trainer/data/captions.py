@@ -322,16 +322,11 @@ def expand_shards(shards: Union[PathLike, Sequence[PathLike]]) -> list[str]:
             listed = [ln.strip() for ln in Path(pattern).read_text().splitlines() if ln.strip()]
             out += expand_shards([str(resolve(Path(pattern).parent, x)) for x in listed])
             continue
-        for path in expand_braces(os.path.expanduser(pattern)):
-            if _glob.has_magic(path):
-                matched = sorted(_glob.glob(path))
-                if not matched:
-                    missing.append(path)
-                out += matched
-            elif Path(path).is_file():
-                out.append(path)
-            else:
+        for path in expand_braces(os.path.expanduser(pattern)):  # a plain path globs to itself if it is there
+            matched = sorted(p for p in _glob.glob(path) if os.path.isfile(p))
+            if not matched:
                 missing.append(path)
+            out += matched
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise DataError(f"{len(missing)} shard path(s) do not exist: {', '.join(missing[:3])}{more}; "
