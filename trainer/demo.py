@@ -60,10 +60,9 @@ def main(argv=None) -> dict:
     names = [n for n in photos if n not in HELD_OUT] + [n for n in HELD_OUT if n in photos]
     n_train = len(names) - len(HELD_OUT)
     files = [out / "photos" / ("held_out" if n in HELD_OUT else "train") / f"{n}.png" for n in names]
-    for folder in ("train", "held_out"):
-        shutil.rmtree(out / "photos" / folder, ignore_errors=True)
-        (out / "photos" / folder).mkdir(parents=True)
+    shutil.rmtree(out / "photos", ignore_errors=True)
     for name, file in zip(names, files):
+        file.parent.mkdir(parents=True, exist_ok=True)
         photos[name].save(file)
     # Scored on the files the runs train on, read by the trainer's one image rule.
     x = torch.stack([read_crop(file, SIZE) for file in files]).float() / 255

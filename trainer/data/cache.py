@@ -189,9 +189,8 @@ def _cache_key(key: str, name: str) -> str:
 def fill_cache(cache: TensorCache, dataset, encode: Callable[[torch.Tensor], torch.Tensor], *,
                batch_size: int = 32, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = logger.info) -> dict:
-    """Encode what `cache` lacks of this rank's share (i % world_size == rank) of a map-style `dataset`:
-    each of its `fields` ("image", plus "source" of edits, stored as `key#source`). Every rank must
-    call it: it ends with `barrier()`, then sees all ranks' shards. Returns {"encoded", "cached", "total"}."""
+    """Encode what `cache` lacks of this rank's share of a map-style `dataset`'s `fields` (keys and ranks:
+    docs/GENERATOR_DATA.md §3; every rank calls it, barrier included). Returns {"encoded", "cached", "total"}."""
     size = getattr(dataset, "size", cache.size)
     if size != cache.size:
         raise ValueError(f"the dataset crops to {size} px but the cache was made for {cache.size} px")
