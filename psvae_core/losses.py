@@ -89,7 +89,7 @@ def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # LPIPS
 # ---------------------------------------------------------------------------------------------
 
-def _resolve_backbone_weights(net: str, backbone_weights) -> Optional[str]:
+def resolve_lpips_weights(net: str, backbone_weights) -> Optional[str]:
     """The argument, else $PSVAE_LPIPS_WEIGHTS (a file, or a folder holding torchvision's file
     name), else torchvision's own download cache if the file is already there. Never downloads."""
     file_name = LPIPS_BACKBONES[net][1]
@@ -170,7 +170,7 @@ class LPIPSLoss(nn.Module):
             # pnet_rand=True: build the backbone without torchvision's download;
             # pretrained=True: the linear heads that ship inside the lpips wheel.
             self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        path = _resolve_backbone_weights(net, backbone_weights)
+        path = resolve_lpips_weights(net, backbone_weights)
         if path is not None:
             _load_backbone(self.lpips.net, net, path)
         else:

@@ -1,20 +1,12 @@
-"""The autoencoder stages: `svae` (stage 1), `psvae` (stage 2) and `rae` (baseline), docs/PAPER.md §2-§4.
-
-    svae   encoder frozen; E_s/D_s trained with L_s + L_KL; the pixel decoder trained with L_P on
-           the detached latent (the paper's f_l.detach()).
-    psvae  starts from a stage-1 export; everything trainable; L_s against a frozen teacher copy
-           of the encoder, plus L_KL and L_P flowing back through E_s into the encoder.
-    rae    encoder frozen; the latent is the encoder feature map; a pixel decoder trained with
-           L_P on noise-augmented features (RAE's tau).
-
-Models and losses all come from psvae_core; this file only wires them and picks weights.
+"""The autoencoder stages `svae` (stage 1), `psvae` (stage 2) and `rae` (baseline): what each trains
+and with which losses is docs/TRAINER.md, "Stages and the loop". Models and losses all come from
+psvae_core; this file only wires them and picks weights.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
@@ -114,9 +106,7 @@ def model_config(model: ModelSection, mode: str) -> PSVAEConfig:
 # --------------------------------------------------------------------------- the trained module
 
 class VAETrainModule(nn.Module):
-    """What DDP wraps: the PSVAE under the name `vae` (checkpoint keys and LR groups read `vae.`).
-    Its forward is PSVAE's own, with the noise passed in as tensors (drawn per global batch by the
-    stage, rng.py), so the result does not depend on the process layout."""
+    """What DDP wraps: the PSVAE under the name `vae` (checkpoint keys and LR groups read `vae.`)."""
 
     def __init__(self, vae: PSVAE):
         super().__init__()
@@ -124,18 +114,6 @@ class VAETrainModule(nn.Module):
 
     def forward(self, images: torch.Tensor, **kwargs):
         return self.vae(images, **kwargs)
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Parameters without gradients for a while (the discriminator inside the generator's loss)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
 
 
 # --------------------------------------------------------------------------- stages
@@ -149,7 +127,11 @@ class _VAEStage(Stage):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self._check_config()
+        if cfg.data.cache_features and self.train_encoder:
+            raise ConfigError("data.cache_features only applies to stages with a frozen encoder (svae, rae)")
+        if self.needs_init and not cfg.model.init_from:
+            raise ConfigError(f"stage '{self.name}' starts from a stage-1 export: set model.init_from to the "
+                              f"svae run's export/vae.safetensors")
         self.vae = self._build_vae()
         self.vae.encoder.set_trainable(self.train_encoder)
         if cfg.train.grad_checkpointing:
@@ -162,7 +144,6 @@ class _VAEStage(Stage):
         self.use_gan = cfg.gan.weight > 0
         self.disc = (losses.PatchGANDiscriminator(ndf=cfg.gan.ndf, n_layers=cfg.gan.n_layers, norm=cfg.gan.norm)
                      if self.use_gan else None)
-        self._metric_lpips = None
         self.reports: dict = {}
         size = cfg.data.image_size
         h, w = self.vae.latent_grid(size, size)
@@ -173,14 +154,6 @@ class _VAEStage(Stage):
         self.latent_shape = (self.vae.latent_channels, h, w)
 
     # --- construction ---------------------------------------------------------------------
-    def _check_config(self):
-        cfg = self.cfg
-        if cfg.data.cache_features and self.train_encoder:
-            raise ConfigError("data.cache_features only applies to stages with a frozen encoder (svae, rae)")
-        if self.needs_init and not cfg.model.init_from:
-            raise ConfigError(f"stage '{self.name}' starts from a stage-1 export: set model.init_from to the "
-                              f"svae run's export/vae.safetensors")
-
     def _build_vae(self) -> PSVAE:
         m = self.cfg.model
         if m.init_from:
@@ -303,9 +276,9 @@ class _VAEStage(Stage):
         result = {"model": terms}
         if self.use_gan:
             if step >= G.start_step:
-                disc = models.raw("disc")
-                with frozen(disc):  # gradients reach the decoder, never the discriminator
-                    g_adv = losses.generator_adv_loss(disc(recon * 2 - 1), G.loss)
+                disc = models.raw("disc")  # with detached parameters: gradients reach the decoder, not D
+                frozen = {name: p.detach() for name, p in disc.named_parameters()}
+                g_adv = losses.generator_adv_loss(torch.func.functional_call(disc, frozen, recon * 2 - 1), G.loss)
                 weight = torch.ones((), device=recon.device)
                 if G.adaptive:
                     last = models.raw("model").vae.pixel_decoder.last_layer
@@ -324,26 +297,18 @@ class _VAEStage(Stage):
         return StepResult(result, {k: float(v) for k, v in logs.items()})
 
     # --- evaluation, previews, export --------------------------------------------------------
-    def _lpips_metric(self):
-        if self.cfg.metrics.lpips == "off":
+    @cached_property
+    def _lpips_metric(self) -> Optional[losses.LPIPSLoss]:
+        """Validation LPIPS (alex); None when off, or on auto without real backbone weights."""
+        mode, L = self.cfg.metrics.lpips, self.cfg.loss
+        weights = L.lpips_weights if L.lpips_net == "alex" else None
+        if mode == "off":
             return None
-        if self._metric_lpips is None:
-            quiet = logging.getLogger(losses.__name__)
-            level = quiet.level
-            if self.cfg.metrics.lpips == "auto":
-                quiet.setLevel(logging.ERROR)  # the note below replaces the library's random-backbone warning
-            try:
-                lp = losses.LPIPSLoss("alex", self.cfg.loss.lpips_weights if self.cfg.loss.lpips_net == "alex"
-                                      else None, reduction="none")
-            finally:
-                quiet.setLevel(level)
-            if not lp.pretrained_backbone and self.cfg.metrics.lpips == "auto":
-                self.ctx.log("note: validation LPIPS skipped: no AlexNet backbone weights here "
-                             "(set PSVAE_LPIPS_WEIGHTS, or metrics.lpips=on to report the random-backbone value)")
-                self._metric_lpips = False
-            else:
-                self._metric_lpips = lp.to(self.ctx.device)
-        return self._metric_lpips or None
+        if mode == "auto" and losses.resolve_lpips_weights("alex", weights) is None:
+            self.ctx.log("note: validation LPIPS skipped: no AlexNet backbone weights here "
+                         "(set PSVAE_LPIPS_WEIGHTS, or metrics.lpips=on to report the random-backbone value)")
+            return None
+        return losses.LPIPSLoss("alex", weights, reduction="none").to(self.ctx.device)
 
     @torch.no_grad()
     def evaluate(self, model, batch):
@@ -353,7 +318,7 @@ class _VAEStage(Stage):
 
         images = batch["image"].float() / 255
         result = evaluate_reconstruction(model.vae, [images], resolution=self.cfg.data.image_size,
-                                         lpips=self._lpips_metric(), device=images.device)
+                                         lpips=self._lpips_metric, device=images.device)
         per = result["per_image"]
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in per.items() if v is not None}
 
@@ -363,9 +328,8 @@ class _VAEStage(Stage):
         return torch.cat([images, model.vae.reconstruct(images).float()])
 
     def stats_sample(self) -> list[int]:
-        """Training-image indices the export measures on: the first export.stats_images of a permutation
-        seeded by run.seed, so the sample spreads over the whole set (a sorted listing of class
-        folders would otherwise give the first few classes) and no process layout changes it."""
+        """Training-image indices the export measures on, spread over the whole set (docs/TRAINER.md, Outputs):
+        the first export.stats_images of a permutation seeded by run.seed."""
         n = len(self.train_images)
         g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "latent-stats"))
         return torch.randperm(n, generator=g)[:min(n, max(1, self.cfg.export.stats_images))].tolist()
@@ -376,28 +340,24 @@ class _VAEStage(Stage):
         preview map fitted to the colours those latents decode to (psvae_core.preview)."""
         ctx, data, sample = self.ctx, self.train_images, self.stats_sample()
         mine = [sample[i] for i in shard_indices(len(sample), ctx.world_size, ctx.rank)]
-        c = vae.latent_channels
-        sums = torch.zeros(3, c, dtype=torch.float64, device=ctx.device)  # count, sum, sum of squares
+        c, bs = vae.latent_channels, self.cfg.train.batch_size
         ata = torch.zeros(c + 1, c + 1, dtype=torch.float64, device=ctx.device)
         aty = torch.zeros(c + 1, 3, dtype=torch.float64, device=ctx.device)
-        bs = self.cfg.train.batch_size
         for s in range(0, len(mine), bs):
             images = torch.stack([data[i]["image"] for i in mine[s:s + bs]]).to(ctx.device).float() / 255
             with self.frozen_precision():
                 z = vae.encode(images).mode()
                 decoded = vae.decode(z).clamp(0.0, 1.0)
-            zd = z.double()
-            sums[0] += zd.shape[0] * zd.shape[2] * zd.shape[3]
-            sums[1] += zd.sum(dim=(0, 2, 3))
-            sums[2] += zd.pow(2).sum(dim=(0, 2, 3))
             a, b = preview_moments(z, decoded)
             ata += a
             aty += b
         if ctx.world_size > 1:
-            for t in (sums, ata, aty):
+            for t in (ata, aty):
                 torch.distributed.all_reduce(t)
-        mean = sums[1] / sums[0]
-        std = (sums[2] / sums[0] - mean.pow(2)).clamp_min(1e-12).sqrt()
+        # A^T A of the rows [z, 1] holds the count (corner), per-channel sums (last column) and squares (diagonal).
+        n = ata[c, c]
+        mean = ata[:c, c] / n
+        std = (ata.diagonal()[:c] / n - mean.pow(2)).clamp_min(1e-12).sqrt()
         weight, bias = solve_preview(ata, aty)
         return {"mean": mean.float().cpu(), "std": std.float().cpu(), "preview_weight": weight, "preview_bias": bias}
 
