@@ -64,10 +64,12 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def flow_loss(pred_v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
-              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Velocity MSE. `mask` (broadcastable to pred_v, e.g. [B] or [B,1,h,w]) weights the elements, so
-    only target samples/tokens count; the mean is over the weighted elements."""
+              mask: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+    """Velocity MSE: the mean, or per sample [B] (reduction="none"). `mask` (broadcastable to pred_v,
+    e.g. [B] or [B,1,h,w]) weights the elements of the mean, so only target samples/tokens count."""
     se = (pred_v.float() - velocity_target(x0, noise).float()) ** 2
+    if reduction == "none":
+        return se.flatten(1).mean(1)
     if mask is None:
         return se.mean()
     w = _bcast(mask, se).float().expand_as(se)

@@ -293,7 +293,7 @@ class FusionDiffuser(nn.Module):
                       source_keep: Optional[torch.Tensor] = None, *, t: Optional[torch.Tensor] = None,
                       noise: Optional[torch.Tensor] = None, shift: Optional[float] = None,
                       generator: Optional[torch.Generator] = None,
-                      wrapped: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+                      wrapped: Optional[Callable[..., torch.Tensor]] = None, reduction: str = "mean") -> torch.Tensor:
         """Flow-matching velocity loss on the target latents (docs/PAPER.md §5.2).
 
         t, noise: the times [B] and noise (like x0) to use; each one not given is drawn from
@@ -301,6 +301,7 @@ class FusionDiffuser(nn.Module):
             channels). The trainer passes both, drawn from its counter-seeded streams.
         wrapped: the module to call for the forward, when this model is wrapped (DDP): the
             wrapper's forward is what synchronises gradients.
+        reduction: "mean", or "none" for the per-sample loss [B] (validation).
         """
         if t is None:
             shift = flow.shift_for_latent(self.config.latent_channels) if shift is None else shift
@@ -309,7 +310,7 @@ class FusionDiffuser(nn.Module):
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         forward = wrapped if wrapped is not None else self
         pred = forward(flow.interpolate(x0, noise, t), t, text, source, source_keep)
-        return flow.flow_loss(pred, x0, noise)
+        return flow.flow_loss(pred, x0, noise, reduction=reduction)
 
     def encode_negative(self, negative, source: Optional[torch.Tensor] = None) -> dict[str, PrefixCache]:
         """The guidance branches a negative prompt replaces, for `velocity_fn`: it stands where the

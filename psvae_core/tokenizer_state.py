@@ -51,3 +51,17 @@ def tokenizer_from_state(state: dict[str, str]):
         return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"tokenizer_config does not fit a tokenizer ({e})") from None
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with ids = byte values (0..255): no file, no network; fits the `tiny`
+    preset's 256-entry vocabulary. Byte 0 doubles as padding (padded keys are masked anyway)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    symbol = bytes_to_unicode()  # byte -> the printable character ByteLevel pre-tokenises it into
+    backend = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=symbol[0])

@@ -54,6 +54,8 @@ def test_flow_loss_is_velocity_mse_and_honours_the_mask():
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
     pred[2:] += 5.0  # masked-out samples cannot change the loss
     assert flow.flow_loss(pred, x0, noise, mask).item() == pytest.approx(1.0)
+    per = flow.flow_loss(pred, x0, noise, reduction="none")  # per sample: 1 + 0, then (1 + 5)^2
+    torch.testing.assert_close(per, torch.tensor([1.0, 1.0, 36.0, 36.0]))
 
 
 def test_schedule_runs_from_noise_to_data():

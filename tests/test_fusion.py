@@ -10,7 +10,7 @@ import torch
 from psvae_core import flow, generation
 from psvae_core.fusion import PRESETS, FusionConfig, FusionDiffuser
 from psvae_core.fusion_heads import DDTHead, LinearHead
-from psvae_core.tokenizer_state import tokenizer_from_state, tokenizer_to_state
+from psvae_core.tokenizer_state import byte_tokenizer, tokenizer_from_state, tokenizer_to_state
 
 from tiny_models import one_thread, word_tokenizer  # noqa: F401  (one_thread: an autouse fixture)
 
@@ -403,6 +403,17 @@ def test_tokenizer_state_rebuilds_the_tokenizer():
     again = tokenizer_from_state(json.loads(json.dumps(state)))
     batch = ["a red square", "blue ring"]
     assert again(batch, padding=True)["input_ids"] == tok(batch, padding=True)["input_ids"]
+
+
+def test_byte_tokenizer_ids_are_the_utf8_bytes_and_survive_the_state():
+    tok = byte_tokenizer()
+    text = "a café ~ \u00ff\x00!"
+    assert len(tok) == 256 and tok.pad_token_id == 0
+    assert tok(text)["input_ids"] == list(text.encode("utf-8"))
+    assert tok.decode(tok(text)["input_ids"]) == text
+    again = tokenizer_from_state(tokenizer_to_state(tok))
+    assert again([text, "b"], padding=True)["input_ids"] == tok([text, "b"], padding=True)["input_ids"]
+    assert again(["b", text], padding=True)["input_ids"][0] == [ord("b")] + [0] * (len(text.encode("utf-8")) - 1)
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -1,23 +1,7 @@
-"""The generator stages: `t2i` (text-to-image) and `edit` (instruction editing), docs/PAPER.md §5.
-
-    t2i   FusionDiffuser (Qwen2.5 LM + wide DDT head) learns flow matching on the NORMALISED latents
-          of a frozen PS-VAE, conditioned on captions; captions are dropped with loss.text_dropout
-          (classifier-free guidance).
-    edit  the same model (normally initialised from the t2i export) on (source, instruction,
-          target) triplets; the clean source latent is prepended to the sequence; text and source
-          are dropped independently (loss.text_dropout, loss.image_dropout) so dual guidance
-          (OmniGen, docs/PAPER.md §9.4) works at sampling time.
-
-Latents come from the frozen VAE (`model.vae`), either encoded on the fly (no grad, eval mode, float32
-unless precision.frozen_fp32=false) or read from a latent cache (`data.latent_cache`, trainer/data/cache.py),
-filled once, split by rank, and invalidated when the VAE file changes. Tar shards are streamed once
-into that cache (plus a caption table beside it) and training then runs map-style from it, so the
-loop's exact-resume sampler applies unchanged.
-
-Every random draw (flow times, noise, dropout masks) is derived from (seed, step, micro-batch) for
-the global batch and sliced to this process's rows (rng.py), so resume is exact and N processes
-match one. The export (`export/generator.safetensors`) records the VAE it was trained with
-(docs/TRAINER_GENERATOR.md §5); the ComfyUI loader checks it.
+"""The generator stages `t2i` (text-to-image) and `edit` (instruction editing): FusionDiffuser learns
+flow matching on the normalised latents of a frozen PS-VAE. The data path (latents on the fly or from
+the latent cache), the objective and CFG dropout (every draw counter-seeded, rng.py) and the export's
+VAE record are docs/TRAINER_GENERATOR.md §3-§5.
 """
 from __future__ import annotations
 
@@ -41,6 +25,7 @@ from psvae_core.fusion import FusionConfig, FusionDiffuser
 from psvae_core.fusion_backbone import DecoderLayer
 from psvae_core.fusion_heads import DDTBlock
 from psvae_core.provenance import file_sha256, recorded_vae, vae_mismatch, vae_provenance
+from psvae_core.tokenizer_state import byte_tokenizer, tokenizer_from_state, tokenizer_to_state
 
 from . import data as td
 from .config import BaseConfig, ConfigError, DType, EMASection, preset_config
@@ -139,26 +124,6 @@ class EditConfig(T2IConfig):
 
 # --------------------------------------------------------------------------- helpers
 
-def byte_tokenizer():
-    """A byte-level tokenizer with ids = byte values (0..255): no file, no network; fits the `tiny`
-    preset's 256-entry vocabulary. Byte 0 doubles as padding (padded keys are masked anyway)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbol, extra = {}, 0
-    for b in range(256):  # GPT-2's byte -> printable-character table (what ByteLevel pre-tokenises into)
-        if b in printable:
-            symbol[b] = chr(b)
-        else:
-            symbol[b] = chr(256 + extra)
-            extra += 1
-    backend = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=symbol[0])
-
-
 def cfg_dropout_masks(seed: int, step: int, step_batch: int, p_text: float,
                       p_image: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep_text, keep_image) bool [step_batch] for all samples of one optimiser step: drawn with
@@ -253,7 +218,6 @@ class _GeneratorStage(Stage):
             return byte_tokenizer()
         from transformers import AutoTokenizer
 
-        from psvae_core.tokenizer_state import tokenizer_from_state, tokenizer_to_state
         try:
             tok = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as err:
@@ -320,11 +284,8 @@ class _GeneratorStage(Stage):
                             generator=generator, vae=self.vae_path.name)
 
     def _check_init_vae(self, path: Path):
-        try:
-            prov = json.loads(read_metadata(path).get("provenance", "{}"))
-        except json.JSONDecodeError:
-            prov = {}
-        verdict = self._vae_verdict(prov, path.name)
+        # from_file has read the file, so its provenance is valid JSON
+        verdict = self._vae_verdict(json.loads(read_metadata(path).get("provenance", "{}")), path.name)
         if verdict.note:
             self.ctx.log("note: model.init_from: " + verdict.note)
         if verdict.problem:
@@ -460,11 +421,10 @@ class _GeneratorStage(Stage):
             self._drops = Counter()
         # Counts over this micro-batch of every process (every process draws the same masks).
         now = slice(micro * ctx.world_size * b, (micro + 1) * ctx.world_size * b)
-        self._drops["samples"] += len(keep_text[now])
-        self._drops["text_dropped"] += int((~keep_text[now]).sum())
+        text_off, image_off = ~keep_text[now], ~keep_image[now]
+        self._drops.update(samples=len(text_off), text_dropped=int(text_off.sum()))
         if self.task == "edit":
-            self._drops["image_dropped"] += int((~keep_image[now]).sum())
-            self._drops["both_dropped"] += int((~keep_text[now] & ~keep_image[now]).sum())
+            self._drops.update(image_dropped=int(image_off.sum()), both_dropped=int((text_off & image_off).sum()))
         rows = micro_rows(b, ctx.rank, ctx.world_size, micro)
         keep_image = keep_image[rows].to(ctx.device) if self.task == "edit" else None
         return keep_text[rows].to(ctx.device), keep_image
@@ -495,16 +455,12 @@ class _GeneratorStage(Stage):
         L = self.cfg.loss
         x0 = self._latents(batch, "image")
         source = self._latents(batch, "source") if self.task == "edit" else None
-        us, noises = [], []
-        for key in batch["key"]:
-            g = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "val", key))
-            us.append(torch.randn(1, generator=g))
-            noises.append(torch.randn(x0.shape[1:], generator=g))
-        u = torch.cat(us).to(x0.device)
+        draws = [torch.Generator().manual_seed(derive_seed(self.ctx.seed, "val", key)) for key in batch["key"]]
+        u = torch.cat([torch.randn(1, generator=g) for g in draws]).to(x0.device)  # each key's u, then its noise
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws]).to(x0.device)
         t = flow.train_times(u, self.shift, L.logit_mean, L.logit_std)
-        noise = torch.stack(noises).to(x0.device)
-        pred = model(flow.interpolate(x0, noise, t), t, (batch["input_ids"], batch["attention_mask"]), source)
-        per = ((pred.float() - flow.velocity_target(x0, noise).float()) ** 2).flatten(1).mean(1)
+        per = model.training_loss(x0, (batch["input_ids"], batch["attention_mask"]), source, t=t, noise=noise,
+                                  reduction="none")
         return {"flow_loss": per.double()}
 
     @torch.no_grad()
