@@ -87,3 +87,28 @@ def test_latent_stats_come_from_a_seeded_sample_of_the_whole_set_and_are_recorde
     record = exported.provenance["latent_stats_sample"]
     assert {k: record[k] for k in ("images", "of", "seed")} == {"images": 8, "of": 20, "seed": 5}
     assert "randperm" in record["rule"] and exported.provenance["latent_stats_images"] == 8
+
+
+def test_validation_lpips_auto_is_skipped_with_a_note_without_backbone_weights(tmp_path, monkeypatch, caplog):
+    from psvae_core import losses
+    monkeypatch.delenv(losses.LPIPS_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no cached torchvision file
+    monkeypatch.setattr(losses, "_random_backbone_warned", False)
+    notes, warned = [], {}
+    for mode in ("auto", "on", "off"):
+        cfg = load_config(VAEConfig, "svae", str(TINY_SVAE), [f"data.source={tmp_path}", f"metrics.lpips='{mode}'"])
+        ctx = context(tmp_path)
+        ctx.log = notes.append
+        stage = SVAEStage(cfg, ctx)
+        with caplog.at_level("WARNING", logger=losses.__name__):
+            metric, again = stage._lpips_metric, stage._lpips_metric
+        assert metric is again  # built (or skipped) once per stage
+        warned[mode] = sum("RANDOM backbone" in r.getMessage() for r in caplog.records)
+        if mode == "on":  # the random-backbone value, as asked
+            assert isinstance(metric, losses.LPIPSLoss) and metric.backbone_source == "random"
+        else:
+            assert metric is None
+    assert warned == {"auto": 0, "on": 1, "off": 1}  # auto: the note below instead of the library's warning
+    assert [n for n in notes if "validation LPIPS skipped" in n] == [
+        "note: validation LPIPS skipped: no AlexNet backbone weights here "
+        "(set PSVAE_LPIPS_WEIGHTS, or metrics.lpips=on to report the random-backbone value)"]

@@ -36,7 +36,6 @@ from .stage import Stage, StepResult, Trainable, register
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # collate runs in forked DataLoader workers
 
 EXPORT_NAME = "generator.safetensors"
-BYTES_TOKENIZER = "bytes"
 DEFAULT_PROMPTS = ["a photo of a cat sitting on a wooden table", "a red car parked on a city street at night",
                    "a bowl of fresh fruit, studio lighting", "a mountain lake at sunrise, mist over the water"]
 
@@ -126,10 +125,8 @@ class EditConfig(T2IConfig):
 
 def cfg_dropout_masks(seed: int, step: int, step_batch: int, p_text: float,
                       p_image: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep_text, keep_image) bool [step_batch] for all samples of one optimiser step: drawn with
-    trainer.data.dropout_masks (independent per condition) from a generator seeded by the counters, so
-    they depend on neither the process layout, the accumulation split nor resuming. Micro-batch m of
-    process r (b rows each) uses rows (m * processes + r) * b onwards, the sampler's order."""
+    """(keep_text, keep_image) bool [step_batch] for all samples of one optimiser step, seeded by (seed, step)
+    (docs/TRAINER_GENERATOR.md §4); micro-batch m of process r (b rows each) uses rows (m * processes + r) * b on."""
     g = torch.Generator().manual_seed(derive_seed(seed, "cfg-dropout", step))
     return td.dropout_masks(step_batch, p_text, p_image, generator=g)
 
@@ -178,8 +175,7 @@ class _GeneratorStage(Stage):
 
     # --- construction ---------------------------------------------------------------------
     def _check_config(self):
-        cfg = self.cfg
-        m = cfg.model
+        m = self.cfg.model
         if m.init_from and m.lm_path:
             raise ConfigError("set model.init_from (continue a generator export) or model.lm_path (start from an "
                               "LM), not both")
@@ -188,7 +184,7 @@ class _GeneratorStage(Stage):
                               "keeps its file's architecture, so remove the overrides")
         if m.gguf_file and not m.lm_path:
             raise ConfigError("model.gguf_file names a file inside model.lm_path; set model.lm_path too")
-        if cfg.train.grad_checkpointing:
+        if self.cfg.train.grad_checkpointing:
             raise ConfigError("train.grad_checkpointing is not implemented for the generator stages (the LM "
                               "layers run through psvae_core.fusion_backbone); lower train.batch_size and raise "
                               "train.grad_accum instead")
@@ -214,7 +210,7 @@ class _GeneratorStage(Stage):
         name = self.cfg.model.tokenizer
         if name is None:
             return fallback
-        if name == BYTES_TOKENIZER:
+        if name == "bytes":
             return byte_tokenizer()
         from transformers import AutoTokenizer
 

@@ -122,7 +122,7 @@ class _VAEStage(Stage):
     config_class = VAEConfig
     mode = "psvae"  # PSVAEConfig.mode
     train_encoder = False  # stage 2 unfreezes the encoder
-    detach_pixel_input = True  # stage 1's f_l.detach()
+    detach_pixel_input = True  # stage 1's f_l.detach() (a no-op for rae's frozen features)
     needs_init = False
 
     def __init__(self, cfg, ctx):
@@ -141,9 +141,8 @@ class _VAEStage(Stage):
             self.teacher = self.vae.encoder.frozen_copy().to(ctx.device)  # the L_s anchor (docs/PAPER.md §4)
         L = cfg.loss
         self.lpips = losses.LPIPSLoss(L.lpips_net, L.lpips_weights).to(ctx.device) if L.lpips_weight > 0 else None
-        self.use_gan = cfg.gan.weight > 0
         self.disc = (losses.PatchGANDiscriminator(ndf=cfg.gan.ndf, n_layers=cfg.gan.n_layers, norm=cfg.gan.norm)
-                     if self.use_gan else None)
+                     if cfg.gan.weight > 0 else None)
         self.reports: dict = {}
         size = cfg.data.image_size
         h, w = self.vae.latent_grid(size, size)
@@ -236,22 +235,20 @@ class _VAEStage(Stage):
                           c.seed, what, step, uniform=uniform)
 
     def training_step(self, models, batch, step, micro) -> StepResult:
-        cfg, L, G = self.cfg, self.cfg.loss, self.cfg.gan
+        L, G = self.cfg.loss, self.cfg.gan
         images = batch["image"].float() / 255
         b = images.shape[0]
         features = None
         if not self.train_encoder:
             features = batch["features"].float() if "features" in batch else self._frozen_features(images)
-        latent_noise = None
-        if self.mode == "psvae" and L.decoder_input == "sample":
-            latent_noise = self._noise((b, *self.latent_shape), step, micro, "latent")
+        sample = self.mode == "psvae" and L.decoder_input == "sample"
+        latent_noise = self._noise((b, *self.latent_shape), step, micro, "latent") if sample else None
         decoder_noise = None
         if L.noise_tau > 0:
             sigma = L.noise_tau * self._noise((b, 1, 1, 1), step, micro, "tau", uniform=True)
             decoder_noise = sigma * self._noise((b, *self.latent_shape), step, micro, "decoder")
-        out = models["model"](images, features=features, sample=latent_noise is not None, latent_noise=latent_noise,
-                              decoder_noise=decoder_noise,
-                              detach_pixel_input=self.detach_pixel_input and self.mode == "psvae")
+        out = models["model"](images, features=features, sample=sample, latent_noise=latent_noise,
+                              decoder_noise=decoder_noise, detach_pixel_input=self.detach_pixel_input)
         terms, logs = {}, {}
         if self.mode == "psvae":
             if self.teacher is not None:
@@ -274,7 +271,7 @@ class _VAEStage(Stage):
             terms["lpips"] = L.pixel_weight * lp
             rec = rec + lp
         result = {"model": terms}
-        if self.use_gan:
+        if self.disc is not None:
             if step >= G.start_step:
                 disc = models.raw("disc")  # with detached parameters: gradients reach the decoder, not D
                 frozen = {name: p.detach() for name, p in disc.named_parameters()}
@@ -319,8 +316,7 @@ class _VAEStage(Stage):
         images = batch["image"].float() / 255
         result = evaluate_reconstruction(model.vae, [images], resolution=self.cfg.data.image_size,
                                          lpips=self._lpips_metric, device=images.device)
-        per = result["per_image"]
-        return {k: torch.tensor(v, dtype=torch.float64) for k, v in per.items() if v is not None}
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in result["per_image"].items() if v is not None}
 
     @torch.no_grad()
     def preview(self, model, batch):
