@@ -121,6 +121,14 @@ def test_psvae_needs_a_stage1_export(capsys, photo_dir, tmp_path):
     assert code == 2 and "model.init_from" in err
 
 
+def test_psvae_init_from_a_file_that_is_not_an_export_names_the_setting(capsys, photo_dir, tmp_path):
+    bad = tmp_path / "vae.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    code, err = run_main(capsys, "psvae", "--config", TINY_SVAE.with_name("psvae_tiny.yaml"),
+                         f"data.source={photo_dir}", f"model.init_from={bad}", f"run.output_dir={tmp_path}")
+    assert code == 2 and "model.init_from:" in err and "vae.safetensors" in err
+
+
 def test_every_file_corrupt_fails_loudly_with_nonzero_exit(tmp_path):
     data = tmp_path / "corrupt"
     data.mkdir()

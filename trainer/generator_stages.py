@@ -18,7 +18,7 @@ from torch.utils.data import Subset
 
 from psvae_core import flow, generation
 from psvae_core.autoencoder import PSVAE
-from psvae_core.checkpoint import CheckpointError, read_metadata
+from psvae_core.checkpoint import read_metadata
 from psvae_core.dtypes import DTYPES
 from psvae_core.fusion import PRESETS as GENERATOR_PRESETS
 from psvae_core.fusion import FusionConfig, FusionDiffuser
@@ -30,8 +30,8 @@ from psvae_core.tokenizer_state import byte_tokenizer, tokenizer_from_state, tok
 from . import data as td
 from .config import BaseConfig, ConfigError, DType, EMASection, preset_config
 from .data import DataError, split_holdout
-from .rng import derive_seed, micro_rows, step_noise
-from .stage import Stage, StepResult, Trainable, register
+from .rng import derive_seed, micro_rows
+from .stage import Stage, StepResult, Trainable, open_export, register
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # collate runs in forked DataLoader workers
 
@@ -138,16 +138,6 @@ def fusion_config(model: GenModelSection) -> FusionConfig:
 
 # --------------------------------------------------------------------------- stages
 
-def _open_export(load, path: Path, setting: str, value, what: str):
-    """`load(path)` of the export file a setting names; a missing or unreadable file is a ConfigError."""
-    if not path.is_file():
-        raise ConfigError(f"{setting}={value}: no such file; point it at {what}")
-    try:
-        return load(path)
-    except CheckpointError as err:
-        raise ConfigError(f"{setting}: {err}") from None
-
-
 class _GeneratorStage(Stage):
     config_class = T2IConfig
     task = "t2i"
@@ -191,7 +181,7 @@ class _GeneratorStage(Stage):
 
     def _load_vae(self) -> PSVAE:
         path = self.vae_path
-        vae = _open_export(PSVAE.from_file, path, "model.vae", self.cfg.model.vae,
+        vae = open_export(PSVAE.from_file, path, "model.vae", self.cfg.model.vae,
                            "a PS-VAE export (a psvae run's export/vae.safetensors)")
         vae = vae.to(self.ctx.device).eval().requires_grad_(False)
         size = self.cfg.data.image_size
@@ -226,7 +216,7 @@ class _GeneratorStage(Stage):
         torch.manual_seed(derive_seed(self.cfg.run.seed, "generator-init"))
         if m.init_from:
             path = Path(m.init_from).expanduser()
-            model = _open_export(FusionDiffuser.from_file, path, "model.init_from", m.init_from,
+            model = open_export(FusionDiffuser.from_file, path, "model.init_from", m.init_from,
                                  f"a t2i run's export/{EXPORT_NAME}")
             self._check_init_vae(path)
             init = {"kind": "file", "source": str(path), "sha256": file_sha256(path)}
@@ -425,11 +415,6 @@ class _GeneratorStage(Stage):
         keep_image = keep_image[rows].to(ctx.device) if self.task == "edit" else None
         return keep_text[rows].to(ctx.device), keep_image
 
-    def _noise(self, shape, step: int, micro: int, what: str) -> torch.Tensor:
-        ctx = self.ctx
-        return step_noise(shape, ctx.rank, ctx.world_size, micro, self.cfg.train.grad_accum, ctx.device,
-                          ctx.seed, what, step)
-
     def training_step(self, models, batch, step, micro) -> StepResult:
         L = self.cfg.loss
         x0 = self._latents(batch, "image")
@@ -437,8 +422,8 @@ class _GeneratorStage(Stage):
         b = x0.shape[0]
         keep_text, keep_image = self._masks(b, step, micro)
         mask = batch["attention_mask"] * keep_text[:, None].to(batch["attention_mask"].dtype)  # null text = no keys
-        t = flow.train_times(self._noise((b,), step, micro, "flow-time"), self.shift, L.logit_mean, L.logit_std)
-        noise = self._noise(tuple(x0.shape), step, micro, "flow-noise")
+        t = flow.train_times(self.noise((b,), step, micro, "flow-time"), self.shift, L.logit_mean, L.logit_std)
+        noise = self.noise(tuple(x0.shape), step, micro, "flow-noise")
         loss = models.raw("generator").training_loss(x0, (batch["input_ids"], mask), source, keep_image, t=t,
                                                      noise=noise, wrapped=models["generator"])
         logs = {f"cfg/{k}": float(v) for k, v in self._drops.items()}

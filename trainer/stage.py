@@ -12,7 +12,11 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from psvae_core.checkpoint import CheckpointError
 from psvae_core.dtypes import DTYPES
+
+from .config import ConfigError
+from .rng import step_noise
 
 
 @dataclass
@@ -114,6 +118,12 @@ class Stage:
         return None
 
     # --- shared by the stages -------------------------------------------------------------------
+    def noise(self, shape, step: int, micro: int, what: str, uniform: bool = False) -> torch.Tensor:
+        """This process's rows of the step's noise `what` (rng.step_noise): the same for any process layout."""
+        c = self.ctx
+        return step_noise(shape, c.rank, c.world_size, micro, self.cfg.train.grad_accum, c.device, c.seed, what,
+                          step, uniform=uniform)
+
     def frozen_precision(self):
         """Frozen networks (encoder, teacher, the generator's VAE) run in float32 when
         precision.frozen_fp32, whatever the autocast."""
@@ -129,6 +139,16 @@ class Stage:
             model.save(path, provenance=provenance, dtype=DTYPES[self.cfg.export.dtype])
             self.ctx.log(f"exported {path}")
         return path
+
+
+def open_export(load, path: Path, setting: str, value, what: str):
+    """`load(path)` of the export file a setting names; a missing or unreadable file is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{setting}={value}: no such file; point it at {what}")
+    try:
+        return load(path)
+    except CheckpointError as err:
+        raise ConfigError(f"{setting}: {err}") from None
 
 
 STAGES: dict[str, type[Stage]] = {}

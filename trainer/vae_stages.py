@@ -22,8 +22,8 @@ from psvae_core.preview import preview_moments, solve_preview
 from .config import BaseConfig, ConfigError, OptimSection, preset_config
 from .data import (FEATURES, CachedDataset, TensorCache, build_image_dataset, fill_cache, module_fingerprint,
                    shard_indices, split_holdout)
-from .rng import derive_seed, step_noise
-from .stage import Stage, StepResult, Trainable, register
+from .rng import derive_seed
+from .stage import Stage, StepResult, Trainable, open_export, register
 
 
 # --------------------------------------------------------------------------- config schema
@@ -156,11 +156,9 @@ class _VAEStage(Stage):
     def _build_vae(self) -> PSVAE:
         m = self.cfg.model
         if m.init_from:
-            path = Path(m.init_from)
-            if not path.is_file():
-                raise ConfigError(f"model.init_from={m.init_from}: no such file; point it at a previous run's "
-                                  f"export/vae.safetensors")
-            vae = PSVAE.from_file(path)
+            path = Path(m.init_from).expanduser()
+            vae = open_export(PSVAE.from_file, path, "model.init_from", m.init_from,
+                              "a previous run's export/vae.safetensors")
             if vae.config.mode != self.mode:
                 raise ConfigError(f"model.init_from is a mode-{vae.config.mode!r} VAE; stage '{self.name}' needs {self.mode!r}")
             self.ctx.log(f"initialised from {path}")
@@ -229,11 +227,6 @@ class _VAEStage(Stage):
         with self.frozen_precision():
             return self.vae.encoder(images.float())
 
-    def _noise(self, shape, step: int, micro: int, what: str, uniform: bool = False) -> torch.Tensor:
-        c = self.ctx
-        return step_noise(shape, c.rank, c.world_size, micro, self.cfg.train.grad_accum, c.device,
-                          c.seed, what, step, uniform=uniform)
-
     def training_step(self, models, batch, step, micro) -> StepResult:
         L, G = self.cfg.loss, self.cfg.gan
         images = batch["image"].float() / 255
@@ -242,11 +235,11 @@ class _VAEStage(Stage):
         if not self.train_encoder:
             features = batch["features"].float() if "features" in batch else self._frozen_features(images)
         sample = self.mode == "psvae" and L.decoder_input == "sample"
-        latent_noise = self._noise((b, *self.latent_shape), step, micro, "latent") if sample else None
+        latent_noise = self.noise((b, *self.latent_shape), step, micro, "latent") if sample else None
         decoder_noise = None
         if L.noise_tau > 0:
-            sigma = L.noise_tau * self._noise((b, 1, 1, 1), step, micro, "tau", uniform=True)
-            decoder_noise = sigma * self._noise((b, *self.latent_shape), step, micro, "decoder")
+            sigma = L.noise_tau * self.noise((b, 1, 1, 1), step, micro, "tau", uniform=True)
+            decoder_noise = sigma * self.noise((b, *self.latent_shape), step, micro, "decoder")
         out = models["model"](images, features=features, sample=sample, latent_noise=latent_noise,
                               decoder_noise=decoder_noise, detach_pixel_input=self.detach_pixel_input)
         terms, logs = {}, {}
